@@ -1,0 +1,881 @@
+"""
+The math behind the paper's analyses (Xu et al. 2024, section 3), shared by the scripts
+``consistency.py``, ``loss_landscape.py``, ``hessian_spectrum.py`` and ``structure_timesteps.py``.
+
+- PSNR between image batches and the mean pairwise PSNR of several models (Table 1).
+- Sampling several models from the same initial noise *and the same per-step noise*
+  (``SharedNoise`` + ``sample_with_shared_noise``), so that their samples can be compared.
+- Hessian-vector products by double backward, power iteration with deflation, Lanczos,
+  Hutchinson's trace estimator and stochastic Lanczos quadrature (Fig. 3).
+- Linear interpolation of parameters and the diffusion loss on a fixed batch, fixed noise
+  and fixed timesteps (Fig. 4).
+- Locating a checkpoint's model flags (``--model_flags`` > ``config.yaml`` beside the
+  checkpoint > defaults) and building the model from them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+PSNR_CAP_DB = 100.0  # what an infinite PSNR (identical images) is reported as, in dB
+
+# ======================================================================================
+# PSNR
+# ======================================================================================
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """
+    Convert model images in [-1, 1] (NCHW) to uint8 NHWC, exactly as upstream's sample scripts
+    do (``((x + 1) * 127.5).clamp(0, 255)`` then truncation), so PSNRs match saved samples.
+
+    :param images: a float tensor of shape [N, C, H, W], values nominally in [-1, 1].
+    :return: a numpy uint8 array of shape [N, H, W, C].
+    """
+    x = ((images.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def psnr(
+    a: Union[np.ndarray, torch.Tensor],
+    b: Union[np.ndarray, torch.Tensor],
+    data_range: float = 255.0,
+    max_db: Optional[float] = PSNR_CAP_DB,
+) -> np.ndarray:
+    """
+    Per-image peak signal-to-noise ratio, 10·log10(data_range² / MSE), MSE over all of an
+    image's pixels and channels.
+
+    :param a: images of shape [N, ...] (uint8 in [0, 255], or floats on the same scale).
+    :param b: images of the same shape as ``a``.
+    :param data_range: the peak value (255 for uint8 images, 2 for images in [-1, 1]).
+    :param max_db: identical images have an infinite PSNR; it is capped at this many dB
+        (None keeps ``inf``).
+    :return: a float64 array of N PSNRs in dB.
+    """
+    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: the two image batches differ in shape: {a.shape} vs {b.shape}")
+    if a.ndim < 2:
+        raise ValueError(f"psnr: expected a batch of images [N, ...], got shape {a.shape}")
+    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        out = 10.0 * np.log10(float(data_range) ** 2 / mse)
+    if max_db is not None:
+        out = np.minimum(out, float(max_db))
+    return out
+
+
+@dataclass
+class PairPSNR:
+    """The PSNRs of one pair of models' images (per image, in dB, capped)."""
+
+    i: int  # index of the first model
+    j: int  # index of the second model
+    per_image: np.ndarray  # [N] dB
+    identical: np.ndarray  # [N] bool: the two images were equal pixel for pixel
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_image.mean())
+
+    @property
+    def all_identical(self) -> bool:
+        return bool(self.identical.all())
+
+
+def pairwise_psnr(images: Sequence[np.ndarray], max_db: float = PSNR_CAP_DB) -> List[PairPSNR]:
+    """
+    PSNR between every pair of models' images, image j of one model against image j of the
+    other (the same noise seed).
+
+    :param images: one uint8 array [N, H, W, C] per model, all of the same shape.
+    :param max_db: the cap for identical images (dB).
+    :return: one ``PairPSNR`` per pair i < j, in order (0,1), (0,2), ..., (1,2), ...
+    """
+    if len(images) < 2:
+        raise ValueError(f"pairwise_psnr: need at least two models' images, got {len(images)}")
+    shapes = {tuple(np.shape(x)) for x in images}
+    if len(shapes) != 1:
+        raise ValueError(f"pairwise_psnr: the models' image batches differ in shape: {sorted(shapes)}")
+    out = []
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            a, b = np.asarray(images[i]), np.asarray(images[j])
+            same = (a.reshape(a.shape[0], -1) == b.reshape(b.shape[0], -1)).all(axis=1)
+            out.append(PairPSNR(i, j, psnr(a, b, 255.0, max_db), same))
+    return out
+
+
+# ======================================================================================
+# The same initial noise and per-step noise for every model
+# ======================================================================================
+
+
+def _mix_seed(seed: int, k: int) -> int:
+    # Distinct (seed, k) pairs give distinct generator seeds for k < 1_000_003 steps.
+    return (int(seed) * 1_000_003 + int(k)) % (2**63 - 1)
+
+
+class SharedNoise:
+    """
+    Noise that depends only on each image's seed and the sampling step, never on the model,
+    the batch it is in or the device: image j (seed ``seeds[j]``) gets the initial noise of
+    generator ``(seeds[j], 0)`` and at step k (0 = the first denoising step) the noise of
+    generator ``(seeds[j], k + 1)``. Drawn on the CPU in float32, then moved to the device.
+
+    Instances are callables ``(step_index, shape, device) -> tensor``: the diffusion's
+    ``step_noise_fn`` keyword takes them as they are.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int]):
+        """
+        :param seeds: one integer seed per image of the batch.
+        :param shape: the shape of one image, e.g. (3, 32, 32).
+        """
+        self.seeds = [int(s) for s in seeds]
+        self.shape = tuple(int(s) for s in shape)
+
+    def _draw(self, k: int, device) -> torch.Tensor:
+        out = torch.empty((len(self.seeds),) + self.shape)
+        for n, s in enumerate(self.seeds):
+            g = torch.Generator().manual_seed(_mix_seed(s, k))
+            out[n] = torch.randn(self.shape, generator=g)
+        return out.to(device)
+
+    def initial(self, device="cpu") -> torch.Tensor:
+        """The initial noise x_T, [len(seeds), *shape]."""
+        return self._draw(0, device)
+
+    def step(self, step_index: int, device="cpu") -> torch.Tensor:
+        """The noise added at sampling step ``step_index`` (0-based)."""
+        return self._draw(int(step_index) + 1, device)
+
+    def __call__(self, step_index: int, shape: Sequence[int], device=None) -> torch.Tensor:
+        shape = tuple(shape)
+        if shape != (len(self.seeds),) + self.shape:
+            raise ValueError(
+                f"SharedNoise: asked for noise of shape {shape}, but it serves "
+                f"{len(self.seeds)} images of shape {self.shape}"
+            )
+        return self.step(step_index, "cpu" if device is None else device)
+
+
+def diffusion_supports_step_noise(diffusion, use_ddim: bool = False) -> bool:
+    """Whether the diffusion's progressive sampling loop takes a ``step_noise_fn`` keyword."""
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
+    try:
+        return "step_noise_fn" in inspect.signature(loop).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """arr[t] broadcast to x's shape (float32 on x's device)."""
+    v = torch.from_numpy(np.asarray(arr)).to(device=t.device)[t].float()
+    return v.view(-1, *([1] * (x.ndim - 1))).to(x.device)
+
+
+def sample_with_shared_noise(
+    model: torch.nn.Module,
+    diffusion,
+    noise: SharedNoise,
+    *,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    model_kwargs: Optional[dict] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+    implementation: str = "auto",
+) -> Iterator[Dict[str, Any]]:
+    """
+    Run the reverse process from ``noise.initial()`` with ``noise.step(k)`` as the noise of
+    step k, yielding after every step.
+
+    Two implementations give the same numbers: "library" hands ``noise`` to the diffusion's
+    ``p_sample_loop_progressive`` / ``ddim_sample_loop_progressive`` as ``step_noise_fn``;
+    "analysis" runs the upstream update itself on top of ``diffusion.p_mean_variance``
+    (DDPM: mean + [t > 0]·exp(½·log_variance)·z; DDIM: upstream's η update), drawing z
+    from ``noise`` explicitly, so no hidden ``torch.randn_like`` call can differ between
+    models. "auto" takes the library path when the diffusion supports ``step_noise_fn``.
+
+    :param model: the denoising network (put it in eval mode first).
+    :param diffusion: a ``GaussianDiffusion`` / ``SpacedDiffusion``.
+    :param noise: the shared noise; its seeds fix the batch size.
+    :param use_ddim: DDIM instead of ancestral DDPM sampling.
+    :param eta: DDIM's η (0 = deterministic; the per-step noise matters only for η > 0).
+    :param model_kwargs: e.g. ``{"y": labels}`` for a class-conditional model.
+    :param implementation: "auto", "library" or "analysis".
+    :return: an iterator of dicts ``{"step", "t", "sample", "pred_xstart"}``; ``t`` is the
+        (possibly re-spaced) timestep index the step denoised.
+    """
+    if implementation not in ("auto", "library", "analysis"):
+        raise ValueError(f"implementation: expected 'auto', 'library' or 'analysis', got {implementation!r}")
+    device = torch.device(device)
+    shape = (len(noise.seeds),) + noise.shape
+    x_T = noise.initial(device)
+    model_kwargs = model_kwargs or {}
+    if implementation == "auto":
+        implementation = "library" if diffusion_supports_step_noise(diffusion, use_ddim) else "analysis"
+    num_steps = diffusion.num_timesteps
+    if implementation == "library":
+        if use_ddim:
+            loop = diffusion.ddim_sample_loop_progressive(
+                model, shape, noise=x_T, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                device=device, progress=progress, eta=eta, step_noise_fn=noise,
+            )
+        else:
+            loop = diffusion.p_sample_loop_progressive(
+                model, shape, noise=x_T, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                device=device, progress=progress, step_noise_fn=noise,
+            )
+        for k, out in enumerate(loop):
+            yield {"step": k, "t": num_steps - 1 - k, "sample": out["sample"], "pred_xstart": out["pred_xstart"]}
+        return
+
+    x = x_T
+    indices = range(num_steps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices)
+    for k, i in enumerate(indices):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        with torch.no_grad():
+            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        z = noise.step(k, device).to(x.dtype)
+        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
+        if use_ddim:
+            x0 = out["pred_xstart"]
+            eps = (_extract(diffusion.sqrt_recip_alphas_cumprod, t, x) * x - x0) / _extract(
+                diffusion.sqrt_recipm1_alphas_cumprod, t, x
+            )
+            ab = _extract(diffusion.alphas_cumprod, t, x)
+            ab_prev = _extract(diffusion.alphas_cumprod_prev, t, x)
+            sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+            mean = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
+            x = mean + nonzero * sigma * z
+        else:
+            x = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * z
+        yield {"step": k, "t": i, "sample": x, "pred_xstart": out["pred_xstart"]}
+
+
+def final_sample(steps: Iterator[Dict[str, Any]]) -> torch.Tensor:
+    """Run a ``sample_with_shared_noise`` iterator to the end; return the last sample."""
+    last = None
+    for last in steps:
+        pass
+    if last is None:
+        raise ValueError("final_sample: the sampling loop produced no steps (num_timesteps = 0?)")
+    return last["sample"]
+
+
+# ======================================================================================
+# Hessian-vector products and spectra
+# ======================================================================================
+
+HVP = Callable[[torch.Tensor], torch.Tensor]  # flat vector -> flat vector
+
+
+@contextlib.contextmanager
+def math_attention():
+    """
+    Route ``scaled_dot_product_attention`` to its plain-math kernel: the fused kernels
+    (flash / memory-efficient, CPU or CUDA) have no double backward.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to select
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Split a flat vector into tensors shaped like ``like``."""
+    out, k = [], 0
+    for p in like:
+        n = p.numel()
+        out.append(vector[k : k + n].view_as(p))
+        k += n
+    if k != vector.numel():
+        raise ValueError(f"unflatten: vector has {vector.numel()} entries, the tensors {k}")
+    return out
+
+
+class HessianVectorProduct:
+    """
+    v -> H v for the Hessian H of ``loss_fn()`` with respect to ``params``, by double
+    backward. The gradient graph is built once (``create_graph=True``) and reused for every
+    product, so each product costs one extra backward pass.
+    """
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]):
+        """
+        :param loss_fn: computes the scalar loss (fixed batch: every call the same function).
+        :param params: the tensors to differentiate with respect to (``requires_grad``).
+        """
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("HessianVectorProduct: no parameters given")
+        for p in self.params:
+            if not p.requires_grad:
+                raise ValueError("HessianVectorProduct: every parameter must require grad")
+        self.loss_fn = loss_fn
+        self.dim = sum(p.numel() for p in self.params)
+        self.num_products = 0
+        self._grads: Optional[Tuple[torch.Tensor, ...]] = None
+        self.loss: Optional[float] = None
+
+    def _ensure_grads(self) -> None:
+        if self._grads is None:
+            loss = self.loss_fn()
+            if loss.ndim != 0:
+                raise ValueError(f"HessianVectorProduct: loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+            self.loss = float(loss.detach())
+            self._grads = torch.autograd.grad(loss, self.params, create_graph=True)
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the loss (detached)."""
+        self._ensure_grads()
+        return flatten([g.detach() for g in self._grads])
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self._ensure_grads()
+        vs = unflatten(v.to(self.params[0].dtype), self.params)
+        hv = torch.autograd.grad(self._grads, self.params, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        self.num_products += 1
+        return flatten([torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, self.params)])
+
+    def release(self) -> None:
+        """Free the gradient graph."""
+        self._grads = None
+
+
+def _random_vector(dim: int, generator: torch.Generator, dtype, device, kind: str = "gaussian") -> torch.Tensor:
+    if kind == "gaussian":
+        v = torch.randn(dim, generator=generator, dtype=dtype)
+    elif kind == "rademacher":
+        v = torch.randint(0, 2, (dim,), generator=generator).to(dtype) * 2 - 1
+    else:
+        raise ValueError(f"random vector kind: expected 'gaussian' or 'rademacher', got {kind!r}")
+    return v.to(device)
+
+
+@dataclass
+class PowerIterationResult:
+    eigenvalues: List[float]  # largest in magnitude first
+    eigenvectors: List[torch.Tensor]
+    iterations: List[int]  # products used for each eigenvalue
+    converged: List[bool]
+
+
+def power_iteration(
+    hvp: HVP,
+    dim: int,
+    top_k: int = 1,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> PowerIterationResult:
+    """
+    The ``top_k`` eigenvalues of largest magnitude by power iteration with deflation
+    (each found eigenpair is projected out: H' = H - Σ λ_j u_j u_jᵀ), as PyHessian does.
+
+    :param hvp: v -> H v on flat vectors of length ``dim``.
+    :param top_k: how many eigenvalues.
+    :param max_iters: Hessian-vector products per eigenvalue at most.
+    :param tol: stop when the Rayleigh quotient changes by less than tol·|λ|.
+    :param generator: for the random start vectors.
+    :return: a ``PowerIterationResult``.
+    """
+    if top_k < 1 or top_k > dim:
+        raise ValueError(f"power_iteration: top_k must be in [1, {dim}], got {top_k}")
+    if max_iters < 1:
+        raise ValueError(f"power_iteration: max_iters must be >= 1, got {max_iters}")
+    generator = generator or torch.Generator().manual_seed(0)
+    vals: List[float] = []
+    vecs: List[torch.Tensor] = []
+    iters: List[int] = []
+    conv: List[bool] = []
+    for _ in range(top_k):
+        v = _random_vector(dim, generator, dtype, device)
+        v = v / v.norm()
+        lam, done, n = None, False, 0
+        for n in range(1, max_iters + 1):
+            w = hvp(v)
+            for lj, uj in zip(vals, vecs):
+                w = w - lj * torch.dot(uj, v) * uj
+            new = float(torch.dot(v, w))
+            norm = w.norm()
+            if norm == 0:  # v is in the null space of the deflated operator
+                lam, done = 0.0, True
+                break
+            v = w / norm
+            if lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30):
+                lam, done = new, True
+                break
+            lam = new
+        vals.append(float(lam))
+        vecs.append(v)
+        iters.append(n)
+        conv.append(done)
+    return PowerIterationResult(vals, vecs, iters, conv)
+
+
+@dataclass
+class LanczosResult:
+    alphas: np.ndarray  # diagonal of the tridiagonal matrix T (m,)
+    betas: np.ndarray  # off-diagonal (m-1,)
+
+    def ritz(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (ascending) of T and the first components of its eigenvectors."""
+        from scipy.linalg import eigh_tridiagonal
+
+        if len(self.alphas) == 1:
+            return self.alphas.copy(), np.ones(1)
+        w, q = eigh_tridiagonal(self.alphas, self.betas)
+        return w, q[0, :]
+
+
+def lanczos(
+    hvp: HVP,
+    dim: int,
+    num_steps: int,
+    v0: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    reorthogonalize: bool = True,
+    basis_device: Optional[Union[str, torch.device]] = None,
+) -> LanczosResult:
+    """
+    ``num_steps`` steps of the Lanczos iteration on the symmetric operator ``hvp``, with full
+    re-orthogonalisation (keeps the Ritz values free of spurious copies). Stops early when
+    the Krylov space becomes invariant (β ≈ 0).
+
+    :param hvp: v -> H v on flat vectors of length ``dim``.
+    :param num_steps: Krylov dimension m (≤ dim).
+    :param v0: start vector (random Gaussian when None).
+    :param reorthogonalize: keep all basis vectors and orthogonalise against them (memory:
+        m vectors of ``dim`` entries on ``basis_device``).
+    :param basis_device: where the basis is kept (default: ``device``; "cpu" for big models).
+    :return: a ``LanczosResult`` with the tridiagonal matrix.
+    """
+    if num_steps < 1:
+        raise ValueError(f"lanczos: num_steps must be >= 1, got {num_steps}")
+    num_steps = min(num_steps, dim)
+    generator = generator or torch.Generator().manual_seed(0)
+    basis_device = torch.device(basis_device) if basis_device is not None else torch.device(device)
+    v = _random_vector(dim, generator, dtype, device) if v0 is None else v0.to(device=device, dtype=dtype).clone()
+    v = v / v.norm()
+    basis: List[torch.Tensor] = [v.to(basis_device)] if reorthogonalize else []
+    alphas: List[float] = []
+    betas: List[float] = []
+    v_prev, beta = None, 0.0
+    for j in range(num_steps):
+        w = hvp(v)
+        alpha = float(torch.dot(w, v))
+        alphas.append(alpha)
+        w = w - alpha * v
+        if v_prev is not None:
+            w = w - beta * v_prev
+        if reorthogonalize:
+            for _ in range(2):  # twice is enough (Kahan–Parlett)
+                for u in basis:
+                    u = u.to(device)
+                    w = w - torch.dot(u, w) * u
+        if j == num_steps - 1:
+            break
+        beta = float(w.norm())
+        if beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
+            break  # invariant subspace: T is exact
+        betas.append(beta)
+        v_prev, v = v, w / beta
+        if reorthogonalize:
+            basis.append(v.to(basis_device))
+    return LanczosResult(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64))
+
+
+def lanczos_top_eigenvalues(
+    hvp: HVP, dim: int, top_k: int, num_steps: int, **kwargs
+) -> np.ndarray:
+    """
+    The ``top_k`` algebraically largest Ritz values after ``num_steps`` Lanczos steps
+    (the extreme eigenvalues converge first), largest first.
+    """
+    res = lanczos(hvp, dim, num_steps, **kwargs)
+    w, _ = res.ritz()
+    return w[::-1][:top_k].copy()
+
+
+@dataclass
+class TraceEstimate:
+    estimate: float  # mean of the vᵀHv samples
+    stderr: float  # standard error of that mean
+    samples: np.ndarray
+
+
+def hutchinson_trace(
+    hvp: HVP,
+    dim: int,
+    num_samples: int = 100,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    distribution: str = "rademacher",
+) -> TraceEstimate:
+    """
+    Hutchinson's estimator tr(H) ≈ (1/m) Σ vᵢᵀ H vᵢ with Rademacher (or Gaussian) vᵢ.
+
+    :param num_samples: m, the number of Hessian-vector products.
+    :return: a ``TraceEstimate`` (estimate, standard error, the samples).
+    """
+    if num_samples < 1:
+        raise ValueError(f"hutchinson_trace: num_samples must be >= 1, got {num_samples}")
+    generator = generator or torch.Generator().manual_seed(0)
+    vals = []
+    for _ in range(num_samples):
+        v = _random_vector(dim, generator, dtype, device, distribution)
+        vals.append(float(torch.dot(v, hvp(v))))
+    vals = np.asarray(vals, dtype=np.float64)
+    se = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+    return TraceEstimate(float(vals.mean()), se, vals)
+
+
+@dataclass
+class SpectralDensity:
+    nodes: List[np.ndarray]  # Ritz values per probe
+    weights: List[np.ndarray]  # their quadrature weights per probe (sum to 1)
+
+    def all_nodes(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Every probe's nodes and weights, weights divided by the number of probes."""
+        n = np.concatenate(self.nodes)
+        w = np.concatenate(self.weights) / len(self.nodes)
+        return n, w
+
+    def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
+        """
+        The spectral density smoothed by a Gaussian of width ``sigma``, on ``grid``
+        (integrates to 1 when the grid covers the nodes).
+        """
+        if sigma <= 0:
+            raise ValueError(f"density: sigma must be > 0, got {sigma}")
+        n, w = self.all_nodes()
+        d = (grid[:, None] - n[None, :]) / sigma
+        return (w[None, :] * np.exp(-0.5 * d**2)).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
+
+    def default_grid(self, num_points: int = 1000, sigma_frac: float = 0.01) -> Tuple[np.ndarray, float]:
+        """A grid covering the nodes with 5σ margins, and σ = sigma_frac × node range."""
+        n, _ = self.all_nodes()
+        lo, hi = float(n.min()), float(n.max())
+        span = max(hi - lo, 1e-12 * max(1.0, abs(hi)), 1e-30)
+        sigma = sigma_frac * span
+        return np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points), sigma
+
+
+def stochastic_lanczos_quadrature(
+    hvp: HVP,
+    dim: int,
+    num_probes: int = 3,
+    num_steps: int = 60,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    basis_device: Optional[Union[str, torch.device]] = None,
+) -> SpectralDensity:
+    """
+    Spectral density of H by stochastic Lanczos quadrature (Ghorbani et al. 2019): for each
+    Rademacher probe, run Lanczos; the Ritz values λ_k are quadrature nodes with weights
+    τ_k = (first component of the k-th eigenvector of T)², so that
+    vᵀ f(H) v / |v|² ≈ Σ_k τ_k f(λ_k). The density is the probes' average.
+
+    :param num_probes: number of random start vectors.
+    :param num_steps: Lanczos steps per probe.
+    :return: a ``SpectralDensity``.
+    """
+    if num_probes < 1:
+        raise ValueError(f"stochastic_lanczos_quadrature: num_probes must be >= 1, got {num_probes}")
+    generator = generator or torch.Generator().manual_seed(0)
+    nodes, weights = [], []
+    for _ in range(num_probes):
+        v0 = _random_vector(dim, generator, dtype, device, "rademacher")
+        res = lanczos(hvp, dim, num_steps, v0=v0, dtype=dtype, device=device, basis_device=basis_device)
+        w, q0 = res.ritz()
+        nodes.append(w)
+        weights.append(q0**2)
+    return SpectralDensity(nodes, weights)
+
+
+# ======================================================================================
+# Parameter interpolation and the loss on a fixed batch
+# ======================================================================================
+
+
+def interpolate_state_dicts(
+    sd_a: Dict[str, torch.Tensor], sd_b: Dict[str, torch.Tensor], alpha: float
+) -> Dict[str, torch.Tensor]:
+    """
+    θ(α) = (1 - α)·θ_a + α·θ_b, key by key (α outside [0, 1] extrapolates). Integer
+    buffers are taken from ``sd_a`` and must agree between the two.
+
+    :raises ValueError: naming the keys that only one of them has, or whose shapes differ.
+    """
+    only_a = sorted(set(sd_a) - set(sd_b))
+    only_b = sorted(set(sd_b) - set(sd_a))
+    if only_a or only_b:
+        raise ValueError(
+            "the two checkpoints have different parameters: "
+            f"only in A: {only_a[:10]}{' ...' if len(only_a) > 10 else ''}; "
+            f"only in B: {only_b[:10]}{' ...' if len(only_b) > 10 else ''}"
+        )
+    out = {}
+    for k, a in sd_a.items():
+        b = sd_b[k]
+        if a.shape != b.shape:
+            raise ValueError(f"the two checkpoints differ in the shape of {k!r}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        if torch.is_floating_point(a):
+            out[k] = ((1.0 - alpha) * a.double() + alpha * b.to(a.device).double()).to(a.dtype)
+        else:
+            if not torch.equal(a, b.to(a.device)):
+                raise ValueError(f"the two checkpoints differ in the non-float buffer {k!r}; cannot interpolate it")
+            out[k] = a.clone()
+    return out
+
+
+@dataclass
+class FixedBatch:
+    """A batch, its noise and its timesteps, fixed so a loss can be compared across models."""
+
+    x_start: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    t: torch.Tensor  # [N] long, timesteps of the (unspaced) training diffusion
+    noise: torch.Tensor  # [N, C, H, W]
+    model_kwargs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device) -> "FixedBatch":
+        return FixedBatch(
+            self.x_start.to(device), self.t.to(device), self.noise.to(device),
+            {k: v.to(device) for k, v in self.model_kwargs.items()},
+        )
+
+
+def stratified_timesteps(batch_size: int, num_timesteps: int) -> torch.Tensor:
+    """
+    Timesteps spread evenly over [0, T): t_i = ⌊(i + ½)·T / N⌋, so that every part of the
+    schedule weighs in a small fixed batch.
+    """
+    if batch_size < 1 or num_timesteps < 1:
+        raise ValueError(f"stratified_timesteps: need batch_size >= 1 and num_timesteps >= 1, got {batch_size}, {num_timesteps}")
+    i = torch.arange(batch_size, dtype=torch.float64)
+    return torch.floor((i + 0.5) * num_timesteps / batch_size).long().clamp_(0, num_timesteps - 1)
+
+
+def make_fixed_batch(
+    images: torch.Tensor,
+    num_timesteps: int,
+    seed: int = 0,
+    labels: Optional[torch.Tensor] = None,
+    timesteps: str = "stratified",
+) -> FixedBatch:
+    """
+    Fix the noise (seeded Gaussian) and timesteps for a batch of images.
+
+    :param images: [N, C, H, W] in [-1, 1].
+    :param num_timesteps: T of the training diffusion.
+    :param seed: seeds the noise (and the timesteps when ``timesteps="random"``).
+    :param labels: class labels for a class-conditional model, else None.
+    :param timesteps: "stratified" (evenly spread, see ``stratified_timesteps``) or "random"
+        (uniform, seeded).
+    """
+    n = images.shape[0]
+    g = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(tuple(images.shape), generator=g)
+    if timesteps == "stratified":
+        t = stratified_timesteps(n, num_timesteps)
+    elif timesteps == "random":
+        t = torch.randint(0, num_timesteps, (n,), generator=g)
+    else:
+        raise ValueError(f"--timesteps: expected 'stratified' or 'random', got {timesteps!r}")
+    kw = {"y": labels.long().cpu()} if labels is not None else {}
+    return FixedBatch(images.float().cpu(), t, noise, kw)
+
+
+def diffusion_loss(model: torch.nn.Module, diffusion, batch: FixedBatch, terms: bool = False):
+    """
+    The diffusion training loss of ``model`` on a fixed batch (fixed noise and timesteps):
+    the mean over the batch of ``diffusion.training_losses(...)["loss"]``.
+
+    :param terms: also return the mean of every term (``loss``, ``mse``, ``vb``) as floats.
+    :return: the scalar loss tensor (differentiable), or ``(loss, {term: float})``.
+    """
+    out = diffusion.training_losses(model, batch.x_start, batch.t, model_kwargs=batch.model_kwargs, noise=batch.noise)
+    loss = out["loss"].mean()
+    if not terms:
+        return loss
+    return loss, {k: float(v.detach().float().mean()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 1}
+
+
+# ======================================================================================
+# Checkpoints: flags and models
+# ======================================================================================
+
+# Flags that change nothing for analysis but would get in the way of it.
+ANALYSIS_OVERRIDES = {"use_fp16": False, "use_checkpoint": False}
+
+
+def parse_model_flags(text: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    Parse a ``--model_flags`` string in upstream flag syntax ("--num_channels 64 --learn_sigma
+    True ...") against ``defaults``; return only the flags it sets.
+
+    :raises ValueError: naming an unknown flag or a bad value.
+    """
+    from .script_util import add_dict_to_argparser
+
+    parser = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
+    add_dict_to_argparser(parser, {k: None for k in defaults})  # None defaults: see what was set
+    typed = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
+    add_dict_to_argparser(typed, defaults)
+    tokens = shlex.split(text)
+    try:
+        raw, unknown = parser.parse_known_args(tokens)
+        if unknown:
+            raise ValueError(f"--model_flags: unknown flag(s) {unknown}; valid: {', '.join(sorted(defaults))}")
+        given = [k for k, v in vars(raw).items() if v is not None]
+        parsed = typed.parse_args(tokens)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ValueError(f"--model_flags {text!r}: {e}") from None
+    return {k: getattr(parsed, k) for k in given}
+
+
+def resolve_model_flags(
+    checkpoint: Union[str, Path],
+    model_flags: Optional[str] = None,
+    defaults: Optional[Dict[str, Any]] = None,
+) -> Tuple[Dict[str, Any], str]:
+    """
+    The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
+    ``model_and_diffusion_defaults()``), overridden by the ``config.yaml`` in the checkpoint's
+    folder when there is one (training-only keys ignored), overridden by ``model_flags``.
+
+    :param checkpoint: the ``.pt`` file.
+    :param model_flags: a string of upstream flags, or None.
+    :return: ``(flags, source)``; ``source`` says where they came from, for messages.
+    """
+    from .script_util import coerce_config, load_config, model_and_diffusion_defaults
+
+    defaults = dict(defaults or model_and_diffusion_defaults())
+    flags = dict(defaults)
+    sources = ["defaults"]
+    cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
+    if cfg_path.is_file():
+        cfg = load_config(cfg_path)
+        cfg = {k: v for k, v in cfg.items() if k in defaults}
+        flags.update(coerce_config(cfg, defaults, str(cfg_path)))
+        sources.append(str(cfg_path))
+    if model_flags:
+        flags.update(parse_model_flags(model_flags, defaults))
+        sources.append(f"--model_flags {model_flags!r}")
+    return flags, " < ".join(sources)
+
+
+def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read a plain state_dict checkpoint on the CPU, with a clear error for a missing/bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - say which file could not be read
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch state_dict ({e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path}: expected a plain state_dict (name -> tensor)")
+    return sd
+
+
+def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path, source: str = "") -> None:
+    """``model.load_state_dict(strict=True)`` with an error naming the mismatched keys/shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        msg = [f"checkpoint {path} does not fit the model built from {source or 'the given flags'}:"]
+        if missing:
+            msg.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            msg.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            msg.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+        msg.append("(give the training flags with --model_flags, or put the run's config.yaml beside the checkpoint)")
+        raise ValueError(" ".join(msg))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_diffusion_model(
+    checkpoint: Union[str, Path],
+    model_flags: Optional[str] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    device: Union[str, torch.device] = "cpu",
+):
+    """
+    Build the model and diffusion a checkpoint was trained with and load its weights
+    (fp32, eval mode, no gradient checkpointing).
+
+    :param checkpoint: a ``model*.pt`` / ``ema_*.pt`` state_dict.
+    :param model_flags: upstream flag string for this checkpoint (see ``resolve_model_flags``).
+    :param overrides: flags set last, e.g. ``{"timestep_respacing": "ddim50"}``.
+    :return: ``(model, diffusion, flags, source)``.
+    """
+    from .script_util import create_model_and_diffusion
+
+    flags, source = resolve_model_flags(checkpoint, model_flags)
+    flags.update(ANALYSIS_OVERRIDES)
+    flags.update(overrides or {})
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_into(model, load_state_dict_file(checkpoint), checkpoint, source)
+    model.to(device).eval()
+    return model, diffusion, flags, source
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``--device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def default_out_dir(kind: str) -> Path:
+    """``runs/<kind>-<timestamp>`` under the working directory (never /tmp)."""
+    import time
+
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,143 @@
+"""
+Distributed setup for ``mpiexec``, ``torchrun`` and single-process runs.
+
+Under ``mpiexec -n N`` ranks come from MPI (mpi4py is imported only then); under ``torchrun``
+from its environment variables; otherwise the run is one process and no process group is
+created. NCCL is used on CUDA and gloo on CPU; each process uses the GPU of its local rank.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+from typing import Iterable, Optional
+
+import blobfile as bf
+import torch
+import torch.distributed as dist
+
+# Environment variables that MPI launchers set (Open MPI, MPICH/Hydra, PMIx).
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+_state = {"device": None, "launcher": None, "local_rank": 0}
+
+
+def launcher() -> str:
+    """Which launcher started this process: ``"mpi"``, ``"torchrun"`` or ``"single"``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        return "torchrun"
+    if any(v in os.environ for v in _MPI_SIZE_VARS):
+        return "mpi"
+    return "single"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def setup_dist(backend: Optional[str] = None) -> None:
+    """
+    Set up the process group (if several processes) and pick this process's device.
+
+    Idempotent. Multi-node runs work through the MPI host file (rank 0's address is broadcast)
+    or torchrun's rendezvous.
+
+    :param backend: "nccl" or "gloo"; by default NCCL when CUDA is available, else gloo.
+    """
+    if _state["device"] is not None:
+        return
+    kind = launcher()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = 0
+    if kind == "mpi":
+        from mpi4py import MPI  # only under mpiexec
+
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        if world > 1:
+            addr = socket.gethostbyname(socket.getfqdn()) if rank == 0 else None
+            port = _free_port() if rank == 0 else None
+            addr, port = comm.bcast((addr, port), root=0)
+            os.environ.setdefault("MASTER_ADDR", addr)
+            os.environ.setdefault("MASTER_PORT", str(port))
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+            os.environ["LOCAL_RANK"] = str(local_rank)
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    elif kind == "torchrun":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+            dist.init_process_group(backend=backend, init_method="env://")
+    _state["launcher"], _state["local_rank"] = kind, local_rank
+    if torch.cuda.is_available():
+        # The GPU of this process is its local rank (no rewriting of CUDA_VISIBLE_DEVICES).
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    _state["device"] = device
+
+
+def dev() -> torch.device:
+    """The device this process computes on (sets up a single process when not done yet)."""
+    if _state["device"] is None:
+        setup_dist()
+    return _state["device"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    return _state["local_rank"]
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over ranks in place (a no-op in one process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= get_world_size()
+    return tensor
+
+
+def load_state_dict(path: str, **kwargs):
+    """
+    Load a checkpoint (local path or any blobfile URL) into CPU memory.
+
+    :param kwargs: passed to ``torch.load`` (``map_location`` defaults to "cpu").
+    """
+    kwargs.setdefault("map_location", "cpu")
+    kwargs.setdefault("weights_only", False)
+    if not bf.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), **kwargs)
+
+
+def sync_params(params: Iterable[torch.Tensor]) -> None:
+    """Broadcast parameters (and buffers) from rank 0 so every rank starts identical."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p, 0)

@@ -1,0 +1,1066 @@
+"""
+Gaussian diffusion: beta schedules, the forward process q, the model's reverse process p,
+ancestral (DDPM) and DDIM samplers, training losses and the variational bound in bits/dim.
+
+Follows the public API and numerics of OpenAI's improved-diffusion (Nichol & Dhariwal 2021)
+and guided-diffusion (Dhariwal & Nichol 2021) so that checkpoints, scripts and golden
+vectors carry over; the samplers take the superset of both codebases' arguments
+(guided-diffusion's order, with ``cond_fn`` before ``model_kwargs``).
+
+Schedules are held as float64 numpy arrays (as upstream); per-timestep values are read from
+float32 torch tables built once per device (see ``GaussianDiffusion._extract``).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
+
+# callable(i, shape, device) -> noise tensor of `shape` for the step at (respaced) timestep index i.
+StepNoiseFn = Callable[[int, Tuple[int, ...], torch.device], torch.Tensor]
+
+_LOG2 = math.log(2.0)  # nats -> bits
+
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
+    """
+    Get a pre-defined beta schedule for the given name.
+
+    The beta schedule library consists of beta schedules which remain similar in the limit of
+    num_diffusion_timesteps. Beta schedules may be added, but should not be removed or changed
+    once they are committed to maintain backwards compatibility.
+
+    :param schedule_name: "linear" (Ho et al. 2020, 1e-4..0.02 at T=1000, scaled by 1000/T) or
+                          "cosine" (Nichol & Dhariwal 2021, s=0.008, betas capped at 0.999).
+    :param num_diffusion_timesteps: T, the number of diffusion steps (a positive integer).
+    :return: a float64 numpy array of T betas.
+    """
+    if int(num_diffusion_timesteps) != num_diffusion_timesteps or num_diffusion_timesteps < 1:
+        raise ValueError(
+            f"diffusion_steps must be a positive integer, got {num_diffusion_timesteps!r}"
+        )
+    num_diffusion_timesteps = int(num_diffusion_timesteps)
+    if schedule_name == "linear":
+        # Ho et al.'s 1e-4..0.02 at T=1000; scaling by 1000/T keeps the total noise similar for other T.
+        scale = 1000 / num_diffusion_timesteps
+        return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
+    if schedule_name == "cosine":
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps,
+            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
+        )
+    raise ValueError(
+        f"unknown noise_schedule {schedule_name!r}; expected one of {', '.join(BETA_SCHEDULES)}"
+    )
+
+
+def betas_for_alpha_bar(
+    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
+    """
+    Create a beta schedule that discretizes the given alpha_t_bar function, which defines the
+    cumulative product of (1-beta) over time from t = [0,1].
+
+    :param num_diffusion_timesteps: the number of betas to produce.
+    :param alpha_bar: a lambda that takes an argument t from 0 to 1 and produces the cumulative
+                      product of (1-beta) up to that part of the diffusion process.
+    :param max_beta: the maximum beta to use; use values lower than 1 to prevent singularities.
+    :return: a float64 numpy array of betas.
+    """
+    betas = []
+    for i in range(num_diffusion_timesteps):
+        t1 = i / num_diffusion_timesteps
+        t2 = (i + 1) / num_diffusion_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+class ModelMeanType(enum.Enum):
+    """
+    Which type of output the model predicts.
+    """
+
+    PREVIOUS_X = enum.auto()  # the model predicts x_{t-1}
+    START_X = enum.auto()  # the model predicts x_0
+    EPSILON = enum.auto()  # the model predicts epsilon
+
+
+class ModelVarType(enum.Enum):
+    """
+    What is used as the model's output variance.
+
+    The LEARNED_RANGE option has been added to allow the model to predict values between
+    FIXED_SMALL and FIXED_LARGE, making its job easier.
+    """
+
+    LEARNED = enum.auto()
+    FIXED_SMALL = enum.auto()
+    FIXED_LARGE = enum.auto()
+    LEARNED_RANGE = enum.auto()
+
+
+class LossType(enum.Enum):
+    """
+    The training objective.
+    """
+
+    MSE = enum.auto()  # use raw MSE loss (and KL when learning variances)
+    RESCALED_MSE = enum.auto()  # use raw MSE loss (with RESCALED_KL when learning variances)
+    KL = enum.auto()  # use the variational lower-bound
+    RESCALED_KL = enum.auto()  # like KL, but rescale to estimate the full VLB
+
+    def is_vb(self) -> bool:
+        """:return: True for the variational-bound losses (KL and RESCALED_KL)."""
+        return self == LossType.KL or self == LossType.RESCALED_KL
+
+
+def _check_enum(value: Any, enum_cls: type, name: str) -> None:
+    if not isinstance(value, enum_cls):
+        valid = ", ".join(f"{enum_cls.__name__}.{m.name}" for m in enum_cls)
+        raise TypeError(f"{name} must be one of {valid}; got {value!r}")
+
+
+class GaussianDiffusion:
+    """
+    Utilities for training and sampling diffusion models.
+
+    Ported from the original DDPM code; see ``Ho et al. 2020`` and ``Nichol & Dhariwal 2021``.
+
+    :param betas: a 1-D numpy array (or sequence) of betas for each diffusion timestep,
+                  starting at T and going to 1 (each in (0, 1]).
+    :param model_mean_type: a ModelMeanType determining what the model outputs.
+    :param model_var_type: a ModelVarType determining how variance is output.
+    :param loss_type: a LossType determining the loss function to use.
+    :param rescale_timesteps: if True, pass floating point timesteps into the model so that they
+                              are always scaled like in the original paper (0 to 1000).
+    """
+
+    # Numpy schedules that _extract may read, besides the private ones built in __init__.
+    def __init__(
+        self,
+        *,
+        betas: Union[np.ndarray, Sequence[float]],
+        model_mean_type: ModelMeanType,
+        model_var_type: ModelVarType,
+        loss_type: LossType,
+        rescale_timesteps: bool = False,
+    ):
+        _check_enum(model_mean_type, ModelMeanType, "model_mean_type")
+        _check_enum(model_var_type, ModelVarType, "model_var_type")
+        _check_enum(loss_type, LossType, "loss_type")
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
+
+        # Use float64 for accuracy.
+        betas = np.array(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.shape[0] < 1:
+            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+        if not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError(
+                f"betas must lie in (0, 1]; got min {betas.min()!r}, max {betas.max()!r}"
+            )
+        self.betas = betas
+        self.num_timesteps = int(betas.shape[0])
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas, axis=0)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
+
+        # calculations for diffusion q(x_t | x_{t-1}) and others
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+
+        # calculations for posterior q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        # The posterior variance is 0 at the start of the chain: clip its log there.
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            if self.num_timesteps > 1
+            else self.posterior_variance  # a 1-step chain has no later step to borrow from
+        )
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
+
+        # Derived arrays upstream builds on every call; computed once here in float64.
+        self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self._log_betas = np.log(self.betas)
+        fixed_large = (
+            np.append(self.posterior_variance[1], self.betas[1:])
+            if self.num_timesteps > 1
+            else self.betas
+        )
+        self._fixed_large_variance = fixed_large
+        self._fixed_large_log_variance = np.log(fixed_large)
+        self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+
+        # (name, device) -> float32 tensor; filled lazily by _extract.
+        self._tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Device tables are a cache: do not pickle tensors that may live on a GPU.
+        state = self.__dict__.copy()
+        state["_tables"] = {}
+        return state
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """
+        The float32 torch copy of the float64 numpy schedule ``self.<name>`` on ``device``.
+
+        Casting float64 -> float32 elementwise before or after a gather gives the same bits,
+        so caching the cast table reproduces upstream's gather-then-``.float()`` exactly,
+        with no host-to-device copy per call (and it also works where float64 does not, e.g. MPS).
+        """
+        key = (name, device)
+        table = self._tables.get(key)
+        if table is None:
+            arr = getattr(self, name)
+            table = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).float().to(device)
+            self._tables[key] = table
+        return table
+
+    def _extract(self, name: str, t: torch.Tensor, broadcast_shape: Sequence[int]) -> torch.Tensor:
+        """
+        Read the schedule ``self.<name>`` at timesteps ``t`` as float32, broadcast to a shape.
+
+        :param name: attribute name of a float64 numpy array of length num_timesteps.
+        :param t: an integer tensor of timestep indices.
+        :param broadcast_shape: a shape with ``t.ndim`` leading dims matching ``t``.
+        :return: a float32 tensor of ``broadcast_shape`` (an expanded view).
+        """
+        res = self._table(name, t.device)[t]
+        while res.ndim < len(broadcast_shape):
+            res = res[..., None]
+        return res.expand(broadcast_shape)
+
+    def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Timesteps as the model sees them: floats on a 0..1000 scale when rescale_timesteps."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
+
+    # ------------------------------------------------------------------ forward process q
+
+    def q_mean_variance(
+        self, x_start: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Get the distribution q(x_t | x_0).
+
+        :param x_start: the [N x C x ...] tensor of noiseless inputs.
+        :param t: the number of diffusion steps (minus 1). Here, 0 means one step.
+        :return: A tuple (mean, variance, log_variance), all of x_start's shape.
+        """
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("_one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Diffuse the data for a given number of diffusion steps.
+
+        In other words, sample from q(x_t | x_0).
+
+        :param x_start: the initial data batch.
+        :param t: the number of diffusion steps (minus 1). Here, 0 means one step.
+        :param noise: if specified, the split-out normal noise.
+        :return: A noisy version of x_start.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if noise.shape != x_start.shape:
+            raise ValueError(
+                f"q_sample: noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}"
+            )
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Compute the mean and variance of the diffusion posterior:
+
+            q(x_{t-1} | x_t, x_0)
+
+        :return: (posterior_mean, posterior_variance, posterior_log_variance_clipped).
+        """
+        if x_start.shape != x_t.shape:
+            raise ValueError(
+                f"q_posterior_mean_variance: x_start shape {tuple(x_start.shape)} != "
+                f"x_t shape {tuple(x_t.shape)}"
+            )
+        posterior_mean = (
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
+        )
+        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
+        return posterior_mean, posterior_variance, posterior_log_variance_clipped
+
+    # ------------------------------------------------------------------ reverse process p
+
+    def p_mean_variance(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Apply the model to get p(x_{t-1} | x_t), as well as a prediction of
+        the initial x, x_0.
+
+        :param model: the model, which takes a signal and a batch of timesteps as input.
+        :param x: the [N x C x ...] tensor at time t.
+        :param t: a 1-D Tensor of timesteps.
+        :param clip_denoised: if True, clip the denoised signal into [-1, 1].
+        :param denoised_fn: if not None, a function which applies to the x_start prediction
+                            before it is used to sample. Applies before clip_denoised.
+        :param model_kwargs: if not None, a dict of extra keyword arguments to pass to the
+                             model. This can be used for conditioning.
+        :return: a dict with the following keys:
+                 - 'mean': the model mean output.
+                 - 'variance': the model variance output.
+                 - 'log_variance': the log of 'variance'.
+                 - 'pred_xstart': the prediction for x_0.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+
+        B, C = x.shape[:2]
+        if t.shape != (B,):
+            raise ValueError(f"p_mean_variance: t must have shape ({B},), got {tuple(t.shape)}")
+        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            expected = (B, C * 2, *x.shape[2:])
+            if model_output.shape != expected:
+                raise ValueError(
+                    f"a learned-variance model must output {expected} (mean and variance "
+                    f"channels), got {tuple(model_output.shape)}"
+                )
+            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            if self.model_var_type == ModelVarType.LEARNED:
+                model_log_variance = model_var_values
+                model_variance = torch.exp(model_log_variance)
+            else:
+                min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._extract("_log_betas", t, x.shape)
+                # The model_var_values is [-1, 1] for [min_var, max_var].
+                frac = (model_var_values + 1) / 2
+                model_log_variance = frac * max_log + (1 - frac) * min_log
+                model_variance = torch.exp(model_log_variance)
+        elif self.model_var_type == ModelVarType.FIXED_LARGE:
+            # betas, except at t=0 where the posterior variance gives a better decoder likelihood.
+            model_variance = self._extract("_fixed_large_variance", t, x.shape)
+            model_log_variance = self._extract("_fixed_large_log_variance", t, x.shape)
+        else:
+            model_variance = self._extract("posterior_variance", t, x.shape)
+            model_log_variance = self._extract("posterior_log_variance_clipped", t, x.shape)
+
+        def process_xstart(x0: torch.Tensor) -> torch.Tensor:
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0)
+            if clip_denoised:
+                return x0.clamp(-1, 1)
+            return x0
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(
+                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+            )
+            model_mean = model_output
+        else:
+            if self.model_mean_type == ModelMeanType.START_X:
+                pred_xstart = process_xstart(model_output)
+            else:
+                pred_xstart = process_xstart(
+                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+                )
+            model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
+
+        if not (model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape):
+            raise ValueError(
+                f"model output shape {tuple(model_mean.shape)} does not match x {tuple(x.shape)}"
+            )
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
+
+    def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        assert x_t.shape == eps.shape
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
+        )
+
+    def _predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
+        assert x_t.shape == xprev.shape
+        # (xprev - coef2 * x_t) / coef1, with the ratios taken in float64
+        return (
+            self._extract("_recip_posterior_mean_coef1", t, x_t.shape) * xprev
+            - self._extract("_posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
+        )
+
+    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
+
+    # ------------------------------------------------------------------ classifier guidance
+
+    def condition_mean(
+        self,
+        cond_fn: Callable[..., torch.Tensor],
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> torch.Tensor:
+        """
+        Compute the mean for the previous step, given a function cond_fn that computes the
+        gradient of a conditional log probability with respect to x. In particular, cond_fn
+        computes grad(log(p(y|x))), and we want to condition on y.
+
+        This uses the conditioning strategy from Sohl-Dickstein et al. (2015):
+        mean + variance * gradient.
+
+        :return: the conditioned mean (float32).
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(
+        self,
+        cond_fn: Callable[..., torch.Tensor],
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Compute what the p_mean_variance output would have been, should the model's score
+        function be conditioned by cond_fn.
+
+        See condition_mean() for details on cond_fn. Unlike condition_mean(), this instead
+        uses the conditioning strategy from Song et al (2020): eps -= sqrt(1 - alpha_bar) * grad.
+
+        :return: a copy of ``p_mean_var`` with new 'pred_xstart' and 'mean'.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        out = p_mean_var.copy()
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
+
+    # ------------------------------------------------------------------ ancestral sampling
+
+    def p_sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Sample x_{t-1} from the model at the given timestep.
+
+        :param model: the model to sample from.
+        :param x: the current tensor at x_{t-1}.
+        :param t: the value of t, starting at 0 for the first diffusion step.
+        :param clip_denoised: if True, clip the x_start prediction to [-1, 1].
+        :param denoised_fn: if not None, a function which applies to the x_start prediction
+                            before it is used to sample.
+        :param cond_fn: if not None, this is a gradient function that acts similarly to the model.
+        :param model_kwargs: if not None, a dict of extra keyword arguments to pass to the model.
+        :param noise: (new) if given, the standard normal noise of this step (x's shape) instead
+                      of ``torch.randn_like(x)``.
+        :return: a dict containing the following keys:
+                 - 'sample': a random sample from the model.
+                 - 'pred_xstart': a prediction of x_0.
+        """
+        _check_cond_fn(cond_fn)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        noise = _step_noise(noise, x)
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise when t == 0
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(
+        self,
+        model: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+        step_noise_fn: Optional[StepNoiseFn] = None,
+    ) -> torch.Tensor:
+        """
+        Generate samples from the model.
+
+        :param model: the model module.
+        :param shape: the shape of the samples, (N, C, H, W).
+        :param noise: if specified, the noise from the encoder to sample. Should be of the same
+                      shape as `shape`.
+        :param clip_denoised: if True, clip x_start predictions to [-1, 1].
+        :param denoised_fn: if not None, a function which applies to the x_start prediction
+                            before it is used to sample.
+        :param cond_fn: if not None, this is a gradient function that acts similarly to the model.
+        :param model_kwargs: if not None, a dict of extra keyword arguments to pass to the model.
+        :param device: if specified, the device to create the samples on. If not specified, use
+                       a model parameter's device.
+        :param progress: if True, show a tqdm progress bar.
+        :param step_noise_fn: (new) if given, ``step_noise_fn(i, shape, device)`` supplies the
+                              noise of the step at timestep index i (counting down from
+                              num_timesteps - 1 to 0), so several models can be sampled with
+                              the same per-step noise. None: ``torch.randn_like`` as upstream.
+        :return: a non-differentiable batch of samples.
+        """
+        final = None
+        for sample in self.p_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            step_noise_fn=step_noise_fn,
+        ):
+            final = sample
+        return final["sample"]
+
+    def p_sample_loop_progressive(
+        self,
+        model: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+        step_noise_fn: Optional[StepNoiseFn] = None,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """
+        Generate samples from the model and yield intermediate samples from each timestep of
+        diffusion.
+
+        Arguments are the same as p_sample_loop(). Returns a generator over dicts, where each
+        dict is the return value of p_sample().
+        """
+        _check_cond_fn(cond_fn)
+        device, img = _loop_start(model, shape, noise, device)
+        for i in _loop_indices(self.num_timesteps, progress):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            step_noise = _call_step_noise(step_noise_fn, i, img)
+            with torch.no_grad():
+                out = self.p_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    cond_fn=cond_fn,
+                    model_kwargs=model_kwargs,
+                    noise=step_noise,
+                )
+                yield out
+                img = out["sample"]
+
+    # ------------------------------------------------------------------ DDIM
+
+    def ddim_sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        eta: float = 0.0,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Sample x_{t-1} from the model using DDIM (Song et al. 2020, equation 12).
+
+        Same usage as p_sample(); ``eta`` (>= 0) scales the per-step noise: 0 is the
+        deterministic DDIM path, 1 matches the ancestral sampler's variance.
+        """
+        _check_cond_fn(cond_fn)
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+
+        # Usually our model outputs epsilon, but we re-derive it
+        # in case we used x_start or x_prev prediction.
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        # Drawn even when eta == 0, so the RNG stream matches upstream's.
+        noise = _step_noise(noise, x)
+        mean_pred = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        )
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise when t == 0
+        sample = mean_pred + nonzero_mask * sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        eta: float = 0.0,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Sample x_{t+1} from the model using the DDIM reverse ODE (deterministic, eta == 0).
+
+        :return: a dict with 'sample' (x_{t+1}) and 'pred_xstart'.
+        """
+        if eta != 0.0:
+            raise ValueError(f"ddim_reverse_sample: the reverse ODE is deterministic; eta must be 0.0, got {eta}")
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        # Usually our model outputs epsilon, but we re-derive it
+        # in case we used x_start or x_prev prediction.
+        eps = (
+            self._extract("sqrt_recip_alphas_cumprod", t, x.shape) * x - out["pred_xstart"]
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape)
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
+        # Equation 12, reversed.
+        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(
+        self,
+        model: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+        eta: float = 0.0,
+        step_noise_fn: Optional[StepNoiseFn] = None,
+    ) -> torch.Tensor:
+        """
+        Generate samples from the model using DDIM.
+
+        Same usage as p_sample_loop(), plus ``eta`` (see ddim_sample()).
+        """
+        final = None
+        for sample in self.ddim_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
+            step_noise_fn=step_noise_fn,
+        ):
+            final = sample
+        return final["sample"]
+
+    def ddim_sample_loop_progressive(
+        self,
+        model: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor] = None,
+        clip_denoised: bool = True,
+        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+        eta: float = 0.0,
+        step_noise_fn: Optional[StepNoiseFn] = None,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """
+        Use DDIM to sample from the model and yield intermediate samples from each timestep of
+        DDIM.
+
+        Same usage as p_sample_loop_progressive().
+        """
+        _check_cond_fn(cond_fn)
+        device, img = _loop_start(model, shape, noise, device)
+        for i in _loop_indices(self.num_timesteps, progress):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            step_noise = _call_step_noise(step_noise_fn, i, img)
+            with torch.no_grad():
+                out = self.ddim_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    cond_fn=cond_fn,
+                    model_kwargs=model_kwargs,
+                    eta=eta,
+                    noise=step_noise,
+                )
+                yield out
+                img = out["sample"]
+
+    # ------------------------------------------------------------------ losses and bounds
+
+    def _vb_terms_bpd(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Get a term for the variational lower-bound.
+
+        The resulting units are bits (rather than nats, as one might expect). This allows for
+        comparison to other papers.
+
+        :return: a dict with the following keys:
+                 - 'output': a shape [N] tensor of NLLs or KLs.
+                 - 'pred_xstart': the x_0 predictions.
+        """
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t
+        )
+        out = self.p_mean_variance(
+            model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
+        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        kl = mean_flat(kl) / _LOG2
+
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        decoder_nll = mean_flat(decoder_nll) / _LOG2
+
+        # At the first timestep return the decoder NLL, otherwise KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)).
+        output = torch.where((t == 0), decoder_nll, kl)
+        return {"output": output, "pred_xstart": out["pred_xstart"]}
+
+    def training_losses(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Compute training losses for a single timestep.
+
+        No host synchronisation happens here (no ``.item()``, no data-dependent branching).
+
+        :param model: the model to evaluate loss on.
+        :param x_start: the [N x C x ...] tensor of inputs.
+        :param t: a batch of timestep indices.
+        :param model_kwargs: if not None, a dict of extra keyword arguments to pass to the
+                             model. This can be used for conditioning.
+        :param noise: if specified, the specific Gaussian noise to try to remove.
+        :return: a dict with the key "loss" containing a tensor of shape [N]; for the MSE losses
+                 also "mse" and, with a learned variance, "vb" (in bits, scaled by
+                 num_timesteps/1000 for RESCALED_MSE).
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+
+        terms: Dict[str, torch.Tensor] = {}
+
+        if self.loss_type.is_vb():
+            terms["loss"] = self._vb_terms_bpd(
+                model=model,
+                x_start=x_start,
+                x_t=x_t,
+                t=t,
+                clip_denoised=False,
+                model_kwargs=model_kwargs,
+            )["output"]
+            if self.loss_type == LossType.RESCALED_KL:
+                terms["loss"] = terms["loss"] * self.num_timesteps
+        elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
+            model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+
+            if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+                B, C = x_t.shape[:2]
+                expected = (B, C * 2, *x_t.shape[2:])
+                if model_output.shape != expected:
+                    raise ValueError(
+                        f"a learned-variance model must output {expected} (mean and variance "
+                        f"channels), got {tuple(model_output.shape)}"
+                    )
+                model_output, model_var_values = torch.split(model_output, C, dim=1)
+                # Learn the variance using the variational bound, but don't let it affect our
+                # mean prediction.
+                frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
+                terms["vb"] = self._vb_terms_bpd(
+                    model=lambda *args, r=frozen_out: r,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t,
+                    clip_denoised=False,
+                )["output"]
+                if self.loss_type == LossType.RESCALED_MSE:
+                    # Divide by 1000 for equivalence with initial implementation.
+                    # Without a factor of 1/1000, the VB term hurts the MSE term.
+                    terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+
+            if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+                target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
+            elif self.model_mean_type == ModelMeanType.START_X:
+                target = x_start
+            else:
+                target = noise
+            if not (model_output.shape == target.shape == x_start.shape):
+                raise ValueError(
+                    f"model output shape {tuple(model_output.shape)} does not match the input "
+                    f"{tuple(x_start.shape)} (is learn_sigma set consistently with the model?)"
+                )
+            terms["mse"] = mean_flat((target - model_output) ** 2)
+            if "vb" in terms:
+                terms["loss"] = terms["mse"] + terms["vb"]
+            else:
+                terms["loss"] = terms["mse"]
+        else:  # pragma: no cover - every LossType is handled above
+            raise NotImplementedError(self.loss_type)
+
+        return terms
+
+    def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
+        """
+        Get the prior KL term for the variational lower-bound, measured in bits-per-dim.
+
+        This term can't be optimized, as it only depends on the encoder.
+
+        :param x_start: the [N x C x ...] tensor of inputs.
+        :return: a batch of [N] KL values (in bits), one per batch element.
+        """
+        batch_size = x_start.shape[0]
+        t = torch.full((batch_size,), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
+        return mean_flat(kl_prior) / _LOG2
+
+    def calc_bpd_loop(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_start: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Compute the entire variational lower-bound, measured in bits-per-dim, as well as other
+        related quantities.
+
+        :param model: the model to evaluate loss on.
+        :param x_start: the [N x C x ...] tensor of inputs.
+        :param clip_denoised: if True, clip denoised samples.
+        :param model_kwargs: if not None, a dict of extra keyword arguments to pass to the
+                             model. This can be used for conditioning.
+        :return: a dict containing the following keys:
+                 - total_bpd: the total variational lower-bound, per batch element.
+                 - prior_bpd: the prior term in the lower-bound.
+                 - vb: an [N x T] tensor of terms in the lower-bound (column 0 is t = T-1).
+                 - xstart_mse: an [N x T] tensor of x_0 MSEs for each timestep.
+                 - mse: an [N x T] tensor of epsilon MSEs for each timestep.
+        """
+        device = x_start.device
+        batch_size = x_start.shape[0]
+
+        vb: List[torch.Tensor] = []
+        xstart_mse: List[torch.Tensor] = []
+        mse: List[torch.Tensor] = []
+        for t in range(self.num_timesteps - 1, -1, -1):
+            t_batch = torch.full((batch_size,), t, dtype=torch.long, device=device)
+            noise = torch.randn_like(x_start)
+            x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
+            # Calculate VLB term at the current timestep
+            with torch.no_grad():
+                out = self._vb_terms_bpd(
+                    model,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t_batch,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                )
+            vb.append(out["output"])
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
+            mse.append(mean_flat((eps - noise) ** 2))
+
+        vb_t = torch.stack(vb, dim=1)
+        xstart_mse_t = torch.stack(xstart_mse, dim=1)
+        mse_t = torch.stack(mse, dim=1)
+
+        prior_bpd = self._prior_bpd(x_start)
+        total_bpd = vb_t.sum(dim=1) + prior_bpd
+        return {
+            "total_bpd": total_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb_t,
+            "xstart_mse": xstart_mse_t,
+            "mse": mse_t,
+        }
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: Sequence[int]) -> torch.Tensor:
+    """
+    Extract values from a 1-D numpy array for a batch of indices (upstream helper, kept for
+    code that imports it; GaussianDiffusion itself uses cached device tables).
+
+    :param arr: the 1-D numpy array.
+    :param timesteps: a tensor of indices into the array to extract.
+    :param broadcast_shape: a larger shape of K dimensions with the batch dimension equal to
+                            the length of timesteps.
+    :return: a float32 tensor of shape [batch_size, 1, ...] expanded to broadcast_shape.
+    """
+    res = torch.from_numpy(np.asarray(arr)).to(device=timesteps.device)[timesteps].float()
+    while len(res.shape) < len(broadcast_shape):
+        res = res[..., None]
+    return res.expand(broadcast_shape)
+
+
+def _check_cond_fn(cond_fn: Any) -> None:
+    # improved-diffusion's samplers had model_kwargs where guided-diffusion has cond_fn:
+    # catch a dict passed positionally there instead of failing deep inside.
+    if cond_fn is not None and not callable(cond_fn):
+        raise TypeError(
+            f"cond_fn must be callable (or None), got {type(cond_fn).__name__}; pass model_kwargs "
+            "by keyword (samplers follow guided-diffusion's argument order)"
+        )
+
+
+def _step_noise(noise: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if noise is None:
+        return torch.randn_like(x)
+    if noise.shape != x.shape:
+        raise ValueError(f"step noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def _call_step_noise(step_noise_fn: Optional[StepNoiseFn], i: int, img: torch.Tensor) -> Optional[torch.Tensor]:
+    if step_noise_fn is None:
+        return None
+    return step_noise_fn(i, tuple(img.shape), img.device)
+
+
+def _loop_start(
+    model: Any,
+    shape: Sequence[int],
+    noise: Optional[torch.Tensor],
+    device: Optional[Union[str, torch.device]],
+) -> Tuple[torch.device, torch.Tensor]:
+    """The device and the starting x_T of a sampling loop."""
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
+    if device is None:
+        params = getattr(model, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        if first is not None:
+            device = first.device
+        elif noise is not None:
+            device = noise.device
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected shape {tuple(shape)}")
+        img = noise
+    else:
+        img = torch.randn(*shape, device=device)
+    return device, img
+
+
+def _loop_indices(num_timesteps: int, progress: bool) -> Any:
+    indices = list(range(num_timesteps))[::-1]
+    if progress:
+        # Lazy import so that we don't depend on tqdm.
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices)
+    return indices

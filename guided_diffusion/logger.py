@@ -1,0 +1,327 @@
+"""
+Key-value logging with upstream's API (``configure``, ``logkv``, ``logkv_mean``, ``dumpkvs``,
+``log``): a table on stdout, ``log.txt``, ``progress.csv`` and ``progress.json`` in the run
+folder, and TensorBoard when it is installed (through torch, without TensorFlow).
+
+Only rank 0 writes. ``logkv_mean`` values are averaged over ranks at ``dumpkvs``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional
+
+DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
+
+
+class KVWriter:
+    def writekvs(self, kvs: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SeqWriter:
+    def writeseq(self, seq: List[str]) -> None:
+        raise NotImplementedError
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:<8.3g}"
+    return str(v)
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """A boxed key/value table, to a stream (stdout) or a file (log.txt)."""
+
+    def __init__(self, filename_or_file):
+        if isinstance(filename_or_file, str):
+            self.file = open(filename_or_file, "a")
+            self.own_file = True
+        else:
+            self.file = filename_or_file
+            self.own_file = False
+
+    def writekvs(self, kvs):
+        rows = [(k[:40], _fmt(v)[:40]) for k, v in sorted(kvs.items())]
+        if not rows:
+            return
+        kw = max(len(k) for k, _ in rows)
+        vw = max(len(v) for _, v in rows)
+        bar = "-" * (kw + vw + 7)
+        lines = [bar] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [bar]
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
+
+    def writeseq(self, seq):
+        self.file.write(" ".join(str(s) for s in seq) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.own_file:
+            self.file.close()
+
+
+class JSONOutputFormat(KVWriter):
+    """One JSON object per dump (progress.json)."""
+
+    def __init__(self, filename: str):
+        self.file = open(filename, "a")
+
+    def writekvs(self, kvs):
+        self.file.write(json.dumps({k: (float(v) if hasattr(v, "dtype") else v) for k, v in kvs.items()}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class CSVOutputFormat(KVWriter):
+    """progress.csv; a new key rewrites the file with the wider header (earlier rows keep blanks)."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.keys: List[str] = []
+        if os.path.exists(filename) and os.path.getsize(filename) > 0:
+            with open(filename, newline="") as f:  # appending to a resumed run's file
+                self.keys = next(csv.reader(f), [])
+
+    def writekvs(self, kvs):
+        new = [k for k in kvs if k not in self.keys]
+        if new:
+            rows = []
+            if os.path.exists(self.filename):
+                with open(self.filename, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.keys.extend(sorted(new))
+            with open(self.filename, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.keys)
+                w.writeheader()
+                w.writerows(rows)
+        with open(self.filename, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.keys).writerow({k: kvs.get(k, "") for k in self.keys})
+
+
+class TensorBoardOutputFormat(KVWriter):
+    def __init__(self, dirname: str):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(dirname)
+        self.step = 0
+
+    def writekvs(self, kvs):
+        step = int(kvs.get("step", self.step))
+        for k, v in kvs.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self.step = step + 1
+
+    def close(self):
+        self.writer.close()
+
+
+def make_output_format(fmt: str, ev_dir: str, log_suffix: str = "") -> KVWriter:
+    os.makedirs(ev_dir, exist_ok=True)
+    if fmt == "stdout":
+        return HumanOutputFormat(sys.stdout)
+    if fmt == "log":
+        return HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"))
+    if fmt == "json":
+        return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
+    if fmt == "csv":
+        return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
+    if fmt == "tensorboard":
+        return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
+    raise ValueError(f"unknown log format {fmt!r}; expected stdout, log, json, csv or tensorboard")
+
+
+class Logger:
+    """Accumulates key/values between dumps and writes them to every output format."""
+
+    CURRENT: Optional["Logger"] = None
+
+    def __init__(self, dir: Optional[str], output_formats: List[KVWriter], comm=None):
+        self.name2val: Dict[str, Any] = defaultdict(float)
+        self.name2cnt: Dict[str, int] = defaultdict(int)
+        self.level = INFO
+        self.dir = dir
+        self.output_formats = output_formats
+        self.comm = comm
+
+    def logkv(self, key, val):
+        self.name2val[key] = val
+
+    def logkv_mean(self, key, val):
+        old, cnt = self.name2val[key], self.name2cnt[key]
+        self.name2val[key] = old * cnt / (cnt + 1) + val / (cnt + 1)
+        self.name2cnt[key] = cnt + 1
+
+    def dumpkvs(self) -> Dict[str, Any]:
+        d = dict(self.name2val)
+        d = _average_over_ranks(d, dict(self.name2cnt))
+        if d is not None:
+            for fmt in self.output_formats:
+                fmt.writekvs(d)
+        self.name2val.clear()
+        self.name2cnt.clear()
+        return d or {}
+
+    def log(self, *args, level=INFO):
+        if self.level <= level:
+            for fmt in self.output_formats:
+                if isinstance(fmt, SeqWriter):
+                    fmt.writeseq(list(map(str, args)))
+
+    def set_level(self, level):
+        self.level = level
+
+    def get_dir(self):
+        return self.dir
+
+    def close(self):
+        for fmt in self.output_formats:
+            fmt.close()
+
+
+def _average_over_ranks(vals: Dict[str, Any], counts: Dict[str, int]) -> Optional[Dict[str, Any]]:
+    """Count-weighted mean of the ``logkv_mean`` keys over ranks; None on ranks other than 0."""
+    from . import dist_util
+
+    if not dist_util.is_distributed():
+        return vals
+    import torch.distributed as dist
+
+    gathered: List[Any] = [None] * dist_util.get_world_size()
+    dist.all_gather_object(gathered, (vals, counts))  # tolerant of ranks that logged other keys
+    if dist_util.get_rank() != 0:
+        return None
+    out = dict(vals)
+    totals: Dict[str, float] = defaultdict(float)
+    weights: Dict[str, float] = defaultdict(float)
+    for v, c in gathered:
+        for k, n in c.items():
+            totals[k] += float(v[k]) * n
+            weights[k] += n
+    for k in totals:
+        out[k] = totals[k] / weights[k]
+    return out
+
+
+def get_current() -> Logger:
+    if Logger.CURRENT is None:
+        Logger.CURRENT = Logger(None, [HumanOutputFormat(sys.stdout)])
+    return Logger.CURRENT
+
+
+def logkv(key, val):
+    """Log a value for this iteration (the last call before ``dumpkvs`` wins)."""
+    get_current().logkv(key, val)
+
+
+def logkv_mean(key, val):
+    """Log a value whose mean over the calls of this iteration (and over ranks) is written."""
+    get_current().logkv_mean(key, val)
+
+
+def logkvs(d: Dict[str, Any]):
+    for k, v in d.items():
+        logkv(k, v)
+
+
+def dumpkvs() -> Dict[str, Any]:
+    """Write the accumulated key/values (all ranks must call it) and clear them."""
+    return get_current().dumpkvs()
+
+
+def getkvs():
+    return get_current().name2val
+
+
+def log(*args, level=INFO):
+    """Write a line to stdout and log.txt (rank 0)."""
+    get_current().log(*args, level=level)
+
+
+def debug(*args):
+    log(*args, level=DEBUG)
+
+
+def info(*args):
+    log(*args, level=INFO)
+
+
+def warn(*args):
+    log(*args, level=WARN)
+
+
+def error(*args):
+    log(*args, level=ERROR)
+
+
+def set_level(level):
+    get_current().set_level(level)
+
+
+def get_dir() -> Optional[str]:
+    """The run folder (None before ``configure``)."""
+    return get_current().get_dir()
+
+
+record_tabular = logkv
+dump_tabular = dumpkvs
+
+
+def default_log_dir(name: str = "run") -> str:
+    """``runs/<name>-<timestamp>`` under the working directory (never /tmp)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{name}-{stamp}")
+
+
+def configure(dir: Optional[str] = None, format_strs: Optional[List[str]] = None, comm=None, log_suffix: str = ""):
+    """
+    Start logging into a run folder.
+
+    :param dir: the folder; ``OPENAI_LOGDIR`` or ``runs/run-<timestamp>`` when None.
+    :param format_strs: outputs among stdout, log, csv, json, tensorboard
+        (``OPENAI_LOG_FORMAT``, default stdout,log,csv). Ranks other than 0 write nothing.
+    """
+    from . import dist_util
+
+    dir = dir or os.environ.get("OPENAI_LOGDIR") or default_log_dir()
+    dir = os.path.expanduser(dir)
+    if format_strs is None:
+        format_strs = os.environ.get("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
+    format_strs = [f for f in format_strs if f]
+    if "tensorboard" in format_strs:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            format_strs = [f for f in format_strs if f != "tensorboard"]
+    if dist_util.get_rank() != 0:
+        format_strs = []
+    else:
+        os.makedirs(dir, exist_ok=True)
+    if Logger.CURRENT is not None:
+        Logger.CURRENT.close()
+    Logger.CURRENT = Logger(dir, [make_output_format(f, dir, log_suffix) for f in format_strs], comm=comm)
+    if format_strs:
+        log(f"Logging to {dir}")
+
+
+@contextmanager
+def profile_kv(scopename: str):
+    """Add the wall-clock seconds spent in the block to ``wait_<scopename>``."""
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        get_current().name2val["wait_" + scopename] += time.time() - t0

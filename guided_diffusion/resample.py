@@ -1,0 +1,819 @@
+"""
+Timestep samplers and per-timestep loss weightings.
+
+Upstream (improved/guided-diffusion) API: ``ScheduleSampler.sample(batch_size, device) ->
+(t, weights)``, ``UniformSampler``, ``LossAwareSampler``, ``LossSecondMomentResampler`` and
+``create_named_schedule_sampler(name, diffusion)``.  Added here (DESIGN.md section 4):
+
+- ``CLTSSampler``: the curriculum-learning timestep schedule of Xu et al. (2024);
+- ``SpeeDSampler``: SpeeD's asymmetric + dual timestep sampling;
+- ``loss_weighting(name, diffusion, **options)``: Min-SNR-gamma, P2 and SpeeD's change-aware
+  weighting as length-T numpy arrays (and small callable classes behind them).
+
+Every sampler draws from its own numpy ``Generator`` (seedable, per-rank stream) whose state is
+part of ``state_dict()``, so a resumed run draws exactly the timesteps the uninterrupted run
+would have drawn.  Sampling happens on the host; the only device work is one non-blocking
+host-to-device copy per returned tensor, so ``sample()`` never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "ScheduleSampler",
+    "UniformSampler",
+    "LossAwareSampler",
+    "LossSecondMomentResampler",
+    "CLTSSampler",
+    "SpeeDSampler",
+    "SAMPLER_NAMES",
+    "SAMPLER_FLAGS",
+    "WEIGHTING_NAMES",
+    "WEIGHTING_FLAGS",
+    "UnknownNameError",
+    "create_named_schedule_sampler",
+    "speed_convergence_start",
+    "LossWeighting",
+    "UniformWeighting",
+    "MinSNRWeighting",
+    "P2Weighting",
+    "SpeeDWeighting",
+    "create_loss_weighting",
+    "loss_weighting",
+    "snr",
+]
+
+
+class UnknownNameError(NotImplementedError, ValueError):
+    """An unknown sampler / weighting name (catchable as NotImplementedError, as upstream, or ValueError)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers: every message names the command-line flag.
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(value: Any, flag: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
+            lo_open: bool = False, hi_open: bool = False, what: Optional[str] = None) -> float:
+    """Return ``value`` as a float after checking it is a real number inside the given range."""
+    lo_b = "(" if lo_open else "["
+    hi_b = ")" if hi_open else "]"
+    if what is None:
+        if lo is not None and hi is not None:
+            what = f"a number in {lo_b}{lo:g}, {hi:g}{hi_b}"
+        elif lo is not None:
+            what = f"a number {'>' if lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            what = f"a number {'<' if hi_open else '<='} {hi:g}"
+        else:
+            what = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"--{flag} must be {what}, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        raise ValueError(f"--{flag} must be {what}, got {value!r}")
+    return v
+
+
+def _integer(value: Any, flag: str, *, lo: int) -> int:
+    """Return ``value`` as an int after checking it is an integer (or integral float) >= lo."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        v: Optional[int] = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        v = int(value)
+    else:
+        v = None
+    if v is None or v < lo:
+        raise ValueError(f"--{flag} must be an integer >= {lo}, got {value!r}")
+    return v
+
+
+def _num_timesteps(diffusion: Any) -> int:
+    try:
+        n = int(diffusion.num_timesteps)
+    except AttributeError:
+        raise TypeError(f"the diffusion object ({type(diffusion).__name__}) has no num_timesteps") from None
+    if n < 1:
+        raise ValueError(f"diffusion.num_timesteps must be >= 1, got {n}")
+    return n
+
+
+def _alphas_cumprod(diffusion: Any) -> np.ndarray:
+    try:
+        ac = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+    except AttributeError:
+        raise TypeError(f"the diffusion object ({type(diffusion).__name__}) has no alphas_cumprod") from None
+    if ac.ndim != 1 or len(ac) < 1:
+        raise ValueError(f"diffusion.alphas_cumprod must be a non-empty 1-D array, got shape {ac.shape}")
+    return ac
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+
+class ScheduleSampler(ABC):
+    """
+    A distribution over timesteps in the diffusion process, intended to reduce variance of the
+    objective (upstream) or to change the training distribution on purpose (CLTS, SpeeD).
+
+    By default, samplers perform unbiased importance sampling, in which the objective's mean is
+    unchanged: ``sample()`` returns weights 1/(T p_t).  Samplers that set
+    ``importance_weighting = False`` (CLTS, SpeeD) return weights of 1 instead.
+
+    Randomness comes from a numpy ``Generator`` owned by the sampler; see ``_init_rng``.
+    Subclasses written against the upstream API (no ``super().__init__()`` call) still work: the
+    generator is then created lazily from ``np.random``.
+    """
+
+    #: registry name, stored in ``state_dict()`` so a state is not loaded into another sampler.
+    name: str = "custom"
+    #: True: unbiased importance weights 1/(T p_t); False: weights of 1 (no re-weighting).
+    importance_weighting: bool = True
+
+    def _init_rng(self, seed: Optional[int] = None, rank: int = 0) -> None:
+        """
+        Create the sampler's random stream.
+
+        :param seed: base seed; None draws one from the global ``np.random`` state (so a program
+                     that seeds numpy, as ``--seed`` does, gets a reproducible stream).
+        :param rank: process rank; mixed into the seed (numpy ``SeedSequence`` spawn key) so that
+                     every rank gets its own independent stream from the same base seed.
+        """
+        if seed is None:
+            seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+        self._seed = _integer(seed, "seed", lo=0)
+        self._rank = _integer(rank, "rank", lo=0)
+        seq = np.random.SeedSequence(self._seed, spawn_key=(self._rank,))
+        self._rng = np.random.Generator(np.random.PCG64(seq))
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The sampler's numpy random generator (created on first use if needed)."""
+        if getattr(self, "_rng", None) is None:
+            self._init_rng(None, 0)
+        return self._rng
+
+    @property
+    def step(self) -> int:
+        """The global training step last given to ``set_step`` (0 before any call)."""
+        return getattr(self, "_step", 0)
+
+    def set_step(self, step: int) -> None:
+        """
+        Tell the sampler the global training step (TrainLoop calls this before sampling).
+
+        :param step: global step, an integer >= 0.
+        """
+        self._step = _integer(step, "step", lo=0)
+
+    @abstractmethod
+    def weights(self) -> np.ndarray:
+        """
+        Get a numpy array of weights, one per diffusion step.
+
+        The weights needn't be normalized, but must be non-negative with a positive sum.
+        """
+
+    def probabilities(self) -> np.ndarray:
+        """Return the current sampling distribution p(t) = weights / sum(weights) (float64, length T)."""
+        w = np.asarray(self.weights(), dtype=np.float64)
+        if w.ndim != 1 or len(w) == 0:
+            raise ValueError(f"{type(self).__name__}.weights() must be a non-empty 1-D array, got shape {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+            raise ValueError(f"{type(self).__name__}.weights() must be finite, non-negative, with a positive sum")
+        return w / w.sum()
+
+    def _draw(self, p: np.ndarray, n: int) -> np.ndarray:
+        """Draw ``n`` int64 indices from the distribution ``p`` by inverting its CDF."""
+        cdf = np.cumsum(p)
+        u = self.rng.random(n) * cdf[-1]
+        # side="right": a zero-probability index (flat CDF) can never be returned
+        idx = np.searchsorted(cdf, u, side="right")
+        return np.minimum(idx, len(p) - 1).astype(np.int64)
+
+    def _sample_numpy(self, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Draw on the host: (int64 timesteps, float64 loss weights)."""
+        p = self.probabilities()
+        idx = self._draw(p, batch_size)
+        if self.importance_weighting:
+            w = 1.0 / (len(p) * p[idx])
+        else:
+            w = np.ones(batch_size, dtype=np.float64)
+        return idx, w
+
+    def sample(self, batch_size: int, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Importance-sample timesteps for a batch.
+
+        :param batch_size: the number of timesteps.
+        :param device: the torch device to put the tensors on.
+        :return: a tuple (timesteps, weights):
+                 - timesteps: an int64 tensor of timestep indices, shape [batch_size].
+                 - weights: a float32 tensor of weights to scale the resulting losses
+                   (1/(T p_t), or 1 for samplers without importance weighting).
+        """
+        batch_size = _integer(batch_size, "batch_size", lo=1)
+        idx, w = self._sample_numpy(batch_size)
+        # drawn on the CPU, then one non-blocking copy each: no host<->device synchronisation
+        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(device, non_blocking=True)
+        weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device, non_blocking=True)
+        return t, weights
+
+    def state_dict(self) -> Dict[str, Any]:
+        """
+        Return the sampler's state (python scalars/dicts and torch tensors only, so it can be
+        saved with ``torch.save`` and read back with ``torch.load(..., weights_only=True)``).
+        """
+        rng = self.rng
+        return {
+            "sampler": self.name,
+            "step": int(self.step),
+            "seed": int(self._seed),
+            "rank": int(self._rank),
+            "rng": rng.bit_generator.state,
+        }
+
+    def _check_state_kind(self, state_dict: Dict[str, Any]) -> None:
+        got = state_dict.get("sampler") if isinstance(state_dict, dict) else None
+        if got != self.name:
+            raise ValueError(f"sampler state is for schedule sampler {got!r}, but this run uses "
+                             f"{self.name!r} (--schedule_sampler)")
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """
+        Restore a state produced by ``state_dict()`` of the same kind of sampler.
+
+        :param state_dict: the dict; a state of another sampler, or one missing a key, is refused
+                           with a message naming what differs.
+        """
+        self._check_state_kind(state_dict)
+        for key in ("step", "rng"):
+            if key not in state_dict:
+                raise KeyError(f"sampler state has no {key!r} entry (keys: {sorted(state_dict)})")
+        rng = self.rng
+        rng_state = state_dict["rng"]
+        if rng_state.get("bit_generator") != type(rng.bit_generator).__name__:
+            raise ValueError(f"sampler state 'rng' is a {rng_state.get('bit_generator')!r} state, "
+                             f"expected {type(rng.bit_generator).__name__!r}")
+        rng.bit_generator.state = rng_state
+        self._seed = int(state_dict.get("seed", getattr(self, "_seed", 0)))
+        self._rank = int(state_dict.get("rank", getattr(self, "_rank", 0)))
+        self.set_step(int(state_dict["step"]))
+
+
+class UniformSampler(ScheduleSampler):
+    """Sample every timestep with probability 1/T (upstream's default)."""
+
+    name = "uniform"
+
+    def __init__(self, diffusion: Any, *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (only ``num_timesteps`` is used).
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.diffusion = diffusion
+        self._weights = np.ones([_num_timesteps(diffusion)], dtype=np.float64)
+        self._init_rng(seed, rank)
+
+    def weights(self) -> np.ndarray:
+        return self._weights
+
+
+class LossAwareSampler(ScheduleSampler):
+    """A sampler whose distribution is updated from the model's recent losses."""
+
+    def update_with_local_losses(self, local_ts: torch.Tensor, local_losses: torch.Tensor) -> None:
+        """
+        Update the reweighting using losses from this rank.
+
+        Call this on every rank with a batch of timesteps and the corresponding losses for each
+        of those timesteps.  The losses of all ranks are gathered (through torch.distributed when
+        it is initialized with more than one process) so every rank keeps an identical state.
+        Ranks may pass batches of different sizes.
+
+        :param local_ts: an integer tensor of timesteps.
+        :param local_losses: a 1-D tensor of losses (one per timestep).
+        """
+        ts = torch.as_tensor(local_ts).reshape(-1)
+        losses = torch.as_tensor(local_losses).detach().reshape(-1)
+        if ts.numel() != losses.numel():
+            raise ValueError(f"update_with_local_losses: {ts.numel()} timesteps but {losses.numel()} losses")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            device = losses.device
+            n = torch.tensor([ts.numel()], dtype=torch.int64, device=device)
+            sizes = [torch.zeros_like(n) for _ in range(world)]
+            dist.all_gather(sizes, n)
+            sizes_i = [int(s.item()) for s in sizes]
+            max_n = max(sizes_i)
+            # all_gather needs equal shapes: pad to the largest batch; float64 holds ints exactly
+            buf = torch.zeros(2, max_n, dtype=torch.float64, device=device)
+            buf[0, : ts.numel()] = ts.to(device=device, dtype=torch.float64)
+            buf[1, : ts.numel()] = losses.to(dtype=torch.float64)
+            bufs = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(bufs, buf)
+            gathered = torch.cat([b[:, :s] for b, s in zip(bufs, sizes_i)], dim=1).cpu().numpy()
+            all_ts, all_losses = gathered[0].astype(np.int64), gathered[1]
+        else:
+            all_ts = ts.cpu().numpy().astype(np.int64)
+            all_losses = losses.to(torch.float64).cpu().numpy()
+        self.update_with_all_losses(all_ts, all_losses)
+
+    @abstractmethod
+    def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:
+        """
+        Update the reweighting using losses from the whole model (all ranks).
+
+        Sub-classes should override this method to update the reweighting using losses from the
+        model.  This is called by ``update_with_local_losses`` with identical arguments on every
+        rank, so every rank keeps the same state.
+
+        :param ts: a list of int timesteps.
+        :param losses: a list of float losses, one per timestep.
+        """
+
+
+class LossSecondMomentResampler(LossAwareSampler):
+    """
+    Upstream's importance sampler: p(t) proportional to sqrt(E[loss_t^2]) over the last
+    ``history_per_term`` losses seen at t, mixed with a uniform share ``uniform_prob``.  Until
+    every timestep has a full history ("warm-up") it samples uniformly with weights of 1.
+    """
+
+    name = "loss-second-moment"
+
+    def __init__(self, diffusion: Any, history_per_term: int = 10, uniform_prob: float = 0.001,
+                 *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (only ``num_timesteps`` is used).
+        :param history_per_term: number of recent losses kept per timestep.
+        :param uniform_prob: probability mass mixed in uniformly, in [0, 1].
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.diffusion = diffusion
+        self.history_per_term = _integer(history_per_term, "history_per_term", lo=1)
+        self.uniform_prob = _number(uniform_prob, "uniform_prob", lo=0.0, hi=1.0)
+        T = _num_timesteps(diffusion)
+        self._loss_history = np.zeros([T, self.history_per_term], dtype=np.float64)
+        self._loss_counts = np.zeros([T], dtype=np.int64)
+        self._init_rng(seed, rank)
+
+    def weights(self) -> np.ndarray:
+        T = len(self._loss_counts)
+        if not self._warmed_up():
+            return np.ones([T], dtype=np.float64)
+        w = np.sqrt(np.mean(self._loss_history**2, axis=-1))
+        total = w.sum()
+        if not total > 0:  # every recorded loss is 0: nothing to prefer
+            return np.ones([T], dtype=np.float64)
+        w = w / total
+        return w * (1.0 - self.uniform_prob) + self.uniform_prob / T
+
+    def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:
+        T = len(self._loss_counts)
+        ts_np = np.asarray(ts.cpu() if isinstance(ts, torch.Tensor) else ts, dtype=np.int64).reshape(-1)
+        losses_np = np.asarray(losses.detach().cpu() if isinstance(losses, torch.Tensor) else losses,
+                               dtype=np.float64).reshape(-1)
+        if ts_np.shape != losses_np.shape:
+            raise ValueError(f"update_with_all_losses: {ts_np.size} timesteps but {losses_np.size} losses")
+        if ts_np.size and (ts_np.min() < 0 or ts_np.max() >= T):
+            raise ValueError(f"update_with_all_losses: timesteps must be in [0, {T - 1}]")
+        # sequential on purpose: repeated timesteps in one batch shift the history in order
+        for t, loss in zip(ts_np, losses_np):
+            c = self._loss_counts[t]
+            if c == self.history_per_term:
+                self._loss_history[t, :-1] = self._loss_history[t, 1:]
+                self._loss_history[t, -1] = loss
+            else:
+                self._loss_history[t, c] = loss
+                self._loss_counts[t] = c + 1
+
+    def _warmed_up(self) -> bool:
+        return bool((self._loss_counts == self.history_per_term).all())
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["loss_history"] = torch.from_numpy(self._loss_history.copy())
+        state["loss_counts"] = torch.from_numpy(self._loss_counts.copy())
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._check_state_kind(state_dict)
+        for key in ("loss_history", "loss_counts"):
+            if key not in state_dict:
+                raise KeyError(f"loss-second-moment sampler state has no {key!r} entry")
+        hist = np.asarray(torch.as_tensor(state_dict["loss_history"]).cpu(), dtype=np.float64)
+        counts = np.asarray(torch.as_tensor(state_dict["loss_counts"]).cpu(), dtype=np.int64)
+        if hist.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
+            raise ValueError(f"loss-second-moment sampler state has loss_history of shape {hist.shape}, "
+                             f"expected {self._loss_history.shape} (diffusion steps x --history_per_term)")
+        super().load_state_dict(state_dict)
+        self._loss_history = hist.copy()
+        self._loss_counts = counts.copy()
+
+
+class CLTSSampler(ScheduleSampler):
+    """
+    Curriculum-learning timestep schedule (CLTS, Xu et al. 2024), DESIGN.md section 4:
+
+        g(t)   = exp(-(t - mu*T)^2 / (2 (sigma*T)^2)),  normalised over t = 0..T-1
+        lambda = min(i / I_target, 1)
+        p_i(t) = (1 - lambda) / T + lambda * g(t)
+
+    with i the global step given by ``set_step``.  CLTS changes the training distribution on
+    purpose, so ``sample()`` returns loss weights of 1 (no importance re-weighting).
+    """
+
+    name = "clts"
+    importance_weighting = False
+
+    def __init__(self, diffusion: Any, clts_mean: float = 0.3, clts_std: float = 1.0,
+                 clts_target_steps: int = 100000, *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (only ``num_timesteps`` is used).
+        :param clts_mean: mu, the Gaussian's centre as a fraction of T, in [0, 1].
+        :param clts_std: sigma, the Gaussian's standard deviation as a fraction of T, > 0.
+        :param clts_target_steps: I_target, the training step (count) at which the mixture is
+                                  fully Gaussian, >= 1.
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.diffusion = diffusion
+        self.clts_mean = _number(clts_mean, "clts_mean", lo=0.0, hi=1.0)
+        self.clts_std = _number(clts_std, "clts_std", lo=0.0, lo_open=True,
+                                what="a number > 0 (a fraction of T)")
+        self.clts_target_steps = _integer(clts_target_steps, "clts_target_steps", lo=1)
+        T = _num_timesteps(diffusion)
+        t = np.arange(T, dtype=np.float64)
+        g = np.exp(-((t - self.clts_mean * T) ** 2) / (2.0 * (self.clts_std * T) ** 2))
+        self._gaussian = g / g.sum()
+        self._uniform = np.full([T], 1.0 / T, dtype=np.float64)
+        self._init_rng(seed, rank)
+
+    @property
+    def gaussian(self) -> np.ndarray:
+        """The normalised discretised Gaussian g(t) (float64, length T)."""
+        return self._gaussian.copy()
+
+    def mixing_weight(self, step: Optional[int] = None) -> float:
+        """
+        lambda(i) = min(i / I_target, 1).
+
+        :param step: the global step i (default: the sampler's current step).
+        """
+        i = self.step if step is None else _integer(step, "step", lo=0)
+        return min(i / self.clts_target_steps, 1.0)
+
+    def probabilities_at(self, step: int) -> np.ndarray:
+        """
+        p_i(t) at any global step, without changing the sampler's state.
+
+        :param step: the global step i >= 0.
+        :return: float64 array of length T summing to 1.
+        """
+        lam = self.mixing_weight(step)
+        if lam == 0.0:
+            return self._uniform.copy()  # exactly 1/T at the start
+        return (1.0 - lam) * self._uniform + lam * self._gaussian
+
+    def weights(self) -> np.ndarray:
+        return self.probabilities_at(self.step)
+
+    def probabilities(self) -> np.ndarray:
+        # already normalised; not re-dividing by the sum keeps step 0 at exactly 1/T
+        return self.probabilities_at(self.step)
+
+
+def speed_convergence_start(alphas_cumprod: np.ndarray, threshold: float = 1e-4) -> int:
+    """
+    SpeeD's start of the "convergence area": m = 1 + the first t at which d sqrt(1 - abar_t)/dt
+    drops below ``threshold``.
+
+    The derivative is the forward difference over one step of the given chain (0-based t):
+        D(t) = sqrt(1 - abar_{t+1}) - sqrt(1 - abar_t),   t = 0..T-2.
+    For the linear schedule with T = 1000 the first such t is 641, so m = 642 as DESIGN.md and
+    the SpeeD paper state (a backward difference would give 643).  With a respaced diffusion the
+    derivative is per step of the respaced chain.  If D(t) never drops below the threshold, or
+    T < 3, m = T - 1 (the whole chain is "acceleration area"); m is at most T - 1 so pairs stay
+    in range.
+
+    :param alphas_cumprod: float64 array abar_t, length T.
+    :param threshold: derivative threshold (per step).
+    :return: m, an int in [0, T-1].
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(ac)
+    if T < 2:
+        return 0
+    s = np.sqrt(1.0 - ac)
+    d = s[1:] - s[:-1]
+    below = np.nonzero(d < threshold)[0]
+    if below.size == 0:
+        return T - 1
+    return int(min(1 + below[0], T - 1))
+
+
+class SpeeDSampler(ScheduleSampler):
+    """
+    SpeeD timestep sampling (Wang et al. 2024, "A Closer Look at Time Steps is Worthy of Triple
+    Speed-Up for Diffusion Model Training"), DESIGN.md section 4:
+
+    - asymmetric sampling: p(t) proportional to k for t < tau*T and 1 for t >= tau*T;
+    - dual sampling: ceil(n/2) steps t are drawn from p and each is paired with
+      t' = m - t if t < m else t - m, with m from ``speed_convergence_start`` (642 for the
+      linear schedule with T = 1000).  The batch is [t0, t0', t1, t1', ...] truncated to n.
+
+    Loss weights are 1 (SpeeD's change-aware weighting is the separate ``loss_weighting("speed")``).
+    """
+
+    name = "speed"
+    importance_weighting = False
+
+    def __init__(self, diffusion: Any, speed_tau: float = 0.7, speed_k: float = 5.0, speed_dual: bool = True,
+                 *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (``num_timesteps`` and ``alphas_cumprod``).
+        :param speed_tau: tau, the boundary of the up-weighted region as a fraction of T, in (0, 1].
+        :param speed_k: k, the relative sampling weight of t < tau*T, > 0.
+        :param speed_dual: use dual sampling (pairs t with its partner t').
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.diffusion = diffusion
+        self.speed_tau = _number(speed_tau, "speed_tau", lo=0.0, hi=1.0, lo_open=True,
+                                 what="a number in (0, 1] (a fraction of T)")
+        self.speed_k = _number(speed_k, "speed_k", lo=0.0, lo_open=True)
+        if not isinstance(speed_dual, (bool, np.bool_)):
+            raise ValueError(f"--speed_dual must be True or False, got {speed_dual!r}")
+        self.speed_dual = bool(speed_dual)
+        T = _num_timesteps(diffusion)
+        t = np.arange(T, dtype=np.float64)
+        self._weights = np.where(t < self.speed_tau * T, self.speed_k, 1.0)
+        self.m = speed_convergence_start(_alphas_cumprod(diffusion))
+        self._init_rng(seed, rank)
+
+    def weights(self) -> np.ndarray:
+        return self._weights
+
+    def pair(self, t: np.ndarray) -> np.ndarray:
+        """The dual partner t' = m - t if t < m else t - m (elementwise, int64)."""
+        t = np.asarray(t, dtype=np.int64)
+        return np.where(t < self.m, self.m - t, t - self.m)
+
+    def _sample_numpy(self, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+        p = self.probabilities()
+        if self.speed_dual:
+            base = self._draw(p, (batch_size + 1) // 2)
+            idx = np.stack([base, self.pair(base)], axis=1).reshape(-1)[:batch_size]
+        else:
+            idx = self._draw(p, batch_size)
+        return idx.astype(np.int64), np.ones(batch_size, dtype=np.float64)
+
+
+# Options each sampler accepts (named as the command-line flags).
+_COMMON_SAMPLER_FLAGS = ("seed", "rank")
+SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "uniform": _COMMON_SAMPLER_FLAGS,
+    "loss-second-moment": ("history_per_term", "uniform_prob") + _COMMON_SAMPLER_FLAGS,
+    "clts": ("clts_mean", "clts_std", "clts_target_steps") + _COMMON_SAMPLER_FLAGS,
+    "speed": ("speed_tau", "speed_k", "speed_dual") + _COMMON_SAMPLER_FLAGS,
+}
+SAMPLER_NAMES: Tuple[str, ...] = tuple(SAMPLER_FLAGS)
+_SAMPLER_CLASSES = {
+    "uniform": UniformSampler,
+    "loss-second-moment": LossSecondMomentResampler,
+    "clts": CLTSSampler,
+    "speed": SpeeDSampler,
+}
+
+
+def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> ScheduleSampler:
+    """
+    Create a ScheduleSampler from a library of pre-defined samplers.
+
+    :param name: "uniform", "loss-second-moment", "clts" or "speed" (underscores and hyphens
+                 are interchangeable).
+    :param diffusion: the diffusion object to sample for.
+    :param options: sampler options named as the flags (``clts_mean=``, ``speed_k=``, ``seed=``,
+                    ``rank=``, ...).  Options that belong to another sampler or to a loss
+                    weighting are ignored, so a caller may pass every flag; any other option is
+                    an error.
+    :return: the sampler.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in _SAMPLER_CLASSES:
+        raise UnknownNameError(f"unknown schedule sampler: {name!r} (--schedule_sampler must be one of "
+                               f"{', '.join(SAMPLER_NAMES)})")
+    known = set().union(*SAMPLER_FLAGS.values(), *WEIGHTING_FLAGS.values())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown schedule sampler option(s) {unknown} for --schedule_sampler {key}; "
+                         f"it accepts {list(SAMPLER_FLAGS[key])}")
+    kwargs = {k: v for k, v in options.items() if k in SAMPLER_FLAGS[key]}
+    return _SAMPLER_CLASSES[key](diffusion, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss weightings (multiply the per-sample loss like the sampler's importance weights)
+# ---------------------------------------------------------------------------------------------
+
+
+def snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) (float64; inf where abar_t = 1)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return ac / (1.0 - ac)
+
+
+class LossWeighting(ABC):
+    """A per-timestep loss weighting: ``weighting(alphas_cumprod) -> float64 array of length T``."""
+
+    name: str = "custom"
+
+    @abstractmethod
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        """
+        :param alphas_cumprod: float64 array abar_t of the (possibly respaced) diffusion.
+        :return: float64 array of weights, one per timestep.
+        """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class UniformWeighting(LossWeighting):
+    """w(t) = 1 (no weighting)."""
+
+    name = "none"
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        return np.ones(len(np.asarray(alphas_cumprod)), dtype=np.float64)
+
+
+class MinSNRWeighting(LossWeighting):
+    """
+    Min-SNR-gamma (Hang et al. 2023): w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction,
+    min(SNR(t), gamma) for x_0 prediction.
+    """
+
+    name = "min_snr"
+
+    def __init__(self, gamma: float = 5.0, predict_xstart: bool = False):
+        """
+        :param gamma: the SNR clamp gamma (--min_snr_gamma), > 0.
+        :param predict_xstart: the model predicts x_0 (the weight is then min(SNR, gamma)).
+        """
+        self.gamma = _number(gamma, "min_snr_gamma", lo=0.0, lo_open=True)
+        self.predict_xstart = bool(predict_xstart)
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        s = snr(alphas_cumprod)
+        if self.predict_xstart:
+            return np.minimum(s, self.gamma)
+        # min(SNR, g)/SNR == min(1, g/SNR): finite also where SNR is 0 (weight 1) or inf (weight 0)
+        with np.errstate(divide="ignore"):
+            return np.minimum(1.0, self.gamma / s)
+
+
+class P2Weighting(LossWeighting):
+    """P2 weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
+
+    name = "p2"
+
+    def __init__(self, k: float = 1.0, gamma: float = 1.0):
+        """
+        :param k: offset k (--p2_k), > 0 so the weight stays finite where SNR -> 0.
+        :param gamma: exponent gamma (--p2_gamma), >= 0.
+        """
+        self.k = _number(k, "p2_k", lo=0.0, lo_open=True)
+        self.gamma = _number(gamma, "p2_gamma", lo=0.0)
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        return 1.0 / (self.k + snr(alphas_cumprod)) ** self.gamma
+
+
+class SpeeDWeighting(LossWeighting):
+    """
+    SpeeD's change-aware weighting:
+        w(t) = (1 - lambda) + (2 lambda - 1) * norm(d(1 - abar_t)/dt)   for t < tau*T,
+        w(t) = 1                                                         for t >= tau*T,
+    with norm the min-max scaling to [0, 1] over t < tau*T.  The derivative is the same forward
+    difference as in ``speed_convergence_start``: (1 - abar_{t+1}) - (1 - abar_t) = abar_t -
+    abar_{t+1}, with the backward difference at t = T-1 (needed only when tau = 1).  If the
+    derivative is constant over t < tau*T, norm is taken as 0.
+    """
+
+    name = "speed"
+
+    def __init__(self, lam: float = 0.6, tau: float = 0.7):
+        """
+        :param lam: lambda (--speed_lambda), in [0, 1].
+        :param tau: tau (--speed_tau), the boundary as a fraction of T, in (0, 1].
+        """
+        self.lam = _number(lam, "speed_lambda", lo=0.0, hi=1.0)
+        self.tau = _number(tau, "speed_tau", lo=0.0, hi=1.0, lo_open=True,
+                           what="a number in (0, 1] (a fraction of T)")
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        T = len(ac)
+        w = np.ones(T, dtype=np.float64)
+        if T < 2:
+            return w
+        d = np.empty(T, dtype=np.float64)
+        d[:-1] = ac[:-1] - ac[1:]
+        d[-1] = ac[-2] - ac[-1]
+        region = np.arange(T) < self.tau * T
+        if not region.any():
+            return w
+        dr = d[region]
+        span = dr.max() - dr.min()
+        norm = (dr - dr.min()) / span if span > 0 else np.zeros_like(dr)
+        w[region] = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * norm
+        return w
+
+
+WEIGHTING_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "none": (),
+    "uniform": (),
+    "min_snr": ("min_snr_gamma", "predict_xstart"),
+    "p2": ("p2_k", "p2_gamma"),
+    "speed": ("speed_lambda", "speed_tau"),
+}
+WEIGHTING_NAMES: Tuple[str, ...] = tuple(WEIGHTING_FLAGS)
+
+
+def _predict_xstart_of(diffusion: Any) -> bool:
+    mean_type = getattr(diffusion, "model_mean_type", None)
+    return getattr(mean_type, "name", None) == "START_X"
+
+
+def create_loss_weighting(name: Optional[str], diffusion: Any = None, **options: Any) -> LossWeighting:
+    """
+    Build the callable loss weighting named ``name``.
+
+    :param name: "none"/"uniform", "min_snr", "p2" or "speed" (None means "none"; hyphens and
+                 underscores are interchangeable).
+    :param diffusion: optional; for "min_snr" without an explicit ``predict_xstart`` option the
+                      diffusion's ``model_mean_type`` decides (START_X -> x_0 prediction).
+    :param options: weighting options named as the flags (``min_snr_gamma``, ``predict_xstart``,
+                    ``p2_k``, ``p2_gamma``, ``speed_lambda``, ``speed_tau``); options of samplers or
+                    other weightings are ignored, anything else is an error.
+    :return: a ``LossWeighting``.
+    """
+    key = "none" if name is None else str(name).strip().lower().replace("-", "_")
+    if key not in WEIGHTING_FLAGS:
+        raise UnknownNameError(f"unknown loss weighting: {name!r} (--loss_weighting must be one of "
+                               f"{', '.join(WEIGHTING_NAMES)})")
+    known = set().union(*SAMPLER_FLAGS.values(), *WEIGHTING_FLAGS.values())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown loss weighting option(s) {unknown} for --loss_weighting {key}; "
+                         f"it accepts {list(WEIGHTING_FLAGS[key])}")
+    if key in ("none", "uniform"):
+        return UniformWeighting()
+    if key == "min_snr":
+        pred_x0 = options.get("predict_xstart")
+        if pred_x0 is None:
+            pred_x0 = _predict_xstart_of(diffusion)
+        return MinSNRWeighting(options.get("min_snr_gamma", 5.0), predict_xstart=pred_x0)
+    if key == "p2":
+        return P2Weighting(options.get("p2_k", 1.0), options.get("p2_gamma", 1.0))
+    return SpeeDWeighting(options.get("speed_lambda", 0.6), options.get("speed_tau", 0.7))
+
+
+def loss_weighting(name: Optional[str], diffusion: Any, **options: Any) -> np.ndarray:
+    """
+    The per-timestep loss weights of a named weighting for ``diffusion`` (with a SpacedDiffusion
+    these are over its respaced ``alphas_cumprod``).
+
+    :param name: "none"/"uniform", "min_snr", "p2" or "speed".
+    :param diffusion: an object with ``num_timesteps`` and float64 ``alphas_cumprod``.
+    :param options: as for ``create_loss_weighting``.
+    :return: float64 numpy array of length T (multiply the per-sample loss at t by w[t]).
+    """
+    weighting = create_loss_weighting(name, diffusion, **options)
+    ac = _alphas_cumprod(diffusion)
+    T = _num_timesteps(diffusion)
+    if len(ac) != T:
+        raise ValueError(f"diffusion.alphas_cumprod has length {len(ac)} but num_timesteps is {T}")
+    w = np.asarray(weighting(ac), dtype=np.float64)
+    return w

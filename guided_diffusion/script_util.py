@@ -1,0 +1,572 @@
+"""
+Defaults dictionaries, model/diffusion factories and the argparse + config-file flow.
+
+Public names and keyword sets follow OpenAI's guided-diffusion ``script_util`` so that its
+scripts and checkpoints work unchanged; ``improved_diffusion.script_util`` wraps these with
+Improved-Diffusion's defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000  # ImageNet; the default of the `num_classes` flag
+
+# Channel multipliers upstream picks from the image size (resolution in pixels).
+_GUIDED_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),  # Improved-Diffusion's CIFAR-10 multipliers (guided-diffusion has none for 32)
+}
+_SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+def diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for image and classifier training (guided-diffusion)."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults() -> Dict[str, Any]:
+    """Defaults for the noisy-image classifier."""
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for image training (guided-diffusion), plus ``num_classes``."""
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        num_classes=NUM_CLASSES,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults() -> Dict[str, Any]:
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def _channel_mult(image_size: int, channel_mult: str, table: Dict[int, tuple], flag: str = "image_size"):
+    if channel_mult:
+        try:
+            return tuple(float(m) if "." in m else int(m) for m in str(channel_mult).split(","))
+        except ValueError:
+            raise ValueError(f"--channel_mult: expected comma-separated numbers, got {channel_mult!r}") from None
+    if image_size not in table:
+        raise ValueError(
+            f"--{flag} {image_size}: no default channel multipliers for this size "
+            f"(known: {sorted(table)}); give --channel_mult explicitly"
+        )
+    return table[image_size]
+
+
+def _attention_ds(image_size: int, attention_resolutions: str, flag: str = "attention_resolutions"):
+    """Upstream gives attention resolutions in pixels; the UNet wants downsample rates."""
+    text = str(attention_resolutions).strip()
+    if not text:
+        return ()
+    try:
+        resolutions = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--{flag}: expected comma-separated resolutions, got {attention_resolutions!r}") from None
+    for r in resolutions:
+        if r <= 0 or image_size % r:
+            raise ValueError(f"--{flag}: resolution {r} does not divide the image size {image_size}")
+    return tuple(image_size // r for r in resolutions)
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    num_classes=NUM_CLASSES,
+):
+    """
+    Build a UNet and its (possibly re-spaced) Gaussian diffusion, as upstream.
+
+    :return: a tuple ``(model, diffusion)``.
+    """
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+):
+    """
+    Build a ``UNetModel`` from upstream's flags.
+
+    :param image_size: side length in pixels.
+    :param attention_resolutions: comma-separated feature-map sizes (pixels) that get attention.
+    :param num_classes: number of class labels when ``class_cond`` (1000 for ImageNet).
+    """
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(image_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_channel_mult(image_size, channel_mult, _GUIDED_CHANNEL_MULT),
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+):
+    """Build the noisy-image classifier and its diffusion, as upstream."""
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    num_classes=NUM_CLASSES,
+):
+    """Build an ``EncoderUNetModel`` classifier (upstream: 1000 classes, 64 channels per head)."""
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=_attention_ds(
+            image_size, classifier_attention_resolutions, "classifier_attention_resolutions"
+        ),
+        channel_mult=_channel_mult(image_size, "", _GUIDED_CHANNEL_MULT),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for super-resolution training: the image defaults with large/small sizes."""
+    res = model_and_diffusion_defaults()
+    res["large_size"] = 256
+    res["small_size"] = 64
+    arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
+    for k in list(res):
+        if k not in arg_names:
+            del res[k]
+    return res
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+):
+    """Build a ``SuperResModel`` and its diffusion, as upstream."""
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+):
+    """Build a ``SuperResModel`` (``small_size`` only documents the low-resolution input)."""
+    del small_size  # the low-resolution input is upsampled to large_size inside the model
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(large_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_channel_mult(large_size, "", _SR_CHANNEL_MULT, "large_size"),
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """
+    Build a (re-spaced) ``GaussianDiffusion`` from upstream's flags.
+
+    :param steps: number of diffusion steps T.
+    :param timestep_respacing: "" for all T steps, "ddimN" or comma-separated section counts.
+    """
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    if learn_sigma:
+        model_var_type = gd.ModelVarType.LEARNED_RANGE
+    elif sigma_small:
+        model_var_type = gd.ModelVarType.FIXED_SMALL
+    else:
+        model_var_type = gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=(gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON),
+        model_var_type=model_var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# argparse and configuration files
+# --------------------------------------------------------------------------------------
+
+
+def str2bool(v) -> bool:
+    """Parse a boolean flag value (https://stackoverflow.com/questions/15008758 style)."""
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if str(v).lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def _flag_type(default):
+    if default is None:
+        return str
+    if isinstance(default, bool):
+        return str2bool
+    return type(default)
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
+    """Add one ``--key`` flag per entry, typed like its default (bools via ``str2bool``)."""
+    for k, v in default_dict.items():
+        parser.add_argument(f"--{k}", default=v, type=_flag_type(v))
+
+
+def args_to_dict(args, keys: Iterable[str]) -> Dict[str, Any]:
+    """Pick ``keys`` out of an argparse namespace (or a dict) into a plain dict."""
+    if isinstance(args, dict):
+        return {k: args[k] for k in keys}
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_config(path) -> Dict[str, Any]:
+    """
+    Read a YAML (or JSON) configuration file into a flat dict of flag values.
+
+    :param path: the ``--config`` file.
+    :raises FileNotFoundError / ValueError: naming the file and what was wrong.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}")
+    return data
+
+
+def coerce_config(values: Dict[str, Any], defaults: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """
+    Check a config's keys against ``defaults`` and convert each value to its flag's type.
+
+    :param source: what to name in error messages (e.g. the config file).
+    :raises ValueError: for unknown keys (listing the valid ones) or values of the wrong type.
+    """
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(defaults))}"
+        )
+    out = {}
+    for k, v in values.items():
+        d = defaults[k]
+        try:
+            if v is None or d is None:
+                out[k] = v
+            elif isinstance(d, bool):
+                out[k] = str2bool(v)
+            elif isinstance(d, str):
+                out[k] = "" if v is None else (",".join(str(x) for x in v) if isinstance(v, list) else str(v))
+            elif isinstance(d, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+            elif isinstance(d, int) and isinstance(v, float) and v.is_integer():
+                out[k] = int(v)
+            else:
+                out[k] = type(d)(v)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(
+                f"{source}: key {k!r} expects a {type(d).__name__} (default {d!r}), got {v!r}"
+            ) from None
+    return out
+
+
+def parse_args_with_config(
+    defaults: Dict[str, Any],
+    argv: Optional[Sequence[str]] = None,
+    description: Optional[str] = None,
+    parser: Optional[argparse.ArgumentParser] = None,
+) -> argparse.Namespace:
+    """
+    Upstream's defaults-dict -> argparse flow, plus ``--config FILE.yaml``.
+
+    Precedence: command-line flags > config file > ``defaults``. The namespace gets
+    ``args.config`` (the file, or "").
+
+    :param defaults: flag name -> default value (its type types the flag).
+    :param argv: arguments to parse (``sys.argv[1:]`` when None).
+    :param parser: an existing parser to extend (for scripts with positional arguments).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    parser = parser or argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="", help="YAML file of flag values; command-line flags override it")
+    add_dict_to_argparser(parser, defaults)
+    if known.config:
+        parser.set_defaults(**coerce_config(load_config(known.config), defaults, f"--config {known.config}"))
+    return parser.parse_args(argv)

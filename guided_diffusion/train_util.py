@@ -1,0 +1,1398 @@
+"""
+The training loop (upstream ``TrainLoop``), with the paper's MDLRC schedule, any timestep
+sampler (CLTS, SpeeD, ...), loss weightings, mixed precision, exact resume and multi-process
+training.
+
+Conventions used throughout:
+
+- ``step`` counts *completed* optimizer updates (all ranks agree). The update performed while
+  ``self.step == i`` uses the schedules at ``i`` (lr, beta1, CLTS mixing weight), and a log row
+  for it carries ``step = i`` (as upstream). Checkpoint files ``model{N:06d}.pt`` hold the
+  weights after N updates, and resuming from them continues with update N.
+- Timesteps and noise are drawn for the *global* batch from streams shared by every rank and
+  each rank takes its own slice, so a run does not depend on how its global batch is split over
+  processes or microbatches. Dropout draws from the global torch generator, re-seeded from
+  (seed, step, rank) at every step, so a resumed run draws exactly what the uninterrupted one did.
+- Nothing inside a step waits for the device: losses are summed into device tensors and read
+  once per log row; non-finite steps are detected and skipped on the device when the optimizer
+  is fused (CUDA) and on the host otherwise (CPU, where a "sync" costs nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .nn import update_ema
+from .optim import MomentumDecay, create_optimizer
+from .resample import LossAwareSampler, UniformSampler
+from .resample import loss_weighting as named_loss_weighting
+
+__all__ = [
+    "TrainLoop",
+    "NonFiniteLossError",
+    "ResumeError",
+    "ResumePoint",
+    "training_defaults",
+    "validate_training_args",
+    "resolve_resume",
+    "check_resume_compatible",
+    "list_complete_checkpoints",
+    "find_resume_checkpoint",
+    "find_ema_checkpoint",
+    "parse_resume_step_from_filename",
+    "get_blob_logdir",
+    "log_loss_dict",
+    "atomic_torch_save",
+    "MODEL_FLAGS_IGNORED_ON_RESUME",
+]
+
+# Upstream's fp16 trainer started at a loss scale of 2**20 and moved its log2 by
+# fp16_scale_growth per good step (doubling every 1/fp16_scale_growth steps).
+INITIAL_LOG_LOSS_SCALE = 20.0
+# Periodic EMA sample grid: number of images and DDIM steps.
+SAMPLE_GRID_SIZE = 16
+SAMPLE_GRID_DDIM_STEPS = 50
+# Flags of model_and_diffusion_defaults() that change how, not what, is computed; a resumed run
+# may change them freely (params stay float32 whatever use_fp16 says: autocast does the rest).
+MODEL_FLAGS_IGNORED_ON_RESUME = frozenset({"use_fp16", "use_checkpoint"})
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_STATE_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after ``--max_nonfinite`` non-finite steps in a row."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed with the current flags (names what differs)."""
+
+
+def training_defaults() -> Dict[str, Any]:
+    """
+    Defaults of the training flags of ``scripts/image_train.py`` (upstream's plus this
+    project's); merge with ``script_util.model_and_diffusion_defaults()``.
+
+    ``precision``/``compile``/``channels_last`` "auto" mean: bf16 autocast, torch.compile and
+    channels_last on CUDA; exact float32 without them on CPU.
+    """
+    return dict(
+        # upstream image_train.py
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        # CLTS (fractions of T; the target is a step count)
+        clts_mean=0.3,
+        clts_std=1.0,
+        clts_target_steps=100000,
+        # SpeeD
+        speed_tau=0.7,
+        speed_k=5.0,
+        speed_lambda=0.6,
+        # loss weighting: none | min_snr | p2 | speed
+        loss_weighting="none",
+        min_snr_gamma=5.0,
+        p2_k=1.0,
+        p2_gamma=1.0,
+        # optimizer and MDLRC
+        beta1=0.9,
+        beta2=0.999,
+        momentum_decay=False,
+        beta1_min=0.5,
+        total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
+        lr_compensation=True,
+        stop_at=0,  # end this process at this step after a checkpoint (job time limits)
+        # speed / numerics
+        precision="auto",  # auto | fp32 | bf16 | fp16
+        compile="auto",  # auto | True | False
+        channels_last="auto",  # auto | True | False
+        grad_clip=0.0,  # max global gradient norm; 0 = off
+        sample_interval=0,  # steps between EMA sample grids; 0 = off
+        # run bookkeeping
+        log_dir="",
+        seed=0,
+        resume="auto",  # auto | none | PATH
+        max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
+        deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag validation (every message names the flag)
+# ---------------------------------------------------------------------------------------------
+
+
+def _auto_bool(value: Any, flag: str, auto: bool) -> bool:
+    """Resolve a flag that takes True/False/"auto"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return auto
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(f"--{flag} must be auto, True or False, got {value!r}")
+
+
+def _resolve_precision(precision: str, use_fp16: bool, device: torch.device) -> str:
+    """Map --precision (and upstream's --use_fp16) to one of fp32 | bf16 | fp16."""
+    p = str(precision).strip().lower()
+    if p not in _PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+    if use_fp16:
+        if p not in ("auto", "fp16"):
+            raise ValueError(f"--use_fp16 True asks for fp16 but --precision is {precision!r}; "
+                             "drop one of them (--use_fp16 True is the same as --precision fp16)")
+        return "fp16"
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]:
+    """
+    Parse ``--ema_rate`` ("0.9999" or "0.9999,0.999", or numbers) into a list of floats.
+
+    :raises ValueError: naming --ema_rate when a rate is not a number in (0, 1).
+    """
+    if isinstance(ema_rate, (int, float)) and not isinstance(ema_rate, bool):
+        items: List[Any] = [ema_rate]
+    elif isinstance(ema_rate, str):
+        items = [x for x in ema_rate.split(",") if x.strip()]
+    else:
+        items = list(ema_rate)
+    rates = []
+    for x in items:
+        try:
+            r = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"--ema_rate must be comma-separated numbers in (0, 1), got {ema_rate!r}") from None
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"--ema_rate: every rate must be in (0, 1), got {r!r} in {ema_rate!r}")
+        rates.append(r)
+    if not rates:
+        raise ValueError(f"--ema_rate needs at least one rate, got {ema_rate!r}")
+    return rates
+
+
+def _int_flag(args: Dict[str, Any], flag: str, lo: int) -> None:
+    v = args.get(flag)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
+        raise ValueError(f"--{flag} must be an integer >= {lo}, got {v!r}")
+
+
+def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    v = args.get(flag)
+    if v is None:
+        return
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(float(v))
+    if ok:
+        x = float(v)
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"--{flag} must be a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
+
+
+def validate_training_args(args: Dict[str, Any]) -> None:
+    """
+    Check the training flags before anything is built or written.
+
+    :param args: flag name -> value (e.g. ``vars(argparse_namespace)``); keys that are absent
+                 are not checked.
+    :raises ValueError: naming the flag, the value and what was expected.
+    """
+    for flag in ("batch_size", "log_interval"):
+        _int_flag(args, flag, 1)
+    for flag in ("save_interval", "lr_anneal_steps", "total_steps", "stop_at", "sample_interval",
+                 "max_nonfinite", "seed"):
+        _int_flag(args, flag, 0)
+    _int_flag(args, "clts_target_steps", 1)
+    mb = args.get("microbatch")
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, np.integer)) or (mb < 1 and mb not in (0, -1))):
+        raise ValueError(f"--microbatch must be -1 (off) or an integer >= 1, got {mb!r}")
+    _num_flag(args, "lr", 0.0, lo_open=True)
+    _num_flag(args, "weight_decay", 0.0)
+    _num_flag(args, "grad_clip", 0.0)
+    _num_flag(args, "fp16_scale_growth", 0.0, 1.0, lo_open=True)
+    _num_flag(args, "beta1", 0.0, 1.0, hi_open=True)
+    _num_flag(args, "beta2", 0.0, 1.0, hi_open=True)
+    _num_flag(args, "beta1_min", 0.0, 1.0, hi_open=True)
+    if "ema_rate" in args:
+        parse_ema_rates(args["ema_rate"])
+    if "precision" in args:
+        _resolve_precision(args["precision"], bool(args.get("use_fp16", False)), torch.device("cpu"))
+    for flag in ("compile", "channels_last"):
+        if flag in args:
+            _auto_bool(args[flag], flag, False)
+    if args.get("momentum_decay"):
+        if not args.get("total_steps"):
+            raise ValueError("--momentum_decay True needs --total_steps (the run's total number of training "
+                             "steps I: beta1 decays over i/I); got --total_steps "
+                             f"{args.get('total_steps')!r}")
+        b1, b1min = args.get("beta1", 0.9), args.get("beta1_min", 0.5)
+        if b1min > b1:
+            raise ValueError(f"--beta1_min ({b1min:g}) must not exceed --beta1 ({b1:g}): momentum decay "
+                             "only lowers beta1 from --beta1 down to --beta1_min")
+    sampler = str(args.get("schedule_sampler", "")).strip().lower().replace("_", "-")
+    if sampler == "clts":
+        _num_flag(args, "clts_mean", 0.0, 1.0)
+        _num_flag(args, "clts_std", 0.0, lo_open=True)
+    total, stop_at = args.get("total_steps") or 0, args.get("stop_at") or 0
+    if total and stop_at and stop_at > total:
+        raise ValueError(f"--stop_at {stop_at} is past --total_steps {total}: the run ends at --total_steps; "
+                         "use a --stop_at below it (or 0)")
+    resume = args.get("resume")
+    if resume is not None and not str(resume).strip():
+        raise ValueError("--resume must be auto, none or a checkpoint path, got an empty value")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files and resume
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_RE = re.compile(r"^model(\d+)\.pt$")
+_STATE_RE = re.compile(r"^state(\d+)\.pt$")
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt (or stateNNNNNN.pt), where NNNNNN is
+    the checkpoint's number of steps (upstream's helper).
+
+    :return: the step, or 0 when the name has no such number (as upstream).
+    """
+    base = os.path.basename(str(filename))
+    for pattern in (_MODEL_RE, _STATE_RE):
+        m = pattern.match(base)
+        if m:
+            return int(m.group(1))
+    split = base.split("model")
+    if len(split) < 2:
+        return 0
+    digits = split[-1].split(".")[0]
+    try:
+        return int(digits)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir() -> Optional[str]:
+    """The folder checkpoints go to: the logger's run folder (as upstream)."""
+    return logger.get_dir()
+
+
+def _ckpt_names(step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
+    return {
+        "model": f"model{step:06d}.pt",
+        "opt": f"opt{step:06d}.pt",
+        "state": f"state{step:06d}.pt",
+        "ema": {rate: f"ema_{rate}_{step:06d}.pt" for rate in ema_rates},
+    }
+
+
+def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
+    """The EMA file of ``rate`` beside ``main_checkpoint`` at ``step``, or None (upstream's helper)."""
+    if not main_checkpoint:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
+    """
+    Steps of the complete checkpoint sets in ``log_dir``, oldest first.
+
+    A set is complete when ``state{N}.pt`` (written last) exists together with ``model{N}.pt``
+    and ``opt{N}.pt``; half-written temporary files never carry these names.
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    names = set(os.listdir(log_dir))
+    steps = []
+    for name in names:
+        m = _STATE_RE.match(name)
+        if m:
+            step = int(m.group(1))
+            if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
+                steps.append(step)
+    return sorted(steps)
+
+
+def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:
+    """
+    The model file of the newest complete checkpoint set in ``log_dir`` (default: the logger's
+    run folder), or None. Upstream left this as a stub to override.
+    """
+    log_dir = log_dir or get_blob_logdir()
+    steps = list_complete_checkpoints(log_dir)
+    if not steps:
+        return None
+    return os.path.join(log_dir, f"model{steps[-1]:06d}.pt")
+
+
+@dataclass
+class ResumePoint:
+    """
+    What a run resumes from.
+
+    :param step: completed steps of the checkpoint.
+    :param model_path: the model weights.
+    :param opt_path: the optimizer state, if present.
+    :param state_path: this project's state file (sampler, RNG, data position, ...), if present.
+    :param ema_paths: EMA rate -> file, for the rates present.
+    :param how: "auto" (newest complete set of the run folder) or the flag that named it.
+    """
+
+    step: int
+    model_path: str
+    opt_path: Optional[str] = None
+    state_path: Optional[str] = None
+    ema_paths: Dict[float, str] = field(default_factory=dict)
+    how: str = "auto"
+    _state: Any = field(default=None, repr=False)
+
+    def load_state(self) -> Optional[Dict[str, Any]]:
+        """The state file's dict (cached), or None when there is none."""
+        if self.state_path is None:
+            return None
+        if self._state is None:
+            self._state = _load_state_file(self.state_path)
+        return self._state
+
+    def describe(self) -> str:
+        folder = os.path.dirname(self.model_path) or "."
+        parts = [os.path.basename(self.model_path)]
+        if self.opt_path:
+            parts.append(os.path.basename(self.opt_path))
+        parts += [os.path.basename(p) for p in self.ema_paths.values()]
+        if self.state_path:
+            parts.append(os.path.basename(self.state_path))
+        return f"{folder}/{{{', '.join(parts)}}}"
+
+
+def _point_at(folder: str, step: int, ema_rates: Sequence[float], how: str,
+              model_path: Optional[str] = None) -> ResumePoint:
+    names = _ckpt_names(step, ema_rates)
+
+    def existing(name: str) -> Optional[str]:
+        path = os.path.join(folder, name)
+        return path if os.path.exists(path) else None
+
+    ema_paths = {}
+    for rate, name in names["ema"].items():
+        path = existing(name)
+        if path:
+            ema_paths[rate] = path
+    return ResumePoint(
+        step=step,
+        model_path=model_path or os.path.join(folder, names["model"]),
+        opt_path=existing(names["opt"]),
+        state_path=existing(names["state"]),
+        ema_paths=ema_paths,
+        how=how,
+    )
+
+
+def resolve_resume(
+    log_dir: Optional[str],
+    resume: str = "auto",
+    resume_checkpoint: str = "",
+    ema_rates: Sequence[float] = (0.9999,),
+) -> Optional[ResumePoint]:
+    """
+    Decide what a run resumes from.
+
+    :param log_dir: the run folder ("auto" looks there).
+    :param resume: "auto" (newest complete set in ``log_dir``, none if there is none), "none",
+                   or a path: a ``modelNNNNNN.pt``/``stateNNNNNN.pt`` file or a run folder.
+    :param resume_checkpoint: upstream's flag, a ``modelNNNNNN.pt`` path; wins over "auto".
+    :param ema_rates: the EMA rates whose files are looked for.
+    :return: a ResumePoint, or None for a fresh start.
+    :raises FileNotFoundError / ValueError: naming the flag when a named checkpoint is unusable.
+    """
+    resume = str(resume if resume is not None else "auto").strip()
+    explicit = resume.lower() not in ("auto", "none")
+    if resume_checkpoint and explicit and os.path.abspath(resume) != os.path.abspath(resume_checkpoint):
+        raise ValueError(f"--resume {resume!r} and --resume_checkpoint {resume_checkpoint!r} name different "
+                         "checkpoints; give only one")
+    if resume_checkpoint or explicit:
+        flag = "--resume_checkpoint" if resume_checkpoint else "--resume"
+        path = resume_checkpoint or resume
+        if os.path.isdir(path):
+            steps = list_complete_checkpoints(path)
+            if not steps:
+                raise FileNotFoundError(f"{flag} {path}: no complete checkpoint set (stateNNNNNN.pt with "
+                                        "modelNNNNNN.pt and optNNNNNN.pt) in this folder")
+            return _point_at(path, steps[-1], ema_rates, flag)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: checkpoint file not found: {path}")
+        base = os.path.basename(path)
+        folder = os.path.dirname(path) or "."
+        m = _STATE_RE.match(base)
+        if m:
+            step = int(m.group(1))
+            point = _point_at(folder, step, ema_rates, flag)
+            if not os.path.exists(point.model_path):
+                raise FileNotFoundError(f"{flag} {path}: the model file {point.model_path} of this state is missing")
+            return point
+        step = parse_resume_step_from_filename(path)
+        if not _MODEL_RE.match(base):
+            logger.warn(f"{flag} {path}: not named modelNNNNNN.pt; resuming its weights at step {step}")
+        return _point_at(folder, step, ema_rates, flag, model_path=path)
+    if resume.lower() == "none":
+        return None
+    steps = list_complete_checkpoints(log_dir)
+    if not steps:
+        return None
+    return _point_at(log_dir, steps[-1], ema_rates, "auto")
+
+
+def _load_state_file(path: str) -> Dict[str, Any]:
+    # Our own file (numpy RNG arrays and the data loader's state inside), hence weights_only=False.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise ResumeError(f"cannot read the state file {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ResumeError(f"{path} is not a training state file of this project (no 'step' entry)")
+    return state
+
+
+def _load_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint's tensors on the CPU (memory-mapped when possible, so a check is cheap)."""
+    if "://" in path:
+        return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The resolved config the checkpoint's run saved: from its state file, else config.yaml beside it."""
+    state = point.load_state()
+    if state is not None and isinstance(state.get("config"), dict):
+        return state["config"], point.state_path
+    cfg_path = os.path.join(os.path.dirname(point.model_path) or ".", "config.yaml")
+    if os.path.isfile(cfg_path):
+        try:
+            import yaml
+
+            with open(cfg_path) as f:
+                cfg = yaml.safe_load(f)
+            if isinstance(cfg, dict):
+                return cfg, cfg_path
+        except Exception:  # noqa: BLE001 - an unreadable side file only skips the flag check
+            return None, None
+    return None, None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
+def check_resume_compatible(
+    point: ResumePoint,
+    config: Optional[Dict[str, Any]],
+    model: Optional[torch.nn.Module] = None,
+) -> None:
+    """
+    Refuse a resume that would change the model.
+
+    1. Every key of ``model_and_diffusion_defaults()`` (except ``MODEL_FLAGS_IGNORED_ON_RESUME``)
+       must equal the value in the checkpoint's saved configuration.
+    2. The checkpoint's tensors must have the model's keys and shapes.
+
+    :param point: the checkpoint.
+    :param config: this run's resolved configuration (None skips check 1).
+    :param model: the freshly built model (None skips check 2).
+    :raises ResumeError: naming the differing flags with both values, or the mismatched
+                         keys/shapes.
+    """
+    if config is not None:
+        saved, source = _saved_config(point)
+        if saved is not None:
+            from .script_util import model_and_diffusion_defaults
+
+            diffs = []
+            for key in model_and_diffusion_defaults():
+                if key in MODEL_FLAGS_IGNORED_ON_RESUME or key not in saved or key not in config:
+                    continue
+                if not _same_value(saved[key], config[key]):
+                    diffs.append(f"--{key}: checkpoint {saved[key]!r}, now {config[key]!r}")
+            if diffs:
+                raise ResumeError(
+                    f"cannot resume from {point.describe()} (step {point.step}): these model/diffusion flags "
+                    f"differ from the run that wrote it ({source}): " + "; ".join(diffs)
+                    + ". Resume with the checkpoint's values, or start a new run (--resume none, or another "
+                    "--log_dir)."
+                )
+    if model is not None:
+        try:
+            ckpt = _load_weights(point.model_path)
+        except Exception as e:  # noqa: BLE001
+            raise ResumeError(f"cannot read the model checkpoint {point.model_path}: {type(e).__name__}: {e}") from e
+        _check_state_dict_matches(ckpt, model.state_dict(), point.model_path)
+
+
+def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Tensor], path: str) -> None:
+    if not isinstance(ckpt, dict):
+        raise ResumeError(f"{path} does not hold a state_dict (got {type(ckpt).__name__})")
+    missing = [k for k in expected if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(ckpt[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in ckpt and hasattr(ckpt[k], "shape") and tuple(ckpt[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def first(items: List[str], n: int = 8) -> str:
+        more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
+        return ", ".join(items[:n]) + more
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {first(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {first(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: {first(unexpected)}")
+    raise ResumeError(
+        f"the checkpoint {path} was made for another model configuration: " + "; ".join(parts)
+        + ". Use the flags it was trained with (see config.yaml in its run folder)."
+    )
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """
+    ``torch.save`` that never leaves a half-written ``path``: write a temporary file in the
+    same folder, flush + fsync it, then ``os.replace`` it over ``path``.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    # Plain, contiguous CPU tensors: loadable anywhere, keys of the uncompiled module.
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def _numpy_rng_state() -> Dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.copy(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(s: Dict[str, Any]) -> None:
+    np.random.set_state((s["name"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+    """
+    Upstream's host-side loss logging: the mean of each term and its mean per quartile of t/T
+    (``loss_q0`` .. ``loss_q3``). TrainLoop itself accumulates on the device instead.
+    """
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainLoop:
+    """
+    Train a diffusion model (upstream's ``TrainLoop``, same keyword arguments, plus the new
+    ones below). ``run_loop()`` trains until ``total_steps``/``lr_anneal_steps``/``stop_at``.
+
+    :param model: the model (float32 parameters; mixed precision is autocast).
+    :param diffusion: the (possibly respaced) GaussianDiffusion.
+    :param data: an iterable of ``(images NCHW in [-1, 1], {"y": labels} or {})``; with
+                 ``state_dict()``/``load_state_dict()`` its position is part of the checkpoints.
+    :param batch_size: images per step and process.
+    :param microbatch: images per forward/backward (-1/0: the whole batch).
+    :param lr: base learning rate.
+    :param ema_rate: EMA rate(s), "0.9999,0.999" or a float.
+    :param log_interval: steps between log rows.
+    :param save_interval: steps between checkpoints (0: only at the end/``stop_at``).
+    :param resume_checkpoint: upstream's explicit ``modelNNNNNN.pt`` to resume from.
+    :param use_fp16: upstream's flag; the same as ``precision="fp16"``.
+    :param fp16_scale_growth: log2 loss-scale growth per good fp16 step (upstream's meaning).
+    :param schedule_sampler: timestep sampler (default: uniform, seeded with ``seed``).
+    :param weight_decay: AdamW's decoupled weight decay.
+    :param lr_anneal_steps: anneal the lr linearly to 0 over this many steps; the run ends there.
+    :param total_steps: the run's length I (ends there; MDLRC's horizon). 0: no end.
+    :param stop_at: end this process at this step after a checkpoint (0: off).
+    :param loss_weighting: per-timestep loss weights: a name ("none", "min_snr", "p2",
+                           "speed") or a length-T array.
+    :param beta1: Adam's beta1 (beta1_init of MDLRC).
+    :param beta2: Adam's beta2.
+    :param momentum_decay: MDLRC momentum decay on.
+    :param beta1_min: MDLRC's floor of beta1.
+    :param lr_compensation: MDLRC's learning-rate compensation.
+    :param precision: "auto" | "fp32" | "bf16" | "fp16" (auto: bf16 on CUDA, fp32 on CPU).
+    :param compile: torch.compile the model's forward (auto: on CUDA).
+    :param channels_last: channels_last memory format (auto: on CUDA).
+    :param grad_clip: clip the global gradient norm to this (0: off).
+    :param sample_interval: steps between EMA sample grids written to the run folder (0: off).
+    :param log_dir: the run folder (default: the logger's folder).
+    :param seed: seeds timesteps, noise and dropout (the caller seeds model init and data).
+    :param resume: "auto" | "none" | a checkpoint path.
+    :param max_nonfinite: stop after this many non-finite steps in a row (0: never).
+    :param deterministic: torch deterministic algorithms (cuDNN benchmark off).
+    :param config: the run's resolved configuration (saved in the state file; used to refuse
+                   resuming with other model flags and to build the sample-grid diffusion).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion: Any,
+        data: Iterable,
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        ema_rate: Union[str, float, Sequence[float]],
+        log_interval: int,
+        save_interval: int,
+        resume_checkpoint: str = "",
+        use_fp16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler: Any = None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        total_steps: int = 0,
+        stop_at: int = 0,
+        loss_weighting: Union[str, np.ndarray, Sequence[float], None] = None,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        momentum_decay: bool = False,
+        beta1_min: float = 0.5,
+        lr_compensation: bool = True,
+        precision: str = "auto",
+        compile: Union[bool, str] = "auto",
+        channels_last: Union[bool, str] = "auto",
+        grad_clip: float = 0.0,
+        sample_interval: int = 0,
+        log_dir: Optional[str] = None,
+        seed: int = 0,
+        resume: str = "auto",
+        max_nonfinite: int = 20,
+        deterministic: bool = False,
+        config: Optional[Dict[str, Any]] = None,
+    ):
+        validate_training_args(dict(
+            batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
+            save_interval=save_interval, fp16_scale_growth=fp16_scale_growth, weight_decay=weight_decay,
+            lr_anneal_steps=lr_anneal_steps, total_steps=total_steps, stop_at=stop_at, beta1=beta1, beta2=beta2,
+            momentum_decay=momentum_decay, beta1_min=beta1_min, grad_clip=grad_clip, sample_interval=sample_interval,
+            seed=seed, max_nonfinite=max_nonfinite, compile=compile, channels_last=channels_last,
+            precision=precision, use_fp16=use_fp16, resume=resume,
+        ))
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.microbatch = int(microbatch) if microbatch and microbatch > 0 else self.batch_size
+        self.lr = float(lr)
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = int(log_interval)
+        self.save_interval = int(save_interval)
+        self.resume_checkpoint = resume_checkpoint or ""
+        self.fp16_scale_growth = float(fp16_scale_growth)
+        self.weight_decay = float(weight_decay)
+        self.lr_anneal_steps = int(lr_anneal_steps)
+        self.total_steps = int(total_steps)
+        self.stop_at = int(stop_at)
+        self.grad_clip = float(grad_clip)
+        self.sample_interval = int(sample_interval)
+        self.seed = int(seed)
+        self.max_nonfinite = int(max_nonfinite)
+        self.config = dict(config) if config is not None else None
+
+        self.rank = dist_util.get_rank()
+        self.world_size = dist_util.get_world_size()
+        self.device = dist_util.dev()
+        self.global_batch = self.batch_size * self.world_size
+        on_cuda = self.device.type == "cuda"
+        self.precision = _resolve_precision(precision, bool(use_fp16), self.device)
+        self.use_fp16 = self.precision == "fp16"
+        self.use_compile = _auto_bool(compile, "compile", on_cuda)
+        self.channels_last = _auto_bool(channels_last, "channels_last", on_cuda)
+        self.log_dir = log_dir or get_blob_logdir()
+        if not self.log_dir:
+            raise ValueError("TrainLoop needs a run folder: pass log_dir= or call logger.configure() first")
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif on_cuda:
+            torch.backends.cudnn.benchmark = True
+
+        if schedule_sampler is None:
+            # rank 0's stream on every rank: the global batch's timesteps are drawn once, sliced by rank
+            schedule_sampler = UniformSampler(diffusion, seed=self.seed, rank=0)
+        self.schedule_sampler = schedule_sampler
+        self.loss_weights = self._loss_weight_table(loss_weighting)
+        self.momentum = MomentumDecay(
+            beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
+            lr_compensation=lr_compensation, enabled=bool(momentum_decay),
+        )
+        self.beta2 = float(beta2)
+
+        self.step = 0
+        self.resume_step = 0
+        self._nf_total = 0  # non-finite steps skipped, whole run (host copy, refreshed at checks)
+        self._gpu_hours_before = 0.0
+        point = resolve_resume(self.log_dir, resume, self.resume_checkpoint, self.ema_rate)
+        if point is not None:
+            check_resume_compatible(point, self.config, self.model)
+            newer = [s for s in list_complete_checkpoints(self.log_dir) if s > point.step]
+            if point.how != "auto" and newer:
+                logger.warn(f"{point.how} resumes from step {point.step} although {self.log_dir} has a newer "
+                            f"complete checkpoint set (step {newer[-1]}); later checkpoints will be overwritten")
+        self.model.to(self.device)
+        if point is not None:
+            self.model.load_state_dict(_load_weights(point.model_path))
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model_params = list(self.model.parameters())
+
+        self.ema_models: List[torch.nn.Module] = []
+        for rate in self.ema_rate:
+            ema = copy.deepcopy(self.model)
+            if point is not None and rate in point.ema_paths:
+                ema.load_state_dict(_load_weights(point.ema_paths[rate]))
+            elif point is not None:
+                logger.warn(f"no EMA checkpoint for rate {rate} at step {point.step}: starting it from the model")
+            ema.eval().requires_grad_(False)
+            self.ema_models.append(ema)
+
+        self.opt = create_optimizer(self.model_params, lr=self.lr, weight_decay=self.weight_decay,
+                                    beta1=beta1, beta2=self.beta2)
+        self._fused_opt = bool(self.opt.defaults.get("fused"))
+        self.scaler = None
+        if self.use_fp16:
+            self.scaler = torch.amp.GradScaler(
+                self.device.type, init_scale=2.0 ** INITIAL_LOG_LOSS_SCALE, growth_factor=2.0, backoff_factor=0.5,
+                growth_interval=max(1, int(round(1.0 / self.fp16_scale_growth))),
+            )
+        if point is not None:
+            self._load_checkpoint(point)
+
+        self.ddp_model: Optional[DDP] = None
+        forward_model: torch.nn.Module = self.model
+        if self.world_size > 1:
+            dist_util.sync_params(self.model.parameters())
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[self.device] if on_cuda else None,
+                output_device=self.device if on_cuda else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+            forward_model = self.ddp_model
+        if self.use_compile:
+            forward_model = torch.compile(forward_model)
+        self.forward_model = forward_model
+
+        if self.precision == "fp32":
+            self._autocast = contextlib.nullcontext
+        else:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            self._autocast = functools.partial(torch.autocast, device_type=self.device.type, dtype=dtype)
+
+        # device-side accumulators, read once per log row
+        self._loss_keys: Optional[List[str]] = None
+        self._loss_sums: Optional[torch.Tensor] = None  # [keys, 4] sums per quartile of t/T
+        self._loss_counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._grad_norm = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._nf_consec_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._nf_total_t = torch.full((), self._nf_total, dtype=torch.int64, device=self.device)
+        self._nf_trigger_t = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._nf_consec = 0
+        self._nf_trigger = -1
+        self._noise_gen = torch.Generator(device=self.device)
+        self._grid_diffusion = None
+        self._data_iter = None
+        self._cur_lr = self.lr
+        self._cur_beta1 = float(beta1)
+        self._t_start = None
+        self._t_last = None
+        self._steps_since_log = 0
+        self._last_saved_step = point.step if point is not None else -1
+        if point is not None:
+            logger.log(f"resumed from step {point.step} ({point.describe()})")
+            if point.state_path is None:
+                logger.warn("the checkpoint has no state file: the sampler, data position and RNG streams "
+                            "start fresh (the weights and optimizer continue)")
+        if self._end_step() is None and not self.stop_at:
+            logger.warn("no --total_steps, --lr_anneal_steps or --stop_at: training runs until it is stopped "
+                        "(as upstream)")
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _loss_weight_table(self, weighting: Any) -> Optional[torch.Tensor]:
+        if weighting is None or (isinstance(weighting, str) and weighting.strip().lower() in ("", "none", "uniform")):
+            return None
+        if isinstance(weighting, str):
+            arr = named_loss_weighting(weighting, self.diffusion)
+        else:
+            arr = np.asarray(weighting, dtype=np.float64)
+        T = int(self.diffusion.num_timesteps)
+        if arr.shape != (T,):
+            raise ValueError(f"--loss_weighting: expected one weight per diffusion step ({T}), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("--loss_weighting: the weights must be finite")
+        return torch.as_tensor(arr, dtype=torch.float32, device=self.device)
+
+    def _load_checkpoint(self, point: ResumePoint) -> None:
+        """Optimizer, loss scaler, sampler, data position, RNG and counters from a checkpoint set."""
+        self.step = self.resume_step = int(point.step)
+        if point.opt_path:
+            fresh = [dict(g) for g in self.opt.param_groups]
+            self.opt.load_state_dict(_load_weights(point.opt_path))
+            for group, new in zip(self.opt.param_groups, fresh):
+                # the flags of this run win (MDLRC sets lr/beta1 every step); keep this run's kernel choice
+                for key in ("fused", "foreach", "capturable", "differentiable", "weight_decay"):
+                    if key in new:
+                        group[key] = new[key]
+                group["betas"] = (group["betas"][0], self.beta2)
+        else:
+            logger.warn(f"no optimizer checkpoint for step {point.step}: the AdamW moments start from zero")
+        state = point.load_state()
+        if state is None:
+            return
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        if state.get("sampler") is not None and hasattr(self.schedule_sampler, "load_state_dict"):
+            try:
+                self.schedule_sampler.load_state_dict(state["sampler"])
+            except (ValueError, KeyError) as e:
+                logger.warn(f"schedule sampler state not restored ({e}); its random stream starts fresh")
+        saved_world = int(state.get("world_size", 1))
+        per_rank = state.get("per_rank") or []
+        if saved_world == self.world_size and self.rank < len(per_rank):
+            mine = per_rank[self.rank]
+            self._restore_rng(mine.get("rng"))
+            if mine.get("data") is not None:
+                if hasattr(self.data, "load_state_dict"):
+                    self.data.load_state_dict(mine["data"])
+                else:
+                    logger.warn("the data loader has no load_state_dict(): its position starts fresh")
+        else:
+            logger.warn(f"the checkpoint was written by {saved_world} process(es), this run has {self.world_size}: "
+                        "the data position and RNG streams start fresh (the run continues, not bit-identically)")
+        nf = state.get("nonfinite") or {}
+        self._nf_total = int(nf.get("total", 0))
+        self._gpu_hours_before = float(state.get("gpu_hours", 0.0))
+
+    def _restore_rng(self, rng: Optional[Dict[str, Any]]) -> None:
+        if not rng:
+            return
+        if rng.get("torch_cpu") is not None:
+            torch.set_rng_state(rng["torch_cpu"])
+        if rng.get("torch_cuda") is not None and torch.cuda.is_available():
+            states = rng["torch_cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        if rng.get("numpy") is not None:
+            _set_numpy_rng_state(rng["numpy"])
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
+
+    def _rng_state(self) -> Dict[str, Any]:
+        return {
+            "torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": _numpy_rng_state(),
+            "python": random.getstate(),
+        }
+
+    @property
+    def ema_params(self) -> List[List[torch.nn.Parameter]]:
+        """One parameter list per EMA rate (upstream's attribute)."""
+        return [list(ema.parameters()) for ema in self.ema_models]
+
+    def _end_step(self) -> Optional[int]:
+        ends = [s for s in (self.total_steps, self.lr_anneal_steps) if s]
+        return min(ends) if ends else None
+
+    # ------------------------------------------------------------------ the loop
+
+    def run_loop(self) -> None:
+        """Train until total_steps / lr_anneal_steps / stop_at (whichever comes first)."""
+        end = self._end_step()
+        target = min([s for s in (end, self.stop_at or None) if s is not None], default=None)
+        if target is not None and self.step >= target:
+            logger.log(f"nothing to do: the run is at step {self.step}, which reaches "
+                       + ("--stop_at" if target == self.stop_at else "its end") + f" ({target})")
+            return
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        self._t_start = self._t_last = time.perf_counter()
+        while target is None or self.step < target:
+            self._seed_step(self.step)
+            batch, cond = next(self._data_iter)
+            self.run_step(batch, cond)
+            index = self.step
+            self.step += 1
+            self._steps_since_log += 1
+            if index % self.log_interval == 0 or self.step == target:
+                self._dump_logs(index)
+            if (self.save_interval and self.step % self.save_interval == 0) or self.step == target:
+                self.save()
+            if self.sample_interval and self.step % self.sample_interval == 0:
+                self.sample_grid()
+        self._check_nonfinite()
+
+    def _seed_step(self, step: int) -> None:
+        # Dropout (and anything else on the global generators) becomes a function of
+        # (seed, step, rank): exact resume without per-rank generator bookkeeping.
+        torch.manual_seed(_derive_seed(self.seed, step, 1, self.rank))
+        # Noise is shared by all ranks (each takes its slice of the global batch's noise).
+        self._noise_gen.manual_seed(_derive_seed(self.seed, step, 2))
+
+    def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """One optimizer step on ``batch`` (this process's share of the global batch)."""
+        self.forward_backward(batch, cond)
+        self.optimize()
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device == self.device:
+            return x
+        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
+    def _draw_timesteps(self, local_batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch's (t, weights), on the device."""
+        if hasattr(self.schedule_sampler, "set_step"):
+            self.schedule_sampler.set_step(self.step)
+        n = local_batch * self.world_size
+        t, w = self.schedule_sampler.sample(n, torch.device("cpu"))
+        lo = self.rank * local_batch
+        t = self._to_device(t[lo:lo + local_batch].to(torch.int64))
+        w = self._to_device(w[lo:lo + local_batch].to(torch.float32))
+        if self.loss_weights is not None:
+            w = w * self.loss_weights[t]
+        return t, w
+
+    def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """Gradients of the (weighted) mean loss over ``batch``, accumulated over microbatches."""
+        self.opt.zero_grad(set_to_none=True)
+        batch = self._to_device(batch)
+        cond = {k: self._to_device(v) for k, v in (cond or {}).items()}
+        B = batch.shape[0]
+        t_all, w_all = self._draw_timesteps(B)
+        noise_shape = (B * self.world_size,) + tuple(batch.shape[1:])
+        noise_all = torch.randn(noise_shape, generator=self._noise_gen, device=self.device, dtype=batch.dtype)
+        lo = self.rank * B
+        noise_all = noise_all[lo:lo + B]
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            noise_all = noise_all.contiguous(memory_format=torch.channels_last)
+        for i in range(0, B, self.microbatch):
+            j = min(i + self.microbatch, B)
+            micro, t, weights = batch[i:j], t_all[i:j], w_all[i:j]
+            micro_cond = {k: v[i:j] for k, v in cond.items()}
+            last = j >= B
+            sync_ctx = self.ddp_model.no_sync() if (self.ddp_model is not None and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with self._autocast():
+                    losses = self.diffusion.training_losses(
+                        self.forward_model, micro, t, model_kwargs=micro_cond, noise=noise_all[i:j]
+                    )
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self._update_loss_aware(t, losses["loss"].detach())
+                # sum / B (not upstream's sum of microbatch means): microbatching never changes the step
+                loss = (losses["loss"].float() * weights).sum() / B
+                self._accumulate(t, weights, losses)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+
+    def _update_loss_aware(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        # the sampler syncs anyway (it gathers losses); keep NaN/inf out of its history
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            t, losses = t[finite], losses[finite]
+        self.schedule_sampler.update_with_local_losses(t, losses)
+
+    def _accumulate(self, t: torch.Tensor, weights: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+        if self._loss_keys is None:
+            self._loss_keys = [k for k, v in losses.items() if torch.is_tensor(v) and v.shape == t.shape]
+            self._loss_sums = torch.zeros(len(self._loss_keys), 4, dtype=torch.float64, device=self.device)
+        T = int(self.diffusion.num_timesteps)
+        quartile = torch.clamp(t * 4 // T, max=3)
+        for row, key in enumerate(self._loss_keys):
+            value = (losses[key].detach().double() * weights.double())
+            self._loss_sums[row].index_add_(0, quartile, value)
+        self._loss_counts.index_add_(0, quartile, torch.ones_like(t, dtype=torch.float64))
+
+    def optimize(self) -> bool:
+        """
+        Set lr/beta1 for this step (anneal, then MDLRC), skip the update if a gradient is not
+        finite, step AdamW and the EMAs.
+
+        :return: False when the step was skipped and the host knows it (CPU / unfused optimizer);
+                 True otherwise (a device-side skip is counted and reported at the next log row).
+        """
+        base_lr = self.lr * (1.0 - self.step / self.lr_anneal_steps) if self.lr_anneal_steps else self.lr
+        self._cur_lr, self._cur_beta1 = self.momentum.apply(self.opt, self.step, base_lr)
+
+        grads = [p.grad for p in self.model_params if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        else:
+            norm = torch.zeros((), device=self.device)
+        self._grad_norm = norm.detach()
+        found_inf = ~torch.isfinite(norm)
+        if self.grad_clip > 0 and grads:
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef)
+
+        if self._fused_opt:
+            # skipped on the device: no host sync
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.found_inf = found_inf.float()
+                self.opt.grad_scale = None
+                try:
+                    self.opt.step()
+                finally:
+                    del self.opt.found_inf, self.opt.grad_scale
+            self._ema_update(keep=~found_inf)
+            self._count_nonfinite_device(found_inf)
+            return True
+
+        skipped = bool(found_inf)  # host sync: free on the CPU, where this path runs
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skips by itself on overflow
+            self.scaler.update()
+        elif not skipped:
+            self.opt.step()
+        if not skipped:
+            self._ema_update(keep=None)
+        self._count_nonfinite_host(skipped)
+        return not skipped
+
+    def _ema_update(self, keep: Optional[torch.Tensor]) -> None:
+        for rate, ema in zip(self.ema_rate, self.ema_models):
+            targets = list(ema.parameters())
+            if keep is None:
+                update_ema(targets, self.model_params, rate=rate)
+            else:
+                # rate 1 (no change) on a skipped step, decided on the device
+                r = torch.where(keep, rate, 1.0)
+                one_minus = torch.where(keep, 1.0 - rate, 0.0)
+                torch._foreach_mul_(targets, r)
+                torch._foreach_add_(targets, torch._foreach_mul([p.detach() for p in self.model_params], one_minus))
+
+    def _count_nonfinite_host(self, skipped: bool) -> None:
+        if skipped:
+            self._nf_total += 1
+            self._nf_consec += 1
+            logger.log(f"step {self.step}: non-finite loss or gradient, update skipped "
+                       f"({self._nf_consec} in a row)")
+            if self.max_nonfinite and self._nf_consec >= self.max_nonfinite and self._nf_trigger < 0:
+                self._nf_trigger = self.step
+                self._check_nonfinite()
+        else:
+            self._nf_consec = 0
+
+    def _count_nonfinite_device(self, found_inf: torch.Tensor) -> None:
+        f = found_inf.to(torch.int64)
+        self._nf_consec_t = (self._nf_consec_t + f) * f
+        self._nf_total_t = self._nf_total_t + f
+        if self.max_nonfinite:
+            hit = (self._nf_trigger_t < 0) & (self._nf_consec_t >= self.max_nonfinite)
+            self._nf_trigger_t = torch.where(hit, self.step, self._nf_trigger_t)
+
+    def _sync_nonfinite(self) -> None:
+        """Bring the device-side counters to the host (one sync; at log rows and checkpoints)."""
+        if self._fused_opt:
+            total, consec, trigger = torch.stack([self._nf_total_t, self._nf_consec_t, self._nf_trigger_t]).tolist()
+            self._nf_total, self._nf_consec = int(total), int(consec)
+            if self._nf_trigger < 0 and trigger >= 0:
+                self._nf_trigger = int(trigger)
+
+    def _check_nonfinite(self) -> None:
+        self._sync_nonfinite()
+        if self._nf_trigger < 0:
+            return
+        good = list_complete_checkpoints(self.log_dir) if self.rank == 0 or os.path.isdir(self.log_dir) else []
+        if good:
+            last = os.path.join(self.log_dir, f"model{good[-1]:06d}.pt")
+            where = f"the last good checkpoint is {last} (step {good[-1]}; resume from it with --resume {last})"
+        else:
+            where = f"no checkpoint was written to {self.log_dir} yet"
+        raise NonFiniteLossError(
+            f"training stopped at step {self._nf_trigger}: {self.max_nonfinite} non-finite steps in a row "
+            f"(NaN/inf loss or gradients; those updates were skipped, --max_nonfinite {self.max_nonfinite}); "
+            f"{where}. Try a lower --lr, --grad_clip, or another --precision."
+        )
+
+    # ------------------------------------------------------------------ logging
+
+    def _dump_logs(self, index: int) -> None:
+        """Write the log row of step ``index`` (one host sync for everything)."""
+        self._sync_nonfinite()
+        parts = [self._loss_counts]
+        if self._loss_sums is not None:
+            parts.insert(0, self._loss_sums.flatten())
+        summed = torch.cat(parts)
+        if self.world_size > 1:
+            dist.all_reduce(summed)
+        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.model_params])))
+        host = summed.cpu().numpy()
+        grad_norm, param_norm = float(self._grad_norm), float(param_norm)
+        counts = host[-4:]
+        now = time.perf_counter()
+        elapsed = max(now - (self._t_last or now), 1e-9)
+        its = self._steps_since_log / elapsed
+
+        logger.logkv("step", index)
+        logger.logkv("samples", (index + 1) * self.global_batch)
+        logger.logkv("global_batch", self.global_batch)
+        logger.logkv("lr", self._cur_lr)
+        logger.logkv("beta1", self._cur_beta1)
+        if self._loss_keys:
+            sums = host[:-4].reshape(len(self._loss_keys), 4)
+            n = counts.sum()
+            for row, key in enumerate(self._loss_keys):
+                if n > 0:
+                    logger.logkv(key, float(sums[row].sum() / n))
+                for q in range(4):
+                    if counts[q] > 0:
+                        logger.logkv(f"{key}_q{q}", float(sums[row, q] / counts[q]))
+        logger.logkv("grad_norm", grad_norm)
+        logger.logkv("param_norm", param_norm)
+        logger.logkv("nonfinite_skipped", self._nf_total)
+        if self.scaler is not None:
+            logger.logkv("lg_loss_scale", math.log2(max(self.scaler.get_scale(), 1e-30)))
+        logger.logkv("it_per_s", its)
+        logger.logkv("img_per_s", its * self.global_batch)
+        end = self._end_step()
+        if end is not None:
+            logger.logkv("time_remaining_s", (end - index - 1) / its if its > 0 else float("nan"))
+        peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
+        logger.logkv("peak_mem_gib", peak)
+        logger.logkv("gpu_hours", self._gpu_hours(now))
+        logger.dumpkvs()
+
+        self._loss_counts.zero_()
+        if self._loss_sums is not None:
+            self._loss_sums.zero_()
+        self._t_last = time.perf_counter()
+        self._steps_since_log = 0
+        self._check_nonfinite()
+
+    def _gpu_hours(self, now: Optional[float] = None) -> float:
+        now = time.perf_counter() if now is None else now
+        ran = (now - self._t_start) if self._t_start is not None else 0.0
+        return self._gpu_hours_before + ran * self.world_size / 3600.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """
+        Write the checkpoint set of the current step (rank 0; every rank must call this):
+        model, one EMA per rate, optimizer, then the state file last.
+        """
+        self._check_nonfinite()  # never checkpoint a run that has to stop
+        step = self.step
+        per_rank = {"rng": self._rng_state(),
+                    "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
+        if self.world_size > 1:
+            gathered: List[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, per_rank)
+        else:
+            gathered = [per_rank]
+        if self.rank == 0:
+            names = _ckpt_names(step, self.ema_rate)
+            d = self.log_dir
+            logger.log(f"saving checkpoint set of step {step} to {d}")
+            atomic_torch_save(_cpu_state_dict(self.model), os.path.join(d, names["model"]))
+            for rate, ema in zip(self.ema_rate, self.ema_models):
+                atomic_torch_save(_cpu_state_dict(ema), os.path.join(d, names["ema"][rate]))
+            atomic_torch_save(self.opt.state_dict(), os.path.join(d, names["opt"]))
+            state = {
+                "format": _STATE_FORMAT,
+                "step": step,
+                "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
+                "momentum_decay": {
+                    "step": step, "enabled": self.momentum.enabled, "beta1": self.momentum.beta1,
+                    "beta1_min": self.momentum.beta1_min, "total_steps": self.momentum.total_steps,
+                    "lr_compensation": self.momentum.lr_compensation,
+                    "next_beta1": self.momentum.beta1_at(step),
+                },
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "world_size": self.world_size,
+                "global_batch": self.global_batch,
+                "per_rank": gathered,  # RNG states and data position of every rank
+                "config": self.config,
+                "ema_rates": list(self.ema_rate),
+                "nonfinite": {"total": self._nf_total, "consecutive": self._nf_consec},
+                "gpu_hours": self._gpu_hours(),
+                "seed": self.seed,
+            }
+            atomic_torch_save(state, os.path.join(d, names["state"]))  # last: marks the set complete
+        self._last_saved_step = step
+        dist_util.barrier()
+
+    # ------------------------------------------------------------------ sample grids
+
+    def _make_grid_diffusion(self):
+        if self._grid_diffusion is not None:
+            return self._grid_diffusion
+        from .script_util import create_gaussian_diffusion, diffusion_defaults
+
+        cfg = self.config or {}
+        keys = diffusion_defaults()
+        if not all(k in cfg for k in ("diffusion_steps", "noise_schedule")):
+            logger.warn("--sample_interval: no diffusion flags in the run's config; sample grids are skipped")
+            self._grid_diffusion = False
+            return False
+        args = {k: cfg.get(k, v) for k, v in keys.items()}
+        steps = int(args["diffusion_steps"])
+        n = min(SAMPLE_GRID_DDIM_STEPS, steps)
+        common = dict(
+            steps=steps, learn_sigma=args["learn_sigma"], noise_schedule=args["noise_schedule"],
+            use_kl=args["use_kl"], predict_xstart=args["predict_xstart"],
+            rescale_timesteps=args["rescale_timesteps"], rescale_learned_sigmas=args["rescale_learned_sigmas"],
+        )
+        try:
+            self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=f"ddim{n}", **common)
+        except ValueError:  # no stride gives exactly n steps: evenly spaced sections instead
+            self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=str(n), **common)
+        return self._grid_diffusion
+
+    def sample_grid(self, num: int = SAMPLE_GRID_SIZE) -> Optional[str]:
+        """
+        Rank 0: sample ``num`` images from the first EMA model with DDIM and write
+        ``samples_{step:06d}.png`` to the run folder (the same noise every time, so grids of
+        one run are comparable). Other ranks return at once.
+
+        :return: the PNG path (rank 0), else None.
+        """
+        if self.rank != 0:
+            return None
+        diffusion = self._make_grid_diffusion()
+        if not diffusion:
+            return None
+        ema = self.ema_models[0]
+        size = int(getattr(ema, "image_size", 0) or (self.config or {}).get("image_size", 0))
+        channels = int(getattr(ema, "in_channels", 3))
+        if not size:
+            logger.warn("--sample_interval: unknown image size; sample grid skipped")
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(_derive_seed(self.seed, 3))
+        noise = torch.randn((num, channels, size, size), generator=gen).to(self.device)
+        model_kwargs = {}
+        num_classes = getattr(ema, "num_classes", None)
+        if num_classes:
+            model_kwargs["y"] = torch.arange(num, device=self.device) % int(num_classes)
+        with torch.no_grad(), self._autocast():
+            images = diffusion.ddim_sample_loop(ema, noise.shape, noise=noise, clip_denoised=True,
+                                                model_kwargs=model_kwargs, device=self.device)
+        path = os.path.join(self.log_dir, f"samples_{self.step:06d}.png")
+        _write_grid(images.float().cpu(), path)
+        logger.log(f"wrote sample grid {path}")
+        return path
+
+
+def _write_grid(images: torch.Tensor, path: str, pad: int = 2) -> None:
+    """Save [N, C, H, W] images in [-1, 1] as one PNG grid (atomically)."""
+    from PIL import Image
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, col = divmod(k, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = x[k]
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+    _atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -1,0 +1,191 @@
+"""
+Improved-Diffusion's face of the shared implementation.
+
+Same factories as ``guided_diffusion.script_util`` with Improved-Diffusion's defaults and
+keyword sets: ``sigma_small``, timestep rescaling, learned-sigma loss rescaling, the legacy
+attention order, no up/down-sampling residual blocks, and its channel multipliers.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict
+
+from guided_diffusion import script_util as _gd
+from guided_diffusion.script_util import (  # noqa: F401  (upstream names, re-exported)
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    args_to_dict,
+    create_gaussian_diffusion,
+    load_config,
+    parse_args_with_config,
+    str2bool,
+)
+from guided_diffusion.unet import SuperResModel, UNetModel
+
+# Improved-Diffusion has multipliers for these sizes only (pixels).
+_IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+
+
+def model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for image training (improved-diffusion)."""
+    return dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        attention_resolutions="16,8",
+        dropout=0.0,
+        learn_sigma=False,
+        sigma_small=False,
+        class_cond=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+    )
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    sigma_small,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+):
+    """Build an Improved-Diffusion UNet and diffusion: ``(model, diffusion)``."""
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+):
+    """Build an Improved-Diffusion ``UNetModel`` (legacy attention order, no resblock up/down)."""
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_gd._attention_ds(image_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_gd._channel_mult(image_size, "", _IMPROVED_CHANNEL_MULT),
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )
+
+
+def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for super-resolution training (improved-diffusion)."""
+    res = model_and_diffusion_defaults()
+    res["large_size"] = 256
+    res["small_size"] = 64
+    arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
+    return {k: v for k, v in res.items() if k in arg_names}
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+):
+    """Build an Improved-Diffusion ``SuperResModel`` and its diffusion."""
+    del small_size  # the low-resolution input is upsampled to large_size inside the model
+    model = SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_gd._attention_ds(large_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_gd._channel_mult(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size"),
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
