@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DATA ?=
 
-.PHONY: test install
+.PHONY: test demo install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,offline-fid]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Trains a small CLTS+MDLRC model on the built-in synthetic data (or DATA=path/to/cifar10) on CPU.
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(if $(DATA),--data_dir $(DATA),)

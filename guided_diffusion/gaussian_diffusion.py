@@ -22,7 +22,8 @@ import torch
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
-# callable(i, shape, device) -> noise tensor of `shape` for the step at (respaced) timestep index i.
+# callable(step, shape, device) -> noise tensor of `shape` for sampling step `step`
+# (0 = the first denoising step, at timestep index num_timesteps - 1).
 StepNoiseFn = Callable[[int, Tuple[int, ...], torch.device], torch.Tensor]
 
 _LOG2 = math.log(2.0)  # nats -> bits
@@ -43,7 +44,8 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     :param num_diffusion_timesteps: T, the number of diffusion steps (a positive integer).
     :return: a float64 numpy array of T betas.
     """
-    if int(num_diffusion_timesteps) != num_diffusion_timesteps or num_diffusion_timesteps < 1:
+    if isinstance(num_diffusion_timesteps, bool) or not isinstance(num_diffusion_timesteps, (int, np.integer)) \
+            or num_diffusion_timesteps < 1:
         raise ValueError(
             f"diffusion_steps must be a positive integer, got {num_diffusion_timesteps!r}"
         )
@@ -51,6 +53,11 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     if schedule_name == "linear":
         # Ho et al.'s 1e-4..0.02 at T=1000; scaling by 1000/T keeps the total noise similar for other T.
         scale = 1000 / num_diffusion_timesteps
+        if scale * 0.02 >= 1.0:
+            raise ValueError(
+                f"noise_schedule 'linear' needs diffusion_steps > 20 (its last beta is 20/T), got "
+                f"{num_diffusion_timesteps}; use 'cosine' for very short chains"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(
@@ -143,7 +150,6 @@ class GaussianDiffusion:
                               are always scaled like in the original paper (0 to 1000).
     """
 
-    # Numpy schedules that _extract may read, besides the private ones built in __init__.
     def __init__(
         self,
         *,
@@ -193,7 +199,7 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(
             np.append(self.posterior_variance[1], self.posterior_variance[1:])
             if self.num_timesteps > 1
-            else self.posterior_variance  # a 1-step chain has no later step to borrow from
+            else self.betas  # a 1-step chain has no later step to borrow from (its variance is 0)
         )
         self.posterior_mean_coef1 = (
             betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -562,10 +568,12 @@ class GaussianDiffusion:
         :param device: if specified, the device to create the samples on. If not specified, use
                        a model parameter's device.
         :param progress: if True, show a tqdm progress bar.
-        :param step_noise_fn: (new) if given, ``step_noise_fn(i, shape, device)`` supplies the
-                              noise of the step at timestep index i (counting down from
-                              num_timesteps - 1 to 0), so several models can be sampled with
-                              the same per-step noise. None: ``torch.randn_like`` as upstream.
+        :param step_noise_fn: (new) if given, ``step_noise_fn(step, shape, device)`` supplies
+                              the noise of sampling step ``step`` (0 for the first denoising
+                              step, i.e. timestep index num_timesteps - 1, up to
+                              num_timesteps - 1 for t = 0), so several models can be sampled
+                              with the same per-step noise. None: ``torch.randn_like`` as
+                              upstream.
         :return: a non-differentiable batch of samples.
         """
         final = None
@@ -606,9 +614,9 @@ class GaussianDiffusion:
         """
         _check_cond_fn(cond_fn)
         device, img = _loop_start(model, shape, noise, device)
-        for i in _loop_indices(self.num_timesteps, progress):
+        for step, i in enumerate(_loop_indices(self.num_timesteps, progress)):
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            step_noise = _call_step_noise(step_noise_fn, i, img)
+            step_noise = _call_step_noise(step_noise_fn, step, img)
             with torch.no_grad():
                 out = self.p_sample(
                     model,
@@ -759,9 +767,9 @@ class GaussianDiffusion:
         """
         _check_cond_fn(cond_fn)
         device, img = _loop_start(model, shape, noise, device)
-        for i in _loop_indices(self.num_timesteps, progress):
+        for step, i in enumerate(_loop_indices(self.num_timesteps, progress)):
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            step_noise = _call_step_noise(step_noise_fn, i, img)
+            step_noise = _call_step_noise(step_noise_fn, step, img)
             with torch.no_grad():
                 out = self.ddim_sample(
                     model,
@@ -1022,10 +1030,10 @@ def _step_noise(noise: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return noise.to(device=x.device, dtype=x.dtype)
 
 
-def _call_step_noise(step_noise_fn: Optional[StepNoiseFn], i: int, img: torch.Tensor) -> Optional[torch.Tensor]:
+def _call_step_noise(step_noise_fn: Optional[StepNoiseFn], step: int, img: torch.Tensor) -> Optional[torch.Tensor]:
     if step_noise_fn is None:
         return None
-    return step_noise_fn(i, tuple(img.shape), img.device)
+    return step_noise_fn(step, tuple(img.shape), img.device)
 
 
 def _loop_start(

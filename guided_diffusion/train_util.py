@@ -58,6 +58,8 @@ __all__ = [
     "get_blob_logdir",
     "log_loss_dict",
     "atomic_torch_save",
+    "atomic_write_text",
+    "parse_ema_rates",
     "MODEL_FLAGS_IGNORED_ON_RESUME",
 ]
 
@@ -610,7 +612,7 @@ def _atomic_write(path: str, write_fn) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -632,6 +634,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as ``atomic_torch_save``."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -823,6 +833,9 @@ class TrainLoop:
             if point.how != "auto" and newer:
                 logger.warn(f"{point.how} resumes from step {point.step} although {self.log_dir} has a newer "
                             f"complete checkpoint set (step {newer[-1]}); later checkpoints will be overwritten")
+        elif list_complete_checkpoints(self.log_dir):
+            logger.warn(f"--resume {resume}: starting from step 0 in {self.log_dir}, which has checkpoints up to step "
+                        f"{list_complete_checkpoints(self.log_dir)[-1]}; they are overwritten as the run reaches them")
         self.model.to(self.device)
         if point is not None:
             self.model.load_state_dict(_load_weights(point.model_path))
@@ -1016,7 +1029,7 @@ class TrainLoop:
             if (self.save_interval and self.step % self.save_interval == 0) or self.step == target:
                 self.save()
             if self.sample_interval and self.step % self.sample_interval == 0:
-                self.sample_grid()
+                self._periodic_grid()
         self._check_nonfinite()
 
     def _seed_step(self, step: int) -> None:
@@ -1345,6 +1358,15 @@ class TrainLoop:
         except ValueError:  # no stride gives exactly n steps: evenly spaced sections instead
             self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=str(n), **common)
         return self._grid_diffusion
+
+    def _periodic_grid(self) -> None:
+        # a picture must never end a training run: a model that cannot sample unconditionally
+        # (e.g. super-resolution, which needs low-res inputs) just gets no grids
+        try:
+            self.sample_grid()
+        except Exception as e:  # noqa: BLE001
+            logger.warn(f"--sample_interval: sampling a grid failed ({type(e).__name__}: {e}); grids are off")
+            self.sample_interval = 0
 
     def sample_grid(self, num: int = SAMPLE_GRID_SIZE) -> Optional[str]:
         """

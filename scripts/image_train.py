@@ -39,6 +39,7 @@ from guided_diffusion.script_util import (
 from guided_diffusion.train_util import (
     NonFiniteLossError,
     TrainLoop,
+    atomic_write_text,
     check_resume_compatible,
     parse_ema_rates,
     resolve_resume,
@@ -82,12 +83,10 @@ def resolve_log_dir(args: argparse.Namespace) -> str:
 def _write_config(path: str, config: Dict[str, Any], source: str) -> None:
     import yaml
 
-    from guided_diffusion.train_util import _atomic_write
-
     header = (f"# Resolved configuration of this run ({source}).\n"
               "# Re-run or reproduce with: python scripts/image_train.py --config <this file>\n")
     text = header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
 
 
 def _load_data(args: argparse.Namespace):

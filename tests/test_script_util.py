@@ -82,7 +82,7 @@ def test_tiny_models_build_and_run():
 
     args = gsu.model_and_diffusion_defaults()
     args.update(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16",
-                class_cond=True, num_classes=10, learn_sigma=True, diffusion_steps=10)
+                class_cond=True, num_classes=10, learn_sigma=True, diffusion_steps=50)
     model, diffusion = gsu.create_model_and_diffusion(**args)
     out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 5]), y=torch.tensor([0, 9]))
     assert out.shape == (2, 6, 32, 32)

@@ -7,7 +7,6 @@ import csv
 import functools
 import hashlib
 import math
-import os
 import sys
 from pathlib import Path
 

@@ -1,0 +1,870 @@
+"""
+Training images for diffusion models: ``load_data`` and the readers behind it.
+
+Sources (``data_dir``):
+
+- an image folder, searched recursively for ``.jpg .jpeg .png .gif`` files. Class labels as
+  upstream: the file-name prefix before the first ``"_"`` (``cat_00012.png`` -> ``cat``,
+  ``n01440764_10026.JPEG`` -> ``n01440764``). When not every file name has a ``"_"`` and every
+  file sits in a sub-folder, the label is the parent folder's name instead
+  (``cat/0001.png`` -> ``cat``); otherwise the folder has no labels. Class names are sorted and
+  numbered 0..K-1.
+- a ``.zip`` of images, with the same label rules applied to the member paths
+  (``train/airplane/0001.jpg`` -> ``airplane``, the layout of the CIFAR-10 JPEG zips).
+- a packed ``.npz`` (``arr_0`` uint8 images NHWC, optional ``arr_1`` integer labels, optional
+  ``classes`` names; written by ``scripts/datasets/pack.py``), a ``.npy`` (uint8 NHWC, no labels;
+  memory-mapped when the data stays on the host), or a folder of ``.npz``/``.npy`` shards
+  (``scripts/datasets/imagenet.py``), concatenated in file-name order.
+- ``"synthetic"`` (or ``"synthetic:N"`` for N images): coloured shapes, gradients and textures
+  in 10 classes made on the fly at the requested size (see ``synthetic_images``).
+
+Folders and zips are decoded once, with upstream's ``center_crop_arr``, into one uint8 array
+held in memory; with ``device`` given the whole dataset is moved there and batches are gathered,
+flipped and converted on the device (the fast path). Packing once with
+``scripts/datasets/pack.py`` skips the decoding at every start.
+
+Order and sharding: epoch e visits the images in the order ``np.random.default_rng((seed,
+e)).permutation(N)`` (no shuffle when ``deterministic``). Step s takes the next ``batch_size *
+world_size`` positions of that order (a "global batch") and rank r keeps rows ``[r*B, (r+1)*B)``
+of it, so N ranks with batch B see exactly what one process with batch N*B sees. The flip of
+each image is a function of (seed, epoch, position in the epoch) only, hence identical for every
+world size. ``state_dict()`` holds the position; ``load_state_dict()`` continues from it.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SYNTHETIC_CLASSES",
+    "CorruptImageError",
+    "CorruptImageWarning",
+    "ImageBatches",
+    "ImageSource",
+    "center_crop_arr",
+    "decode_image",
+    "label_names",
+    "list_image_files",
+    "load_data",
+    "load_source",
+    "random_crop_arr",
+    "synthetic_images",
+    "write_npz",
+]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")  # compared lower-case, as upstream
+PACKED_EXTENSIONS = ("npz", "npy")
+SYNTHETIC = "synthetic"
+SYNTHETIC_CLASSES = ("disc", "square", "ring", "cross", "triangle",
+                     "hgradient", "vgradient", "radial", "checkerboard", "stripes")
+SYNTHETIC_DATA_SEED = 0  # the built-in dataset is one fixed dataset; --seed only orders and flips it
+_SYNTHETIC_MAX_BYTES = 256 * 2**20  # default synthetic size is capped at this many bytes
+_MAX_LISTED = 5  # corrupt file names quoted in a message
+
+
+class CorruptImageWarning(UserWarning):
+    """Unreadable images were skipped (their number and the first few names are in the message)."""
+
+
+class CorruptImageError(ValueError):
+    """An unreadable image, with ``skip_corrupt=False``."""
+
+
+# ----------------------------------------------------------------------------- image transforms
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """
+    Scale the shorter side to ``image_size`` and cut the central square (upstream's recipe).
+
+    Halves the image with a BOX filter while its shorter side is at least twice ``image_size``
+    (cheap anti-aliasing), then resizes with BICUBIC so the shorter side is ``image_size``.
+
+    :param pil_image: an RGB PIL image.
+    :param image_size: output side in pixels.
+    :return: uint8 array [image_size, image_size, 3].
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
+
+
+def random_crop_arr(
+    pil_image: Image.Image,
+    image_size: int,
+    min_crop_frac: float = 0.8,
+    max_crop_frac: float = 1.0,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """
+    Upstream's random-scale crop: scale the shorter side to a random length in
+    ``[ceil(image_size / max_crop_frac), ceil(image_size / min_crop_frac)]`` and cut a random
+    ``image_size`` square.
+
+    :param pil_image: an RGB PIL image.
+    :param image_size: output side in pixels.
+    :param min_crop_frac: smallest crop side as a fraction of the scaled shorter side.
+    :param max_crop_frac: largest crop side as a fraction of the scaled shorter side.
+    :param rng: random source (a fresh unseeded one when None).
+    :return: uint8 array [image_size, image_size, 3].
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    lo = math.ceil(image_size / max_crop_frac)
+    hi = math.ceil(image_size / min_crop_frac)
+    side = int(rng.integers(lo, hi + 1))
+    while min(*pil_image.size) >= 2 * side:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = side / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = int(rng.integers(0, arr.shape[0] - image_size + 1))
+    left = int(rng.integers(0, arr.shape[1] - image_size + 1))
+    return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
+
+
+def decode_image(data: Union[bytes, str], image_size: int) -> np.ndarray:
+    """
+    Decode one image file (path or bytes) to RGB and center-crop it to ``image_size``.
+
+    :param data: a file path or the file's bytes.
+    :param image_size: output side in pixels.
+    :return: uint8 array [image_size, image_size, 3].
+    :raises OSError, ValueError, SyntaxError, ...: what Pillow raises for an unreadable file.
+    """
+    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    with Image.open(fileobj) as img:
+        img.load()  # decode now: truncated/corrupt data fails here, not later
+        rgb = img.convert("RGB")
+    return center_crop_arr(rgb, image_size)
+
+
+# ----------------------------------------------------------------------------- listing and labels
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith("._"):  # macOS resource forks in archives
+        return False
+    return "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def list_image_files(data_dir: str) -> List[str]:
+    """
+    All image files under ``data_dir`` (recursively, sorted), as paths relative to it with "/".
+
+    :param data_dir: a folder.
+    """
+    found: List[str] = []
+    for root, dirs, files in os.walk(data_dir, followlinks=True):
+        dirs.sort()
+        rel = os.path.relpath(root, data_dir)
+        for name in sorted(files):
+            if _is_image_name(name):
+                found.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+    return sorted(found)
+
+
+def label_names(paths: Sequence[str]) -> Tuple[Optional[List[str]], str]:
+    """
+    The class name of every image from its relative path ("/"-separated).
+
+    Upstream's rule first: when every file name has a ``"_"``, the prefix before the first
+    ``"_"``. Else, when every file lies in a sub-folder, the parent folder's name. Else none.
+
+    :param paths: relative image paths.
+    :return: (names or None, a short description of the rule used or why there are none).
+    """
+    bases = [p.rsplit("/", 1)[-1] for p in paths]
+    if bases and all("_" in b for b in bases):
+        return [b.split("_", 1)[0] for b in bases], "file-name prefix before '_'"
+    if paths and all("/" in p for p in paths):
+        return [p.rsplit("/", 2)[-2] for p in paths], "parent folder name"
+    return None, ("file names are not all '<class>_<name>' and the files are not all in "
+                  "'<class>/' sub-folders")
+
+
+def _label_ids(names: Optional[List[str]]) -> Tuple[Optional[np.ndarray], Optional[List[str]]]:
+    if names is None:
+        return None, None
+    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class ImageSource:
+    """
+    A dataset held in memory.
+
+    :param images: uint8 [N, H, W, 3] (a numpy array, possibly memory-mapped).
+    :param labels: int64 [N] class ids, or None.
+    :param classes: class names by id, or None.
+    :param description: what the data is (for messages).
+    :param no_labels_reason: why ``labels`` is None.
+    :param skipped: relative names of unreadable images that were skipped.
+    """
+
+    images: np.ndarray
+    labels: Optional[np.ndarray]
+    classes: Optional[List[str]]
+    description: str
+    no_labels_reason: str = ""
+    skipped: List[str] = field(default_factory=list)
+
+
+def _empty_error(path: str, shards_too: bool) -> ValueError:
+    exts = ", ".join("." + e for e in IMAGE_EXTENSIONS)
+    extra = " (or .npz/.npy shards at its top level)" if shards_too else ""
+    return ValueError(f"--data_dir {path}: no images found; looked for files ending in {exts} "
+                      f"(any case, searched recursively){extra}")
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _decode_many(
+    names: List[str],
+    read: Callable[[str], Union[bytes, str]],
+    image_size: int,
+    where: str,
+    skip_corrupt: bool,
+    workers: Optional[int],
+) -> Tuple[np.ndarray, List[int], List[str]]:
+    """Decode ``names`` into one array; returns (images of the readable ones, their indices, bad names)."""
+    n = len(names)
+    need = n * image_size * image_size * 3
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise MemoryError(
+            f"--data_dir {where}: {n} images at {image_size}x{image_size} need {need / 2**30:.1f} GiB, "
+            f"more than the {avail / 2**30:.1f} GiB of memory available; pack them into .npy/.npz shards "
+            "(scripts/datasets/pack.py, scripts/datasets/imagenet.py) or use fewer images")
+    out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    ok = np.ones(n, dtype=bool)
+    errors: Dict[int, str] = {}
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            try:
+                out[i] = decode_image(read(names[i]), image_size)
+            except MemoryError:
+                raise
+            except Exception as e:  # Pillow raises many types for bad files
+                if not skip_corrupt:
+                    raise CorruptImageError(
+                        f"--data_dir {where}: cannot read image {names[i]!r} ({type(e).__name__}: {e}); "
+                        "skip_corrupt=True skips unreadable images") from e
+                ok[i] = False
+                errors[i] = names[i]
+
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    chunk = 256
+    if workers <= 1 or n <= chunk:
+        work(0, n)
+    else:  # Pillow releases the GIL while decoding and resizing
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(work, lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+            for fut in futures:
+                fut.result()
+    keep = np.flatnonzero(ok).tolist()
+    bad = [errors[i] for i in sorted(errors)]
+    if bad:
+        out = out[ok]
+    return out, keep, bad
+
+
+def _check_images(arr: np.ndarray, where: str, image_size: Optional[int]) -> None:
+    if arr.ndim != 4 or arr.shape[3] != 3:
+        raise ValueError(f"--data_dir {where}: expected images as uint8 [N, H, W, 3] (NHWC RGB), "
+                         f"got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"--data_dir {where}: expected uint8 images, got dtype {arr.dtype}")
+    if image_size is not None and (arr.shape[1] != image_size or arr.shape[2] != image_size):
+        raise ValueError(f"--data_dir {where} holds {arr.shape[1]}x{arr.shape[2]} images but --image_size is "
+                         f"{image_size}: pack them again at that size (scripts/datasets/pack.py --image_size "
+                         f"{image_size})")
+
+
+def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+    if labels.ndim != 1 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"--data_dir {where}: 'arr_1' must be {n} integer class labels, "
+                         f"got dtype {labels.dtype} shape {tuple(labels.shape)}")
+    if n and labels.min() < 0:
+        raise ValueError(f"--data_dir {where}: 'arr_1' holds negative class labels")
+    return labels.astype(np.int64, copy=False)
+
+
+def _read_packed(path: str, image_size: Optional[int], mmap: bool) -> ImageSource:
+    """One .npz (arr_0 [+ arr_1, classes]) or .npy (images only)."""
+    if path.lower().endswith(".npy"):
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        _check_images(arr, path, image_size)
+        return ImageSource(arr, None, None, path, no_labels_reason="a .npy file holds images only")
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"--data_dir {path}: no 'arr_0' array in the .npz (keys: {', '.join(f.files) or 'none'}); "
+                             "expected arr_0 = uint8 images [N, H, W, 3], optional arr_1 = labels")
+        arr = f["arr_0"]
+        _check_images(arr, path, image_size)
+        labels = _check_labels(f["arr_1"], arr.shape[0], path) if "arr_1" in f.files else None
+        classes = [str(c) for c in f["classes"].tolist()] if "classes" in f.files else None
+    if classes is not None and labels is not None and labels.size and labels.max() >= len(classes):
+        raise ValueError(f"--data_dir {path}: labels go up to {labels.max()} but 'classes' names {len(classes)}")
+    return ImageSource(arr, labels, classes, path,
+                       no_labels_reason="" if labels is not None else "the .npz has no 'arr_1' labels array")
+
+
+def _read_shards(path: str, files: List[str], image_size: Optional[int]) -> ImageSource:
+    parts = [_read_packed(os.path.join(path, f), image_size, mmap=True) for f in files]
+    has = [p.labels is not None for p in parts]
+    if any(has) and not all(has):
+        missing = [f for f, h in zip(files, has) if not h]
+        raise ValueError(f"--data_dir {path}: some shards have labels ('arr_1') and some do not: {missing[:_MAX_LISTED]}")
+    names = {tuple(p.classes) for p in parts if p.classes is not None}
+    if len(names) > 1:
+        raise ValueError(f"--data_dir {path}: the shards name different 'classes'")
+    total = sum(p.images.shape[0] for p in parts)
+    images = np.empty((total,) + parts[0].images.shape[1:], dtype=np.uint8)  # one copy, shard by shard
+    at = 0
+    for p in parts:
+        images[at:at + p.images.shape[0]] = p.images
+        at += p.images.shape[0]
+    labels = np.concatenate([p.labels for p in parts]) if all(has) else None
+    return ImageSource(images, labels, list(names.pop()) if names else None, f"{path} ({len(files)} shards)",
+                       no_labels_reason="" if labels is not None else "the shards have no 'arr_1' labels")
+
+
+def _read_folder(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int]) -> Optional[ImageSource]:
+    rel = list_image_files(path)
+    if not rel:
+        return None
+    images, keep, bad = _decode_many(rel, lambda r: os.path.join(path, r), image_size, path, skip_corrupt, workers)
+    rel = [rel[i] for i in keep]
+    names, rule = label_names(rel)
+    labels, classes = _label_ids(names)
+    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
+
+
+def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int]) -> ImageSource:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"--data_dir {path}: not a readable zip file ({e})") from e
+    with zf:
+        members = sorted(i.filename for i in zf.infolist()
+                         if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image_name(i.filename))
+        if not members:
+            exts = ", ".join("." + e for e in IMAGE_EXTENSIONS)
+            raise ValueError(f"--data_dir {path}: the zip holds no images; looked for members ending in {exts} (any case)")
+        lock = threading.Lock()
+
+        def read(name: str) -> bytes:
+            with lock:  # one ZipFile object, read from several threads
+                return zf.read(name)
+
+        images, keep, bad = _decode_many(members, read, image_size, path, skip_corrupt, workers)
+    members = [members[i] for i in keep]
+    names, rule = label_names(members)
+    labels, classes = _label_ids(names)
+    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
+
+
+def load_source(
+    data_dir: str,
+    image_size: int,
+    *,
+    skip_corrupt: bool = True,
+    workers: Optional[int] = None,
+    mmap: bool = True,
+    warn: bool = True,
+) -> ImageSource:
+    """
+    Read any supported source into memory (see the module docstring).
+
+    :param data_dir: image folder, .zip, .npz, .npy, folder of shards, or "synthetic[:N]".
+    :param image_size: image side in pixels (folders/zips are center-cropped to it; packed
+                       arrays must already have it).
+    :param skip_corrupt: skip unreadable images (with a warning giving their number) instead of
+                         raising ``CorruptImageError``.
+    :param workers: decoding threads (default min(8, CPU count)).
+    :param mmap: memory-map .npy files instead of reading them.
+    :param warn: emit the ``CorruptImageWarning`` (one rank is enough).
+    :return: an ``ImageSource``.
+    """
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"--image_size must be a positive integer, got {image_size!r}")
+    spec = str(data_dir)
+    if spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":"):
+        count = _synthetic_count(spec, image_size)
+        images, labels = synthetic_images(count, image_size, seed=SYNTHETIC_DATA_SEED)
+        return ImageSource(images, labels, list(SYNTHETIC_CLASSES), f"synthetic ({count} images)")
+    path = os.path.expanduser(spec)
+    if not spec or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--data_dir {spec!r} does not exist; expected an image folder, a .zip of images, a packed "
+            ".npz/.npy (scripts/datasets/pack.py), a folder of .npz shards, or 'synthetic'")
+    lower = path.lower()
+    if os.path.isdir(path):
+        src = _read_folder(path, image_size, skip_corrupt, workers)
+        if src is None:
+            shards = sorted(f for f in os.listdir(path)
+                            if f.rsplit(".", 1)[-1].lower() in PACKED_EXTENSIONS and os.path.isfile(os.path.join(path, f)))
+            if not shards:
+                raise _empty_error(path, shards_too=True)
+            return _read_shards(path, shards, image_size)
+    elif lower.endswith((".npz", ".npy")):
+        return _read_packed(path, image_size, mmap=mmap)
+    elif lower.endswith(".zip") or zipfile.is_zipfile(path):
+        src = _read_zip(path, image_size, skip_corrupt, workers)
+    else:
+        raise ValueError(f"--data_dir {path}: unsupported file type; expected a folder, .zip, .npz, .npy or 'synthetic'")
+    if src.images.shape[0] == 0:
+        raise ValueError(f"--data_dir {path}: none of its {len(src.skipped)} images could be read "
+                         f"(first: {', '.join(src.skipped[:_MAX_LISTED])})")
+    if src.skipped and warn:
+        warnings.warn(
+            f"--data_dir {path}: skipped {len(src.skipped)} unreadable image(s), kept {src.images.shape[0]} "
+            f"(first: {', '.join(src.skipped[:_MAX_LISTED])})", CorruptImageWarning, stacklevel=3)
+    return src
+
+
+def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+              classes: Optional[Sequence[str]] = None) -> None:
+    """
+    Write a packed dataset atomically (temporary file, fsync, rename): ``arr_0`` uint8 NHWC,
+    ``arr_1`` int64 labels when given, ``classes`` names when given. Uncompressed (fast to load).
+
+    :param path: output file (should end in .npz).
+    """
+    arrays: Dict[str, np.ndarray] = {"arr_0": np.ascontiguousarray(images, dtype=np.uint8)}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+    if classes is not None:
+        arrays["classes"] = np.array([str(c) for c in classes])
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def _synthetic_count(spec: str, image_size: int) -> int:
+    if ":" in spec:
+        text = spec.split(":", 1)[1]
+        if not text.isdigit() or int(text) <= 0:
+            raise ValueError(f"--data_dir {spec!r}: expected 'synthetic' or 'synthetic:N' with N a positive integer")
+        return int(text)
+    return int(min(4096, max(1000, _SYNTHETIC_MAX_BYTES // (image_size * image_size * 3))))
+
+
+def _soft(v: np.ndarray, size: int) -> np.ndarray:
+    """Coverage of a pixel by the region ``v > 0`` (v a signed distance in image widths): 1-pixel soft edge."""
+    return np.clip(v * size + 0.5, 0.0, 1.0)
+
+
+def synthetic_images(num_samples: int, image_size: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """
+    A procedurally generated 10-class dataset (``SYNTHETIC_CLASSES``): image i has class i % 10,
+    random colours, position, size, period and phase. Deterministic for a given seed.
+
+    :param num_samples: number of images.
+    :param image_size: side in pixels.
+    :param seed: random seed of the content.
+    :return: (uint8 images [N, S, S, 3], int64 labels [N]).
+    """
+    n, s = int(num_samples), int(image_size)
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % len(SYNTHETIC_CLASSES)
+    fg = rng.uniform(0.35, 1.0, (n, 3)).astype(np.float32)
+    bg = rng.uniform(0.0, 0.3, (n, 3)).astype(np.float32)
+    cx, cy = rng.uniform(0.3, 0.7, (2, n)).astype(np.float32)
+    rad = rng.uniform(0.15, 0.3, n).astype(np.float32)  # shape size, fraction of the image side
+    period = rng.uniform(0.1, 0.3, n).astype(np.float32)  # texture period, fraction of the side
+    phase = rng.uniform(0.0, 1.0, n).astype(np.float32)
+    coords = (np.arange(s, dtype=np.float32) + 0.5) / s  # pixel centres in [0, 1]
+    out = np.empty((n, s, s, 3), dtype=np.uint8)
+    chunk = max(1, (1 << 22) // (s * s))  # bounds the float temporaries
+    for k in range(len(SYNTHETIC_CLASSES)):
+        ids_k = np.flatnonzero(labels == k)
+        for lo in range(0, ids_k.size, chunk):
+            ids = ids_k[lo:lo + chunk]
+            x = coords[None, None, :]
+            y = coords[None, :, None]
+            dx, dy = x - cx[ids, None, None], y - cy[ids, None, None]
+            r = rad[ids, None, None]
+            p, ph = period[ids, None, None], phase[ids, None, None]
+            d = np.sqrt(dx * dx + dy * dy)
+            if k == 0:
+                t = _soft(r - d, s)
+            elif k == 1:
+                t = _soft(r - np.maximum(np.abs(dx), np.abs(dy)), s)
+            elif k == 2:
+                t = _soft(np.minimum(r - d, d - 0.55 * r), s)
+            elif k == 3:
+                bar1 = np.minimum(r / 3 - np.abs(dx), r - np.abs(dy))
+                bar2 = np.minimum(r / 3 - np.abs(dy), r - np.abs(dx))
+                t = _soft(np.maximum(bar1, bar2), s)
+            elif k == 4:  # apex up, base at cy + r
+                t = _soft(np.minimum(np.minimum(dy + r, r - dy), (dy + r) / 2 - np.abs(dx)), s)
+            elif k == 5:
+                t = np.clip(dx / (2 * r) + 0.5, 0.0, 1.0) + 0 * dy
+            elif k == 6:
+                t = np.clip(dy / (2 * r) + 0.5, 0.0, 1.0) + 0 * dx
+            elif k == 7:
+                t = np.clip(1.0 - d / (2 * r), 0.0, 1.0)
+            elif k == 8:
+                t = ((np.floor(x / p + ph) + np.floor(y / p + ph)) % 2).astype(np.float32)
+            else:
+                t = (np.floor((x + y) / p + ph) % 2).astype(np.float32)
+            t = np.broadcast_to(t, (ids.size, s, s))[..., None]
+            img = bg[ids, None, None, :] + (fg[ids, None, None, :] - bg[ids, None, None, :]) * t
+            out[ids] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return out, labels
+
+
+# ----------------------------------------------------------------------------- the batch iterator
+
+
+def _default_rank_world() -> Tuple[int, int]:
+    try:
+        from . import dist_util
+
+        return dist_util.get_rank(), dist_util.get_world_size()
+    except (ImportError, AttributeError):  # dist_util not there yet: ask torch.distributed directly
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+
+def _flip_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence((seed, epoch, 0xF11B)).generate_state(1)[0])
+
+
+class ImageBatches:
+    """
+    Infinite iterator of ``(images, cond)``: images float32 [B, 3, S, S] in [-1, 1] on the
+    output device, ``cond`` = ``{"y": int64 [B]}`` when class-conditional, else ``{}``.
+
+    Build it with ``load_data``. Position (``epoch``, ``index`` = first position of the next
+    global batch in the epoch's order) is in ``state_dict()``.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        batch_size: int,
+        image_size: int,
+        class_cond: bool,
+        deterministic: bool,
+        random_crop: bool,
+        random_flip: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: Optional[torch.device],
+        drop_last: bool,
+    ):
+        self.source = source
+        self.num_samples = int(source.images.shape[0])
+        self.batch_size = int(batch_size)
+        self.world_size = int(world_size)
+        self.rank = int(rank)
+        self.global_batch_size = self.batch_size * self.world_size
+        self.image_size = int(image_size)
+        self.class_cond = bool(class_cond)
+        self.deterministic = bool(deterministic)
+        self.random_crop = bool(random_crop)
+        self.random_flip = bool(random_flip)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.classes = source.classes
+        self.skipped = list(source.skipped)  # unreadable files that were left out
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.epoch = 0
+        self.index = 0
+        self._epochs: Dict[int, Tuple[np.ndarray, Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        self._host_images = source.images
+        self._host_labels = source.labels
+        self._dev_images: Optional[torch.Tensor] = None
+        self._dev_labels: Optional[torch.Tensor] = None
+        if self.device.type != "cpu":
+            self._place_on_device()
+
+    # -- setup
+
+    def _place_on_device(self) -> None:
+        """Hold the whole dataset on the device when it fits comfortably (the fast path)."""
+        nbytes = self._host_images.nbytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes > 0.5 * free:  # leave the model its memory; gather on the host instead
+                warnings.warn(f"the dataset ({nbytes / 2**30:.1f} GiB) stays in host memory: it does not fit "
+                              f"comfortably in the {free / 2**30:.1f} GiB free on {self.device}", stacklevel=3)
+                return
+        self._dev_images = torch.from_numpy(np.ascontiguousarray(self._host_images)).to(self.device)
+        if self._host_labels is not None:
+            self._dev_labels = torch.from_numpy(self._host_labels).to(self.device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch (the last partial one included when ``drop_last`` is False)."""
+        g = self.global_batch_size
+        return self.num_samples // g if self.drop_last else -(-self.num_samples // g)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of class names (None without labels)."""
+        return len(self.classes) if self.classes is not None else None
+
+    def _order(self, epoch: int) -> Tuple[np.ndarray, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(order of the epoch on the host, the same on the data's device, per-position flips on the output device)."""
+        cached = self._epochs.get(epoch)
+        if cached is not None:
+            return cached
+        n = self.num_samples
+        perm = np.arange(n) if self.deterministic else np.random.default_rng((self.seed, epoch)).permutation(n)
+        perm_dev = torch.from_numpy(perm).to(self.device) if self._dev_images is not None else None
+        flips = None
+        if self.random_flip:
+            gen = torch.Generator().manual_seed(_flip_seed(self.seed, epoch))
+            flips = (torch.rand(n, generator=gen) < 0.5).to(self.device)
+        if len(self._epochs) >= 2:  # a batch spans at most two epochs
+            self._epochs.pop(min(self._epochs))
+        self._epochs[epoch] = (perm, perm_dev, flips)
+        return self._epochs[epoch]
+
+    # -- iteration
+
+    def __iter__(self) -> "ImageBatches":
+        return self
+
+    def _segments(self) -> List[Tuple[int, int, int]]:
+        """(epoch, lo, hi) position ranges of this rank's next batch; advances the position."""
+        n, g, b = self.num_samples, self.global_batch_size, self.batch_size
+        if self.drop_last:
+            if self.index + g > n:
+                self.epoch, self.index = self.epoch + 1, 0
+            lo = self.index + self.rank * b
+            segs = [(self.epoch, lo, lo + b)]
+            self.index += g
+            if self.index + g > n:
+                self.epoch, self.index = self.epoch + 1, 0
+            return segs
+        # no sample dropped: the epochs' orders are one stream and a batch may straddle two
+        segs = []
+        epoch, pos, left = self.epoch, self.index + self.rank * b, b
+        while left:
+            epoch, pos = epoch + pos // n, pos % n
+            take = min(left, n - pos)
+            segs.append((epoch, pos, pos + take))
+            pos, left = pos + take, left - take
+        self.index += g
+        self.epoch, self.index = self.epoch + self.index // n, self.index % n
+        return segs
+
+    def __next__(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        xs: List[torch.Tensor] = []
+        ys: List[torch.Tensor] = []
+        fs: List[torch.Tensor] = []
+        for epoch, lo, hi in self._segments():
+            perm, perm_dev, flips = self._order(epoch)
+            if perm_dev is not None:
+                idx = perm_dev[lo:hi]
+                x = self._dev_images.index_select(0, idx)
+                y = self._dev_labels.index_select(0, idx) if self.class_cond else None
+            else:
+                idx_np = perm[lo:hi]
+                x = torch.from_numpy(np.ascontiguousarray(self._host_images[idx_np]))
+                y = torch.from_numpy(self._host_labels[idx_np]) if self.class_cond else None
+            if self.random_crop:
+                x = self._random_crops(x, epoch, lo)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            if flips is not None:
+                fs.append(flips[lo:hi])
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        x = x.to(self.device, non_blocking=True)
+        # uint8 NHWC -> float32 NCHW in [-1, 1] (the same arithmetic as upstream's numpy code)
+        out = x.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0).contiguous()
+        if fs:
+            flip = (fs[0] if len(fs) == 1 else torch.cat(fs)).view(-1, 1, 1, 1)
+            out = torch.where(flip, out.flip(3), out)
+        cond: Dict[str, torch.Tensor] = {}
+        if self.class_cond:
+            cond["y"] = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(self.device, torch.int64, non_blocking=True)
+        return out, cond
+
+    def _random_crops(self, x: torch.Tensor, epoch: int, lo: int) -> torch.Tensor:
+        """Upstream's random_crop_arr per image, its randomness a function of (seed, epoch, position)."""
+        arr = x.cpu().numpy()
+        out = np.empty_like(arr)
+        for i in range(arr.shape[0]):
+            rng = np.random.default_rng((self.seed, epoch, lo + i, 0xC409))
+            out[i] = random_crop_arr(Image.fromarray(arr[i]), self.image_size, rng=rng)
+        return torch.from_numpy(out)
+
+    # -- position
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position of the next batch, with what it depends on (plain Python values)."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "deterministic": self.deterministic,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """
+        Continue from a saved position: the next batch is the one that would have come next.
+
+        :param state: a ``state_dict()``.
+        :raises ValueError: when the position belongs to a dataset of another size.
+        """
+        if "epoch" not in state or "index" not in state:
+            raise ValueError(f"data loader state needs 'epoch' and 'index', got keys {sorted(state)}")
+        saved_n = state.get("num_samples")
+        if saved_n is not None and int(saved_n) != self.num_samples:
+            raise ValueError(f"the data position was saved for a dataset of {saved_n} images; "
+                             f"--data_dir now has {self.num_samples}")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.num_samples:
+            raise ValueError(f"data loader state out of range: epoch {epoch}, index {index} "
+                             f"(dataset of {self.num_samples} images)")
+        if state.get("seed") is not None and int(state["seed"]) != self.seed:
+            warnings.warn(f"the data position was saved with seed {state['seed']}, not {self.seed}: "
+                          "continuing the saved order", stacklevel=2)
+            self.seed = int(state["seed"])
+        saved_g = state.get("global_batch_size")
+        if saved_g is not None and int(saved_g) != self.global_batch_size:
+            warnings.warn(f"the data position was saved with a global batch of {saved_g}, this run uses "
+                          f"{self.global_batch_size}: continuing from the same position", stacklevel=2)
+        self.epoch, self.index = epoch, index
+        self._epochs.clear()
+
+    def __repr__(self) -> str:
+        return (f"ImageBatches({self.source.description}, {self.num_samples} images, batch {self.batch_size} "
+                f"x {self.world_size} rank(s), rank {self.rank}, device {self.device})")
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    class_cond: bool = False,
+    deterministic: bool = False,
+    random_crop: bool = False,
+    random_flip: bool = True,
+    seed: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    skip_corrupt: bool = True,
+    drop_last: bool = True,
+    num_classes: Optional[int] = None,
+    workers: Optional[int] = None,
+) -> ImageBatches:
+    """
+    For a dataset, create an infinite iterator over (images, kwargs) pairs, sharded by rank.
+
+    Each images tensor is a float32 NCHW batch in [-1, 1]; the kwargs dict holds ``"y"``, the
+    int64 class labels, when ``class_cond`` (see the module docstring for sources and labels).
+
+    :param data_dir: an image folder, a .zip of images, a packed .npz/.npy, a folder of shards,
+                     or "synthetic" / "synthetic:N".
+    :param batch_size: the batch size of each rank.
+    :param image_size: the side of the (square) images in pixels.
+    :param class_cond: if True, include a "y" key with class labels (the source must have labels).
+    :param deterministic: if True, visit the images in a fixed order (no shuffling).
+    :param random_crop: if True, upstream's random-scale crop (0.8-1.0) of each in-memory image.
+    :param random_flip: if True, flip images left-right at random (half of them).
+    :param seed: seed of the order, flips and crops.
+    :param rank: this process's rank (default: from dist_util).
+    :param world_size: number of processes (default: from dist_util).
+    :param device: where batches are made and returned; the whole dataset is held there when it
+                   fits (default: CPU).
+    :param skip_corrupt: skip unreadable images with a warning, or (False) raise naming the file.
+    :param drop_last: drop each epoch's last partial global batch; if False epochs run on into
+                      each other and no image is dropped.
+    :param num_classes: when given with ``class_cond``, labels must be below it (--num_classes).
+    :param workers: image decoding threads (default min(8, CPU count)).
+    :return: an ``ImageBatches`` (iterator, with ``state_dict()``/``load_state_dict()``).
+    """
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer for the data order, got {seed!r}")
+    if rank is None or world_size is None:
+        default_rank, default_world = _default_rank_world()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
+    dev = torch.device(device) if device is not None else None
+    source = load_source(data_dir, image_size, skip_corrupt=skip_corrupt, workers=workers,
+                         mmap=dev is None or dev.type == "cpu", warn=rank == 0)
+    n = int(source.images.shape[0])
+    if class_cond:
+        if source.labels is None:
+            raise ValueError(f"--class_cond True needs class labels, but --data_dir {source.description} has none "
+                             f"({source.no_labels_reason}); use --class_cond False or labelled data")
+        top = int(source.labels.max()) if n else -1
+        if num_classes is not None and top >= num_classes:
+            raise ValueError(f"--data_dir {source.description} has class labels up to {top} "
+                             f"({len(source.classes or []) or top + 1} classes) but --num_classes is {num_classes}")
+    if batch_size > n // world_size:
+        raise ValueError(f"--batch_size {batch_size} is larger than this rank's share of the data: "
+                         f"{n} images / {world_size} process(es) = {n // world_size} per rank "
+                         f"(--data_dir {source.description})")
+    return ImageBatches(source, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
+                        deterministic=deterministic, random_crop=random_crop, random_flip=random_flip,
+                        seed=int(seed), rank=rank, world_size=world_size, device=dev, drop_last=drop_last)
