@@ -20,7 +20,7 @@ from guided_diffusion.script_util import (  # noqa: F401  (upstream names, re-ex
     parse_args_with_config,
     str2bool,
 )
-from guided_diffusion.unet import SuperResModel, UNetModel
+from guided_diffusion.unet import SuperResModel
 
 # Improved-Diffusion has multipliers for these sizes only (pixels).
 _IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
@@ -114,20 +114,20 @@ def create_model(
     dropout,
 ):
     """Build an Improved-Diffusion ``UNetModel`` (legacy attention order, no resblock up/down)."""
-    return UNetModel(
-        image_size=image_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_gd._attention_ds(image_size, attention_resolutions),
-        dropout=dropout,
-        channel_mult=_gd._channel_mult(image_size, "", _IMPROVED_CHANNEL_MULT),
-        num_classes=(NUM_CLASSES if class_cond else None),
+    mult = _gd._channel_mult(image_size, "", _IMPROVED_CHANNEL_MULT)
+    return _gd.create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=",".join(map(str, mult)),
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
         use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
     )
 
 

@@ -146,6 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if point is not None:
         check_resume_compatible(point, config, model)
 
+    # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
+    data = _load_data(args)
+
     logger.configure(dir=log_dir)
     if rank == 0:
         print(f"run folder: {log_dir}", flush=True)
@@ -154,9 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     logger.log(f"world size {dist_util.get_world_size()}, device {dist_util.dev()}, "
                f"global batch {args.batch_size * dist_util.get_world_size()}")
 
-    logger.log("creating data loader...")
-    data = _load_data(args)
-
+    logger.log(f"data: {data!r}")
     logger.log("training...")
     TrainLoop(
         model=model,

@@ -1,0 +1,1 @@
+"""FID, sFID, Inception Score, precision/recall and KID of sample batches (torch-fidelity)."""
