@@ -60,6 +60,7 @@ __all__ = [
     "load_data",
     "load_source",
     "random_crop_arr",
+    "subset_indices",
     "synthetic_images",
     "write_npz",
 ]
@@ -322,13 +323,26 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def _open_packed(path: str, mmap: bool) -> Any:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, not numpy, pickled objects
+        kind = ".npy array" if path.lower().endswith(".npy") else ".npz archive"
+        raise ValueError(f"--data_dir {path}: not a readable {kind} ({type(e).__name__}: {e}); expected the output "
+                         "of scripts/datasets/pack.py or numpy.save/savez of uint8 [N, H, W, 3] images") from e
+
+
 def _read_packed(path: str, image_size: Optional[int], mmap: bool) -> ImageSource:
     """One .npz (arr_0 [+ arr_1, classes]) or .npy (images only)."""
     if path.lower().endswith(".npy"):
-        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        arr = _open_packed(path, mmap)
         _check_images(arr, path, image_size)
         return ImageSource(arr, None, None, path, no_labels_reason="a .npy file holds images only")
-    with np.load(path, allow_pickle=False) as f:
+    packed = _open_packed(path, False)
+    if not isinstance(packed, np.lib.npyio.NpzFile):
+        raise ValueError(f"--data_dir {path}: a single array, not an .npz archive; name it .npy or save it with "
+                         "numpy.savez (arr_0 = images, arr_1 = labels)")
+    with packed as f:
         if "arr_0" not in f.files:
             raise ValueError(f"--data_dir {path}: no 'arr_0' array in the .npz (keys: {', '.join(f.files) or 'none'}); "
                              "expected arr_0 = uint8 images [N, H, W, 3], optional arr_1 = labels")
@@ -362,10 +376,26 @@ def _read_shards(path: str, files: List[str], image_size: Optional[int]) -> Imag
                        no_labels_reason="" if labels is not None else "the shards have no 'arr_1' labels")
 
 
-def _read_folder(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int]) -> Optional[ImageSource]:
+def subset_indices(total: int, max_images: Optional[int]) -> np.ndarray:
+    """
+    Indices of at most ``max_images`` items spread evenly over ``range(total)`` (every k-th one),
+    so that a small subset of a class-sorted listing still covers every class.
+
+    :param total: number of items.
+    :param max_images: the most to keep; None or 0 keeps all.
+    :return: sorted int64 indices.
+    """
+    if max_images is None or max_images <= 0 or max_images >= total:
+        return np.arange(total, dtype=np.int64)
+    return (np.arange(max_images, dtype=np.int64) * total) // max_images
+
+
+def _read_folder(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int],
+                 max_images: Optional[int] = None) -> Optional[ImageSource]:
     rel = list_image_files(path)
     if not rel:
         return None
+    rel = [rel[i] for i in subset_indices(len(rel), max_images)]
     images, keep, bad = _decode_many(rel, lambda r: os.path.join(path, r), image_size, path, skip_corrupt, workers)
     rel = [rel[i] for i in keep]
     names, rule = label_names(rel)
@@ -373,17 +403,23 @@ def _read_folder(path: str, image_size: int, skip_corrupt: bool, workers: Option
     return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
 
 
-def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int]) -> ImageSource:
+def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int],
+              subdir: str = "", max_images: Optional[int] = None) -> ImageSource:
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         raise ValueError(f"--data_dir {path}: not a readable zip file ({e})") from e
     with zf:
+        prefix = subdir.strip("/") + "/" if subdir.strip("/") else ""
         members = sorted(i.filename for i in zf.infolist()
-                         if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image_name(i.filename))
+                         if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image_name(i.filename)
+                         and i.filename.startswith(prefix))
         if not members:
             exts = ", ".join("." + e for e in IMAGE_EXTENSIONS)
-            raise ValueError(f"--data_dir {path}: the zip holds no images; looked for members ending in {exts} (any case)")
+            where = f" under {prefix!r}" if prefix else ""
+            raise ValueError(f"--data_dir {path}: the zip holds no images{where}; looked for members ending in "
+                             f"{exts} (any case)")
+        members = [members[i] for i in subset_indices(len(members), max_images)]
         lock = threading.Lock()
 
         def read(name: str) -> bytes:
@@ -391,7 +427,7 @@ def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[
                 return zf.read(name)
 
         images, keep, bad = _decode_many(members, read, image_size, path, skip_corrupt, workers)
-    members = [members[i] for i in keep]
+    members = [members[i][len(prefix):] for i in keep]
     names, rule = label_names(members)
     labels, classes = _label_ids(names)
     return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
@@ -405,6 +441,8 @@ def load_source(
     workers: Optional[int] = None,
     mmap: bool = True,
     warn: bool = True,
+    subdir: str = "",
+    max_images: Optional[int] = None,
 ) -> ImageSource:
     """
     Read any supported source into memory (see the module docstring).
@@ -417,8 +455,23 @@ def load_source(
     :param workers: decoding threads (default min(8, CPU count)).
     :param mmap: memory-map .npy files instead of reading them.
     :param warn: emit the ``CorruptImageWarning`` (one rank is enough).
+    :param subdir: read only this sub-folder of a folder or zip (e.g. "train" of a zip holding
+                   ``train/`` and ``test/``); labels are taken from the paths below it.
+    :param max_images: keep at most this many images, spread evenly over the sorted listing
+                       (``subset_indices``), decoding only those; None keeps all.
     :return: an ``ImageSource``.
     """
+    src = _load_source(data_dir, image_size, skip_corrupt=skip_corrupt, workers=workers, mmap=mmap,
+                       warn=warn, subdir=subdir, max_images=max_images)
+    if max_images and src.images.shape[0] > max_images:  # packed and synthetic sources: slice after reading
+        idx = subset_indices(src.images.shape[0], max_images)
+        src.images = np.ascontiguousarray(src.images[idx])
+        src.labels = src.labels[idx] if src.labels is not None else None
+    return src
+
+
+def _load_source(data_dir: str, image_size: int, *, skip_corrupt: bool, workers: Optional[int], mmap: bool,
+                 warn: bool, subdir: str, max_images: Optional[int]) -> ImageSource:
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"--image_size must be a positive integer, got {image_size!r}")
     spec = str(data_dir)
@@ -427,13 +480,15 @@ def load_source(
         images, labels = synthetic_images(count, image_size, seed=SYNTHETIC_DATA_SEED)
         return ImageSource(images, labels, list(SYNTHETIC_CLASSES), f"synthetic ({count} images)")
     path = os.path.expanduser(spec)
+    if subdir.strip("/") and os.path.isdir(path):
+        path = os.path.join(path, subdir.strip("/"))
     if not spec or not os.path.exists(path):
         raise FileNotFoundError(
-            f"--data_dir {spec!r} does not exist; expected an image folder, a .zip of images, a packed "
+            f"--data_dir {(path if subdir.strip('/') else spec)!r} does not exist; expected an image folder, a .zip of images, a packed "
             ".npz/.npy (scripts/datasets/pack.py), a folder of .npz shards, or 'synthetic'")
     lower = path.lower()
     if os.path.isdir(path):
-        src = _read_folder(path, image_size, skip_corrupt, workers)
+        src = _read_folder(path, image_size, skip_corrupt, workers, max_images)
         if src is None:
             shards = sorted(f for f in os.listdir(path)
                             if f.rsplit(".", 1)[-1].lower() in PACKED_EXTENSIONS and os.path.isfile(os.path.join(path, f)))
@@ -443,7 +498,7 @@ def load_source(
     elif lower.endswith((".npz", ".npy")):
         return _read_packed(path, image_size, mmap=mmap)
     elif lower.endswith(".zip") or zipfile.is_zipfile(path):
-        src = _read_zip(path, image_size, skip_corrupt, workers)
+        src = _read_zip(path, image_size, skip_corrupt, workers, subdir, max_images)
     else:
         raise ValueError(f"--data_dir {path}: unsupported file type; expected a folder, .zip, .npz, .npy or 'synthetic'")
     if src.images.shape[0] == 0:

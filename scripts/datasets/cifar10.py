@@ -13,29 +13,31 @@ Outputs (``--format``):
   ``datasets/cifar10.py`` writes and its loader reads (label = prefix before ``_``);
 - ``npz``: ``arr_0`` uint8 [N, 32, 32, 3], ``arr_1`` int64 labels, ``classes``.
 
-    python scripts/datasets/cifar10.py --source cifar-10-python.tar.gz --split train --format npz --out data/cifar10_train.npz
-    python scripts/datasets/cifar10.py --source train.zip --split train --format folder --out data/cifar_train
+    python scripts/datasets/cifar10.py --source cifar-10-python.tar.gz --split train    # -> .data/cifar10_train.npz
+    python scripts/datasets/cifar10.py --source train.zip --split train --format folder --out .data/cifar_train
+
+Errors (a missing source, a zip without CIFAR-10 class names, an existing --out) are printed as
+one line naming the flag and file, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pickle
 import shutil
 import sys
 import tarfile
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-try:
-    import guided_diffusion  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from guided_diffusion.image_datasets import center_crop_arr, load_source, write_npz  # noqa: E402
+from guided_diffusion.image_datasets import center_crop_arr, load_source, subset_indices, write_npz  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -48,7 +50,10 @@ _BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_ba
 
 def _unpickle_batch(data: bytes, name: str) -> Tuple[np.ndarray, np.ndarray]:
     """One CIFAR python batch -> (uint8 [N, 32, 32, 3], int64 [N])."""
-    d = pickle.loads(data, encoding="bytes")
+    try:
+        d = pickle.loads(data, encoding="bytes")
+    except Exception as e:  # truncated or not a pickle
+        raise ValueError(f"{name}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     try:
         raw, labels = d[b"data"], d[b"labels"]
     except (KeyError, TypeError) as e:
@@ -78,11 +83,15 @@ def read_python_batches(source: str, split: str) -> Tuple[np.ndarray, np.ndarray
                 with open(path, "rb") as f:
                     found[name] = f.read()
     else:
-        with tarfile.open(source, "r:*") as tar:
-            for member in tar.getmembers():
-                base = os.path.basename(member.name)
-                if member.isfile() and base in wanted:
-                    found[base] = tar.extractfile(member).read()
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar.getmembers():
+                    base = os.path.basename(member.name)
+                    if member.isfile() and base in wanted:
+                        found[base] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"--source {source}: not a readable tar archive ({type(e).__name__}: {e}); "
+                             f"{TARBALL_HELP}") from e
     missing = [n for n in wanted if n not in found]
     if missing:
         raise ValueError(f"--source {source}: missing CIFAR-10 batch file(s) {missing} for --split {split}; {TARBALL_HELP}")
@@ -90,38 +99,34 @@ def read_python_batches(source: str, split: str) -> Tuple[np.ndarray, np.ndarray
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _split_view(source: str, split: str) -> str:
-    """A folder's ``train/`` or ``test/`` part when it has one."""
-    sub = os.path.join(source, split)
-    return sub if os.path.isdir(sub) else source
-
-
-def _zip_split(source: str, split: str, workdir: str) -> str:
-    """A zip that holds several top-level splits: write the members of ``split`` to a smaller zip."""
+def _split_subdir(source: str, split: str) -> str:
+    """``split`` when the folder or zip has a top-level ``train/`` / ``test/`` part of that name, else ""."""
+    if os.path.isdir(source):
+        return split if os.path.isdir(os.path.join(source, split)) else ""
     with zipfile.ZipFile(source) as zf:
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        tops = {n.split("/", 1)[0] for n in names if "/" in n}
-        if split not in tops or len(tops) == 1:
-            return source
-        path = os.path.join(workdir, f"{split}.zip")
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
-            for n in names:
-                if n.startswith(split + "/"):
-                    out.writestr(n, zf.read(n))
-    return path
+        tops = {n.split("/", 1)[0] for n in zf.namelist() if "/" in n}
+    return split if split in tops else ""
 
 
-def read_images(source: str, split: str, image_size: int, workdir: str) -> Tuple[np.ndarray, np.ndarray]:
+def read_images(source: str, split: str, image_size: int, max_images: Optional[int] = None,
+                skip_corrupt: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """
     Read a CIFAR-10 split from a folder or zip of images, labels in CIFAR-10 order.
 
+    :param source: a folder or .zip; its ``split`` sub-folder is used when it has one.
+    :param split: "train" or "test".
+    :param image_size: output side (center crop, upstream's rule).
+    :param max_images: keep at most this many, spread evenly over the sorted file names.
+    :param skip_corrupt: skip unreadable images with a count instead of stopping.
     :return: (uint8 images [N, S, S, 3], int64 labels [N]).
     """
-    if os.path.isdir(source):
-        source = _split_view(source, split)
-    else:
-        source = _zip_split(source, split, workdir)
-    src = load_source(source, image_size, mmap=False)
+    if not os.path.isdir(source) and not zipfile.is_zipfile(source):
+        raise ValueError(f"--source {source}: not a folder, a zip, or the python tarball; {TARBALL_HELP}")
+    subdir = _split_subdir(source, split)
+    src = load_source(source, image_size, mmap=False, subdir=subdir, max_images=max_images,
+                      skip_corrupt=skip_corrupt)
+    if subdir:
+        source = f"{source} ({subdir}/)"
     if src.labels is None:
         raise ValueError(f"--source {source}: its images have no class labels ({src.no_labels_reason}); "
                          f"expected CIFAR-10 names, e.g. airplane_00001.png or airplane/0001.jpg")
@@ -133,13 +138,18 @@ def read_images(source: str, split: str, image_size: int, workdir: str) -> Tuple
 
 
 def write_folder(out: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write ``{class}_{index:05d}.png`` files into a new folder (built aside, then renamed)."""
+    """
+    Write ``{class}_{index:05d}.png`` files (improved-diffusion's names) into ``out``, built aside
+    in ``out.partial`` and swapped in at the end, so an existing ``out`` survives a failure.
+    """
     tmp = out.rstrip("/\\") + ".partial"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     for i, (img, y) in enumerate(zip(images, labels)):
         Image.fromarray(img).save(os.path.join(tmp, f"{CLASSES[int(y)]}_{i:05d}.png"))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
     os.replace(tmp, out)
 
 
@@ -149,8 +159,13 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help=f"{TARBALL}, its extracted folder, or a folder/zip of images")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--format", choices=["folder", "npz"], default="npz")
-    p.add_argument("--out", default="", help="output folder or .npz (default cifar_{split} or cifar_{split}.npz)")
+    p.add_argument("--out", default="",
+                   help="output folder or .npz (default .data/cifar10_{split}[.npz], where configs/cifar10 look)")
     p.add_argument("--image_size", type=int, default=32, help="side in pixels (32 = CIFAR-10's own)")
+    p.add_argument("--max_images", type=int, default=0,
+                   help="keep at most this many images, spread evenly over the split (0 = all; for quick tests)")
+    p.add_argument("--skip_corrupt", type=str2bool, default=True,
+                   help="skip unreadable images of a folder/zip with a count (True) or stop at the first (False)")
     p.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out")
     return p
 
@@ -163,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     :return: the path written.
     """
     args = create_argparser().parse_args(argv)
-    out = args.out or (f"cifar_{args.split}" + (".npz" if args.format == "npz" else ""))
+    out = args.out or os.path.join(".data", f"cifar10_{args.split}" + (".npz" if args.format == "npz" else ""))
     if "://" in args.source:
         raise ValueError(f"--source {args.source}: this script does not download; {TARBALL_HELP}")
     if not os.path.exists(args.source):
@@ -175,6 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             raise FileExistsError(f"--out {out} exists; pass --overwrite True to replace it")
     if args.image_size <= 0:
         raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    if args.max_images < 0:
+        raise ValueError(f"--max_images must be 0 (all) or positive, got {args.max_images}")
 
     lower = args.source.lower()
     is_python = (os.path.isdir(args.source) and os.path.isfile(os.path.join(args.source, _BATCHES[args.split][0]))) \
@@ -183,19 +200,24 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     os.makedirs(workdir, exist_ok=True)
     if is_python:
         images, labels = read_python_batches(args.source, args.split)
+        keep = subset_indices(len(images), args.max_images)
+        images, labels = images[keep], labels[keep]
         if args.image_size != 32:
             images = np.stack([center_crop_arr(Image.fromarray(a), args.image_size) for a in images])
     else:
-        images, labels = read_images(args.source, args.split, args.image_size, workdir)
-        split_zip = os.path.join(workdir, f"{args.split}.zip")
-        if split_zip != os.path.abspath(args.source) and os.path.exists(split_zip) and not os.path.isdir(args.source):
-            os.remove(split_zip)
+        images, labels = read_images(args.source, args.split, args.image_size, args.max_images, args.skip_corrupt)
 
     if args.format == "npz":
         write_npz(out, images, labels, CLASSES)
     else:
-        if os.path.exists(out):
-            shutil.rmtree(out)
         write_folder(out, images, labels)
     print(f"wrote {out}: {len(images)} CIFAR-10 {args.split} images ({args.format})")
     return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -6,19 +6,20 @@ a folder of shards, ``synthetic``), center-crops the images to ``--image_size`` 
 loader's own function and writes ``arr_0`` (uint8 [N, S, S, 3]), ``arr_1`` (int64 labels, when
 the source has labels) and ``classes`` (label names).
 
-    python scripts/datasets/pack.py --data_dir /path/to/train.zip --image_size 32 --out data/cifar10_train.npz
-    python scripts/image_train.py --data_dir data/cifar10_train.npz ...
+    python scripts/datasets/pack.py --data_dir /path/to/train.zip --image_size 32 --out .data/cifar10_train.npz
+    python scripts/image_train.py --data_dir .data/cifar10_train.npz ...
+
+Unreadable images are skipped with a count (``--skip_corrupt False``: stop naming the first).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Optional, Sequence
 
-try:
-    import guided_diffusion  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from guided_diffusion.image_datasets import load_source, write_npz  # noqa: E402
@@ -34,6 +35,8 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--skip_corrupt", type=str2bool, default=True,
                    help="skip unreadable images with a count (True) or stop at the first one (False)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default min(8, CPUs))")
+    p.add_argument("--max_images", type=int, default=0,
+                   help="keep at most this many images, spread evenly over the sorted file names (0 = all)")
     p.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out file")
     return p
 
@@ -52,8 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite True to replace it")
     if args.image_size <= 0:
         raise ValueError(f"--image_size must be positive, got {args.image_size}")
+    if args.max_images < 0:
+        raise ValueError(f"--max_images must be 0 (all) or positive, got {args.max_images}")
     src = load_source(args.data_dir, args.image_size, skip_corrupt=args.skip_corrupt,
-                      workers=args.workers, mmap=True)
+                      workers=args.workers, mmap=True, max_images=args.max_images or None)
     write_npz(args.out, src.images, src.labels, src.classes)
     n = src.images.shape[0]
     what = f"{len(src.classes)} classes" if src.labels is not None and src.classes else "no labels"
@@ -63,4 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # CorruptImageError is a ValueError
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
