@@ -4,11 +4,14 @@ The math behind the paper's analyses (Xu et al. 2024, section 3), shared by the 
 
 - PSNR between image batches and the mean pairwise PSNR of several models (Table 1).
 - Sampling several models from the same initial noise *and the same per-step noise*
-  (``SharedNoise`` + ``sample_with_shared_noise``), so that their samples can be compared.
+  (``SharedNoise``, handed to the diffusion's own sampling loops as ``step_noise_fn``), so
+  that their samples can be compared; DCGAN generators get the same latent per seed.
+- The predicted x_0 along the reverse process (Fig. 9).
 - Hessian-vector products by double backward, power iteration with deflation, Lanczos,
   Hutchinson's trace estimator and stochastic Lanczos quadrature (Fig. 3).
 - Linear interpolation of parameters and the diffusion loss on a fixed batch, fixed noise
   and fixed timesteps (Fig. 4).
+- Hessian analysis of the diffusion loss or of a GAN generator's loss.
 - Locating a checkpoint's model flags (``--model_flags`` > ``config.yaml`` beside the
   checkpoint > defaults) and building the model from them.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -171,21 +173,6 @@ class SharedNoise:
         return self.step(step_index, "cpu" if device is None else device)
 
 
-def diffusion_supports_step_noise(diffusion, use_ddim: bool = False) -> bool:
-    """Whether the diffusion's progressive sampling loop takes a ``step_noise_fn`` keyword."""
-    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
-    try:
-        return "step_noise_fn" in inspect.signature(loop).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """arr[t] broadcast to x's shape (float32 on x's device)."""
-    v = torch.from_numpy(np.asarray(arr)).to(device=t.device)[t].float()
-    return v.view(-1, *([1] * (x.ndim - 1))).to(x.device)
-
-
 def sample_with_shared_noise(
     model: torch.nn.Module,
     diffusion,
@@ -197,18 +184,11 @@ def sample_with_shared_noise(
     model_kwargs: Optional[dict] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
-    implementation: str = "auto",
 ) -> Iterator[Dict[str, Any]]:
     """
-    Run the reverse process from ``noise.initial()`` with ``noise.step(k)`` as the noise of
-    step k, yielding after every step.
-
-    Two implementations give the same numbers: "library" hands ``noise`` to the diffusion's
-    ``p_sample_loop_progressive`` / ``ddim_sample_loop_progressive`` as ``step_noise_fn``;
-    "analysis" runs the upstream update itself on top of ``diffusion.p_mean_variance``
-    (DDPM: mean + [t > 0]·exp(½·log_variance)·z; DDIM: upstream's η update), drawing z
-    from ``noise`` explicitly, so no hidden ``torch.randn_like`` call can differ between
-    models. "auto" takes the library path when the diffusion supports ``step_noise_fn``.
+    Run the diffusion's own reverse process (``p_sample_loop_progressive``, or
+    ``ddim_sample_loop_progressive`` with ``use_ddim``) from ``noise.initial()``, with
+    ``noise`` as its ``step_noise_fn``: step k adds ``noise.step(k)``, whatever the model.
 
     :param model: the denoising network (put it in eval mode first).
     :param diffusion: a ``GaussianDiffusion`` / ``SpacedDiffusion``.
@@ -216,59 +196,24 @@ def sample_with_shared_noise(
     :param use_ddim: DDIM instead of ancestral DDPM sampling.
     :param eta: DDIM's η (0 = deterministic; the per-step noise matters only for η > 0).
     :param model_kwargs: e.g. ``{"y": labels}`` for a class-conditional model.
-    :param implementation: "auto", "library" or "analysis".
-    :return: an iterator of dicts ``{"step", "t", "sample", "pred_xstart"}``; ``t`` is the
-        (possibly re-spaced) timestep index the step denoised.
+    :return: an iterator of dicts ``{"step", "t", "t_train", "sample", "pred_xstart"}``:
+        ``t`` is the (possibly re-spaced) timestep index the step denoised, ``t_train`` the
+        timestep of the training diffusion it stands for.
     """
-    if implementation not in ("auto", "library", "analysis"):
-        raise ValueError(f"implementation: expected 'auto', 'library' or 'analysis', got {implementation!r}")
     device = torch.device(device)
     shape = (len(noise.seeds),) + noise.shape
-    x_T = noise.initial(device)
-    model_kwargs = model_kwargs or {}
-    if implementation == "auto":
-        implementation = "library" if diffusion_supports_step_noise(diffusion, use_ddim) else "analysis"
+    kwargs = dict(noise=noise.initial(device), clip_denoised=clip_denoised, model_kwargs=model_kwargs or {},
+                  device=device, progress=progress, step_noise_fn=noise)
+    if use_ddim:
+        loop = diffusion.ddim_sample_loop_progressive(model, shape, eta=eta, **kwargs)
+    else:
+        loop = diffusion.p_sample_loop_progressive(model, shape, **kwargs)
     num_steps = diffusion.num_timesteps
-    if implementation == "library":
-        if use_ddim:
-            loop = diffusion.ddim_sample_loop_progressive(
-                model, shape, noise=x_T, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                device=device, progress=progress, eta=eta, step_noise_fn=noise,
-            )
-        else:
-            loop = diffusion.p_sample_loop_progressive(
-                model, shape, noise=x_T, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                device=device, progress=progress, step_noise_fn=noise,
-            )
-        for k, out in enumerate(loop):
-            yield {"step": k, "t": num_steps - 1 - k, "sample": out["sample"], "pred_xstart": out["pred_xstart"]}
-        return
-
-    x = x_T
-    indices = range(num_steps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices)
-    for k, i in enumerate(indices):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        with torch.no_grad():
-            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        z = noise.step(k, device).to(x.dtype)
-        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
-        if use_ddim:
-            x0 = out["pred_xstart"]
-            eps = (_extract(diffusion.sqrt_recip_alphas_cumprod, t, x) * x - x0) / _extract(
-                diffusion.sqrt_recipm1_alphas_cumprod, t, x
-            )
-            ab = _extract(diffusion.alphas_cumprod, t, x)
-            ab_prev = _extract(diffusion.alphas_cumprod_prev, t, x)
-            sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-            mean = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
-            x = mean + nonzero * sigma * z
-        else:
-            x = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * z
-        yield {"step": k, "t": i, "sample": x, "pred_xstart": out["pred_xstart"]}
+    tmap = getattr(diffusion, "timestep_map", None)
+    for k, out in enumerate(loop):
+        t = num_steps - 1 - k
+        t_train = int(tmap[t]) if tmap is not None else t
+        yield {"step": k, "t": t, "t_train": t_train, "sample": out["sample"], "pred_xstart": out["pred_xstart"]}
 
 
 def final_sample(steps: Iterator[Dict[str, Any]]) -> torch.Tensor:
@@ -279,6 +224,179 @@ def final_sample(steps: Iterator[Dict[str, Any]]) -> torch.Tensor:
     if last is None:
         raise ValueError("final_sample: the sampling loop produced no steps (num_timesteps = 0?)")
     return last["sample"]
+
+
+def seed_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Class labels drawn from each image's seed alone (class-conditional models agree on them)."""
+    g = [torch.Generator().manual_seed(_mix_seed(s, 999_983)) for s in seeds]
+    return torch.stack([torch.randint(0, int(num_classes), (), generator=gi) for gi in g]).long()
+
+
+def _batches(seeds: Sequence[int], batch_size: int) -> Iterator[List[int]]:
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    seeds = list(seeds)
+    for i in range(0, len(seeds), batch_size):
+        yield seeds[i : i + batch_size]
+
+
+def diffusion_sample_images(
+    model: torch.nn.Module,
+    diffusion,
+    seeds: Sequence[int],
+    image_shape: Sequence[int],
+    *,
+    batch_size: int = 32,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    num_classes: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """
+    One sample per seed with ``SharedNoise`` (initial and per-step noise of each image drawn
+    from its seed, so the batch split does not matter).
+
+    :param image_shape: (C, H, W).
+    :param num_classes: for a class-conditional model: labels come from ``seed_labels``.
+    :return: float images [len(seeds), C, H, W] in [-1, 1] on the CPU.
+    """
+    out = []
+    for chunk in _batches(seeds, batch_size):
+        kw = {"y": seed_labels(chunk, num_classes).to(device)} if num_classes else {}
+        steps = sample_with_shared_noise(model, diffusion, SharedNoise(chunk, image_shape), use_ddim=use_ddim,
+                                         eta=eta, clip_denoised=clip_denoised, model_kwargs=kw, device=device,
+                                         progress=progress)
+        out.append(final_sample(steps).float().cpu())
+    return torch.cat(out)
+
+
+def gan_sample_images(
+    generator: torch.nn.Module,
+    seeds: Sequence[int],
+    *,
+    batch_size: int = 32,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.Tensor:
+    """
+    One generator image per seed from ``gan.gan_latents`` (the same z for every generator).
+
+    :return: float images [len(seeds), C, H, W] in [-1, 1] on the CPU.
+    """
+    from .gan import gan_latents
+
+    out = []
+    with torch.no_grad():
+        for chunk in _batches(seeds, batch_size):
+            out.append(generator(gan_latents(chunk, generator.nz).to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def image_grid(rows: Sequence[np.ndarray], pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """
+    Tile images into one picture: row r holds ``rows[r]`` (uint8 [N, H, W, C]) side by side.
+
+    :return: a uint8 array [R·(H+pad)+pad, N·(W+pad)+pad, C].
+    """
+    rows = [np.asarray(r) for r in rows]
+    if not rows or any(r.shape != rows[0].shape for r in rows) or rows[0].ndim != 4:
+        raise ValueError(f"image_grid: expected rows of equal shape [N, H, W, C], got {[r.shape for r in rows]}")
+    n, h, w, c = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i, r in enumerate(rows):
+        for j in range(n):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = r[j]
+    return grid
+
+
+@dataclass
+class ConsistencyResult:
+    """Table 1 for one set of models: every pair's PSNRs and their mean."""
+
+    names: List[str]
+    pairs: List[PairPSNR]
+    max_db: float
+
+    @property
+    def mean_db(self) -> float:
+        """The mean over pairs of each pair's mean per-image PSNR (dB)."""
+        return float(np.mean([p.mean for p in self.pairs]))
+
+    @property
+    def identical_pairs(self) -> List[Tuple[str, str]]:
+        return [(self.names[p.i], self.names[p.j]) for p in self.pairs if p.all_identical]
+
+    @property
+    def any_capped(self) -> bool:
+        return any(bool(p.identical.any()) for p in self.pairs)
+
+
+def consistency(images: Sequence[np.ndarray], names: Sequence[str], max_db: float = PSNR_CAP_DB) -> ConsistencyResult:
+    """
+    The paper's consistency measure: PSNR between the images that different models make from
+    the same noise, for every pair of models.
+
+    :param images: one uint8 array [N, H, W, C] per model, image j from seed j in all of them.
+    :param names: one label per model.
+    """
+    if len(names) != len(images):
+        raise ValueError(f"consistency: {len(images)} image batches but {len(names)} names")
+    return ConsistencyResult(list(names), pairwise_psnr(images, max_db), float(max_db))
+
+
+# ======================================================================================
+# The predicted x_0 along the reverse process (Fig. 9)
+# ======================================================================================
+
+
+def evenly_spaced_steps(num_steps: int, count: int) -> List[int]:
+    """``count`` sampling-step indices spread over 0..num_steps-1, first and last included."""
+    if num_steps < 1 or count < 1:
+        raise ValueError(f"evenly_spaced_steps: need num_steps >= 1 and count >= 1, got {num_steps}, {count}")
+    count = min(count, num_steps)
+    if count == 1:
+        return [num_steps - 1]
+    return sorted({int(round(k * (num_steps - 1) / (count - 1))) for k in range(count)})
+
+
+def predicted_xstart_trajectory(
+    model: torch.nn.Module,
+    diffusion,
+    noise: SharedNoise,
+    keep_steps: Sequence[int],
+    *,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    model_kwargs: Optional[dict] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> Tuple[List[Dict[str, Any]], torch.Tensor, np.ndarray]:
+    """
+    Sample once and measure how close each step's predicted x_0 is to the final sample.
+
+    :param keep_steps: sampling-step indices whose predicted x_0 is kept (for a figure).
+    :return: ``(kept, final, psnr_per_step)``: ``kept`` is a list of dicts ``{"step", "t",
+        "t_train", "pred_xstart"}`` (CPU tensors) in sampling order; ``final`` the final
+        sample [N, C, H, W] (CPU); ``psnr_per_step`` a float64 array [num_steps, N], the PSNR
+        in dB (uint8 images, capped) of each step's predicted x_0 against the final sample.
+    """
+    keep = set(int(k) for k in keep_steps)
+    kept, preds, ts = [], [], []
+    for out in sample_with_shared_noise(model, diffusion, noise, use_ddim=use_ddim, eta=eta,
+                                        clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device):
+        px = out["pred_xstart"].float().cpu()
+        preds.append(to_uint8(px))
+        ts.append(out["t"])
+        if out["step"] in keep:
+            kept.append({"step": out["step"], "t": out["t"], "t_train": out["t_train"], "pred_xstart": px})
+        final = out["sample"].float().cpu()
+    if not preds:
+        raise ValueError("predicted_xstart_trajectory: the sampling loop produced no steps")
+    final_u8 = to_uint8(final)
+    table = np.stack([psnr(p, final_u8) for p in preds])
+    return kept, final, table
 
 
 # ======================================================================================
@@ -852,6 +970,8 @@ def load_diffusion_model(
     """
     from .script_util import create_model_and_diffusion
 
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     flags, source = resolve_model_flags(checkpoint, model_flags)
     flags.update(ANALYSIS_OVERRIDES)
     flags.update(overrides or {})
@@ -879,3 +999,251 @@ def default_out_dir(kind: str) -> Path:
     import time
 
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ======================================================================================
+# Loss along a line between two checkpoints (Fig. 4)
+# ======================================================================================
+
+
+def parse_alphas(text: str) -> np.ndarray:
+    """
+    ``--alphas``: "START:STOP:COUNT" (evenly spaced, both ends included) or a comma list.
+
+    :raises ValueError: naming the flag and the expected forms.
+    """
+    try:
+        if ":" in text:
+            start, stop, count = text.split(":")
+            if int(count) < 1:
+                raise ValueError
+            out = np.linspace(float(start), float(stop), int(count))
+        else:
+            out = np.asarray([float(x) for x in text.split(",") if x.strip()], dtype=np.float64)
+    except ValueError:
+        out = np.empty(0)
+    if out.size == 0 or not np.all(np.isfinite(out)):
+        raise ValueError(f"--alphas: expected START:STOP:COUNT (e.g. -0.5:1.5:41) or a comma list, got {text!r}")
+    return out
+
+
+def loss_along_line(
+    model: torch.nn.Module,
+    diffusion,
+    sd_a: Dict[str, torch.Tensor],
+    sd_b: Dict[str, torch.Tensor],
+    alphas: Sequence[float],
+    batch: FixedBatch,
+    device: Union[str, torch.device] = "cpu",
+) -> List[Dict[str, float]]:
+    """
+    The diffusion loss of θ(α) = (1-α)·θ_a + α·θ_b on one fixed batch (fixed noise and
+    timesteps), for each α. ``model`` is overwritten with each θ(α) in turn and left in eval
+    mode (dropout off, so the loss is a function of θ alone).
+
+    :return: one dict per α: ``{"alpha", "loss", "mse", "vb", ...}`` (the mean of every
+        per-sample term that ``training_losses`` returns).
+    """
+    device = torch.device(device)
+    batch = batch.to(device)
+    model.to(device).eval()
+    rows = []
+    for alpha in alphas:
+        model.load_state_dict(interpolate_state_dicts(sd_a, sd_b, float(alpha)), strict=True)
+        with torch.no_grad():
+            _, terms = diffusion_loss(model, diffusion, batch, terms=True)
+        rows.append({"alpha": float(alpha), **terms})
+    return rows
+
+
+# ======================================================================================
+# Hessian analysis of a loss (Fig. 3)
+# ======================================================================================
+
+
+def gan_generator_loss(generator: torch.nn.Module, discriminator: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """
+    The (non-saturating) DCGAN generator loss on fixed latents: mean BCE(D(G(z)), real),
+    i.e. -log σ(D(G(z))). Put both networks in eval mode so BatchNorm uses its running
+    statistics and the loss is a function of the generator's parameters alone.
+    """
+    logits = discriminator(generator(z))
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+def hessian_analysis(
+    hvp: HessianVectorProduct,
+    *,
+    top_k: int = 5,
+    power_iters: int = 100,
+    power_tol: float = 1e-3,
+    lanczos_steps: int = 50,
+    trace_samples: int = 50,
+    slq_probes: int = 3,
+    slq_steps: int = 50,
+    seed: int = 0,
+    basis_device: Optional[Union[str, torch.device]] = None,
+) -> Dict[str, Any]:
+    """
+    Everything Fig. 3 shows for one loss: the top-k eigenvalues by power iteration (largest
+    magnitude, with deflation) and by Lanczos (algebraically largest Ritz values), the trace
+    by Hutchinson, and the spectral density by stochastic Lanczos quadrature. A method with
+    0 iterations/samples/probes is skipped.
+
+    :param hvp: a ``HessianVectorProduct`` of the loss.
+    :param seed: seeds every random vector.
+    :return: dict with ``loss``, ``dim``, ``power`` (PowerIterationResult or None),
+        ``lanczos`` (array or None), ``trace`` (TraceEstimate or None), ``density``
+        (SpectralDensity or None) and ``num_products``.
+    """
+    p0 = hvp.params[0]
+    common = dict(dtype=p0.dtype, device=p0.device)
+    out: Dict[str, Any] = {"dim": hvp.dim, "power": None, "lanczos": None, "trace": None, "density": None}
+    with math_attention():
+        hvp.gradient()  # builds the graph once; records the loss
+        out["loss"] = hvp.loss
+        if power_iters > 0 and top_k > 0:
+            out["power"] = power_iteration(hvp, hvp.dim, min(top_k, hvp.dim), max_iters=power_iters, tol=power_tol,
+                                           generator=torch.Generator().manual_seed(seed), **common)
+        if lanczos_steps > 0 and top_k > 0:
+            out["lanczos"] = lanczos_top_eigenvalues(hvp, hvp.dim, top_k, lanczos_steps,
+                                                     generator=torch.Generator().manual_seed(seed + 1),
+                                                     basis_device=basis_device, **common)
+        if trace_samples > 0:
+            out["trace"] = hutchinson_trace(hvp, hvp.dim, trace_samples,
+                                            generator=torch.Generator().manual_seed(seed + 2), **common)
+        if slq_probes > 0 and slq_steps > 0:
+            out["density"] = stochastic_lanczos_quadrature(hvp, hvp.dim, slq_probes, slq_steps,
+                                                           generator=torch.Generator().manual_seed(seed + 3),
+                                                           basis_device=basis_device, **common)
+    out["num_products"] = hvp.num_products
+    hvp.release()
+    return out
+
+
+# ======================================================================================
+# GAN checkpoints
+# ======================================================================================
+
+
+def checkpoint_kind(checkpoint: Union[str, Path], kind: str = "auto") -> str:
+    """
+    ``--kind``: "diffusion" or "gan" as given; "auto": "gan" when the DCGAN training script's
+    ``gan_config.yaml`` sits beside the checkpoint, else "diffusion".
+    """
+    from .gan import find_gan_config
+
+    if kind not in ("auto", "diffusion", "gan"):
+        raise ValueError(f"--kind: expected auto, diffusion or gan, got {kind!r}")
+    if kind != "auto":
+        return kind
+    return "gan" if find_gan_config(checkpoint) is not None else "diffusion"
+
+
+def load_gan_model(
+    checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu", discriminator: bool = False
+):
+    """
+    Load a DCGAN generator checkpoint (and, with ``discriminator``, the discriminator saved at
+    the same step beside it), in eval mode.
+
+    :return: ``(generator, flags)`` or ``(generator, discriminator, flags)``.
+    """
+    from .gan import GAN_CONFIG_NAME, create_gan, discriminator_path_for, load_gan_flags
+
+    flags = load_gan_flags(checkpoint)
+    g, d = create_gan(**flags)
+    source = f"{Path(checkpoint).resolve().parent / GAN_CONFIG_NAME}"
+    load_into(g, load_state_dict_file(checkpoint), checkpoint, source)
+    g.to(device).eval()
+    if not discriminator:
+        return g, flags
+    d_path = discriminator_path_for(checkpoint)
+    load_into(d, load_state_dict_file(d_path), d_path, source)
+    d.to(device).eval()
+    return g, d, flags
+
+
+# ======================================================================================
+# Script plumbing shared by the analysis scripts
+# ======================================================================================
+
+
+def load_fixed_batch(
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    num_timesteps: int,
+    *,
+    class_cond: bool = False,
+    seed: int = 0,
+    timesteps: str = "stratified",
+) -> FixedBatch:
+    """
+    The first ``batch_size`` images of ``data_dir`` (deterministic order, no flips) with
+    seeded noise and fixed timesteps (``make_fixed_batch``).
+
+    :param data_dir: anything ``image_datasets.load_data`` reads ("synthetic" included).
+    """
+    from .image_datasets import load_data
+
+    if not data_dir:
+        raise ValueError("--data_dir is required (not in the checkpoint's config.yaml): an image folder, "
+                         "a packed .npz, a zip, or 'synthetic'")
+    data = load_data(data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
+                     deterministic=True, random_flip=False, seed=seed, rank=0, world_size=1)
+    images, cond = next(iter(data))
+    return make_fixed_batch(images, num_timesteps, seed=seed, labels=cond.get("y"), timesteps=timesteps)
+
+
+def write_csv(path: Union[str, Path], rows: Sequence[Dict[str, Any]]) -> None:
+    """Write dict rows (the first row's keys are the header) as CSV, floats with repr precision."""
+    import csv
+
+    if not rows:
+        raise ValueError(f"write_csv {path}: no rows")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()})
+
+
+def save_grid_png(
+    rows: Sequence[np.ndarray],
+    path: Union[str, Path],
+    row_labels: Optional[Sequence[str]] = None,
+    col_labels: Optional[Sequence[str]] = None,
+    title: str = "",
+    cell_inches: float = 0.9,
+) -> None:
+    """
+    Save ``image_grid(rows)`` as a PNG with row/column labels (matplotlib, Agg backend).
+
+    :param rows: uint8 arrays [N, H, W, C], one per row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(rows)
+    n_rows, (n, h, w, c) = len(rows), np.shape(rows[0])
+    fig_w = max(4.0, cell_inches * n + 2.0)
+    fig_h = max(2.0, cell_inches * n_rows + 0.8)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
+    ax.set_yticks([2 + i * (h + 2) + h / 2 for i in range(n_rows)])
+    ax.set_yticklabels(list(row_labels) if row_labels else [str(i) for i in range(n_rows)], fontsize=8)
+    ax.set_xticks([2 + j * (w + 2) + w / 2 for j in range(n)])
+    ax.set_xticklabels(list(col_labels) if col_labels else [str(j) for j in range(n)], fontsize=7)
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

