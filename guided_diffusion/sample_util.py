@@ -574,20 +574,6 @@ def finish_sampling(args: argparse.Namespace, checkpoint: str, images: np.ndarra
     return path
 
 
-def run_script(main: Callable[[], Any], errors: Tuple[type, ...] = (ValueError, FileNotFoundError)) -> None:
-    """
-    Run a script's ``main()``; a bad flag or file (``errors``) ends it with its message and exit
-    status 2 instead of a traceback.
-    """
-    import sys
-
-    try:
-        main()
-    except errors as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 __all__ = [
     "LABEL_STREAM",
     "SampleNoise",
@@ -601,7 +587,6 @@ __all__ = [
     "parse_sample_args",
     "resolve_checkpoint",
     "run_ema_rates",
-    "run_script",
     "sample_defaults",
     "sample_seed",
     "samples_file_name",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -570,3 +570,26 @@ def parse_args_with_config(
     if known.config:
         parser.set_defaults(**coerce_config(load_config(known.config), defaults, f"--config {known.config}"))
     return parser.parse_args(argv)
+
+
+def run_script(
+    main: Callable[[], Any],
+    errors: Tuple[type, ...] = (ValueError, FileNotFoundError, FileExistsError),
+    failures: Tuple[type, ...] = (),
+) -> None:
+    """
+    Run a script's ``main()`` so that a bad flag, file or value ends it with its message instead
+    of a traceback.
+
+    :param main: the script's entry point.
+    :param errors: bad input: the message and exit status 2.
+    :param failures: a run that went wrong (e.g. a diverged loss): the message and exit status 1.
+    """
+    import os
+    import sys
+
+    try:
+        main()
+    except errors + failures as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1 if failures and isinstance(e, failures) else 2)

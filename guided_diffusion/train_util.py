@@ -146,6 +146,7 @@ def training_defaults() -> Dict[str, Any]:
         seed=0,
         resume="auto",  # auto | none | PATH
         max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
+        skip_corrupt=True,  # corrupt/unreadable images in --data_dir: skip and count (False: error)
         deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
     )
 

@@ -441,8 +441,6 @@ def _write_json(path: str, result: Dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    from guided_diffusion.script_util import run_script
+
+    run_script(main)

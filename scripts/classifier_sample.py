@@ -30,7 +30,6 @@ from guided_diffusion.sample_util import (
     finish_sampling,
     generate_samples,
     load_checkpoint_model,
-    run_script,
     sample_defaults,
     start_sampling,
 )
@@ -109,4 +108,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
 
 
 if __name__ == "__main__":
+    from guided_diffusion.script_util import run_script
+
     run_script(main)

@@ -32,7 +32,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.optim import create_optimizer
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sample_util import run_script
+from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,

@@ -11,6 +11,7 @@ Settings are in configs/smoke/demo.yaml; any extra flag is passed to scripts/ima
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import csv
 import glob
 import os
@@ -20,9 +21,7 @@ from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-try:
-    import guided_diffusion  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
 import image_train  # noqa: E402  (scripts/image_train.py)

@@ -43,7 +43,6 @@ from guided_diffusion.sample_util import (
     generate_samples,
     load_checkpoint_model,
     resolve_checkpoint,
-    run_script,
     run_ema_rates,
     save_samples_npz,
 )
@@ -271,4 +270,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    from guided_diffusion.script_util import run_script
+
     run_script(main)

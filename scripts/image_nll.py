@@ -26,7 +26,8 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.sample_util import run_script, start_sampling
+from guided_diffusion.sample_util import start_sampling
+from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 TERMS = ("vb", "mse", "xstart_mse")

@@ -22,7 +22,8 @@ if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import logger
-from guided_diffusion.sample_util import finish_sampling, generate_samples, run_script, sample_defaults, start_sampling
+from guided_diffusion.sample_util import finish_sampling, generate_samples, sample_defaults, start_sampling
+from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 

@@ -13,15 +13,14 @@ resolved configuration, checkpoints, logs and sample grids.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import os
 import random
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-try:
-    import guided_diffusion  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
+if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
@@ -101,6 +100,8 @@ def _load_data(args: argparse.Namespace):
     params = inspect.signature(load_data).parameters
     if "seed" in params:
         kwargs["seed"] = args.seed
+    if "skip_corrupt" in params:
+        kwargs["skip_corrupt"] = args.skip_corrupt
     if "num_classes" in params and args.class_cond:
         kwargs["num_classes"] = args.num_classes
     if "device" in params and dist_util.dev().type == "cuda":
@@ -201,9 +202,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        # a bad flag/file or a diverged run: the message says what and where, no traceback needed
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if not isinstance(e, NonFiniteLossError) else 1)
+    from guided_diffusion.script_util import run_script
+
+    run_script(main, failures=(NonFiniteLossError,))

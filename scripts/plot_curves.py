@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.sample_util import run_script
+from guided_diffusion.script_util import run_script
 
 X_COLUMNS = {"iterations": ("step", "training iterations"), "gpu_hours": ("gpu_hours", "GPU-hours")}
 METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",

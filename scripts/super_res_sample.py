@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.sample_util import finish_sampling, generate_samples, run_script, sample_defaults, start_sampling
+from guided_diffusion.sample_util import finish_sampling, generate_samples, sample_defaults, start_sampling
+from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
-from guided_diffusion.sample_util import run_script
+from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import (
     args_to_dict,
     parse_args_with_config,
@@ -100,15 +100,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
         weights = loss_weighting(args.loss_weighting, diffusion, **{k: getattr(args, k) for k in WEIGHTING_OPTION_FLAGS})
     config = {k: getattr(args, k) for k in create_argparser_defaults()}
+    # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
+                     class_cond=args.class_cond, seed=args.seed, skip_corrupt=args.skip_corrupt,
+                     device=dist_util.dev() if dist_util.dev().type == "cuda" else None)
     logger.configure(dir=log_dir)
     if dist_util.get_rank() == 0:
         _write_config(os.path.join(log_dir, "config.yaml"), config,
                       f"--config {args.config} + command line" if args.config else "command line")
-
-    logger.log("creating data loader...")
-    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
-                     class_cond=args.class_cond, seed=args.seed,
-                     device=dist_util.dev() if dist_util.dev().type == "cuda" else None)
 
     logger.log("training...")
     # every TrainLoop keyword that is also a flag of this script, by name
@@ -120,4 +119,4 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    run_script(main, (ValueError, FileNotFoundError, NonFiniteLossError))
+    run_script(main, failures=(NonFiniteLossError,))

@@ -365,6 +365,10 @@ def finished_run(tmp_path_factory):
     (root / "corrupt").mkdir()
     (root / "corrupt" / "cat_0.png").write_bytes(b"not a png")
     (root / "corrupt" / "cat_1.jpg").write_bytes(b"")
+    (root / "mixed").mkdir()  # readable images and one corrupt file: fine unless --skip_corrupt False
+    for i in range(4):
+        noise_image(16, 16, seed=i).save(root / "mixed" / f"cat_{i}.png")
+    (root / "mixed" / "cat_9.png").write_bytes(b"not a png")
 
     def snapshot():
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
@@ -385,6 +389,7 @@ def finished_run(tmp_path_factory):
     ("empty", [], ValueError, "no images found"),
     ("missing", [], FileNotFoundError, "does not exist"),
     ("corrupt", [], ValueError, "none of its 2 images could be read"),
+    ("mixed", ["--skip_corrupt", "False"], ValueError, "cannot read image 'cat_9.png'"),
     ("synthetic:3", [], ValueError, "--batch_size 4 is larger than this rank's share of the data: 3 images"),
 ])
 def test_bad_data_leaves_the_runs_checkpoints_untouched(finished_run, where, flags, error, needle):
