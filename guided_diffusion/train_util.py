@@ -139,6 +139,8 @@ def training_defaults() -> Dict[str, Any]:
         precision="auto",  # auto | fp32 | bf16 | fp16
         compile="auto",  # auto | True | False
         channels_last="auto",  # auto | True | False
+        fused_optimizer="auto",  # auto | True | False (fused AdamW; auto: on CUDA)
+        compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
         grad_clip=0.0,  # max global gradient norm; 0 = off
         sample_interval=0,  # steps between EMA sample grids; 0 = off
         # run bookkeeping
@@ -266,6 +268,9 @@ def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
         raise ValueError(f"--{flag} must be a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
 
 
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate_training_args(args: Dict[str, Any]) -> None:
     """
     Check the training flags before anything is built or written.
@@ -294,9 +299,12 @@ def validate_training_args(args: Dict[str, Any]) -> None:
         parse_ema_rates(args["ema_rate"])
     if "precision" in args:
         _resolve_precision(args["precision"], bool(args.get("use_fp16", False)), torch.device("cpu"))
-    for flag in ("compile", "channels_last"):
+    for flag in ("compile", "channels_last", "fused_optimizer"):
         if flag in args:
             _auto_bool(args[flag], flag, False)
+    mode = args.get("compile_mode")
+    if mode is not None and str(mode) not in _COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(_COMPILE_MODES)}, got {mode!r}")
     if args.get("momentum_decay"):
         if not args.get("total_steps"):
             raise ValueError("--momentum_decay True needs --total_steps (the run's total number of training "

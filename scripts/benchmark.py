@@ -42,7 +42,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import image_train  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     args_to_dict,
     create_gaussian_diffusion,
@@ -66,8 +65,6 @@ def benchmark_defaults() -> Dict[str, Any]:
         warmup=-1,  # untimed iterations first (default 10 training, 1 sampling run)
         out="",  # JSON file; default <log_dir>/benchmark.json (benchmark_sampling.json)
         sampling_steps=50,  # DDIM steps per sampling run
-        fused_optimizer="auto",  # auto | True | False (auto: on CUDA)
-        compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     )
 
 
@@ -250,23 +247,12 @@ def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: s
             setattr(args, flag, needed)
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_args)
-    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
-                                            **{k: getattr(args, k) for k in image_train.SAMPLER_OPTION_FLAGS})
-    weighting_options = {k: getattr(args, k) for k in image_train.WEIGHTING_OPTION_FLAGS}
+    sampler, weights = image_train.create_schedule(args, diffusion)
     data = synthetic_batches(args.batch_size, args.image_size, args.num_classes if args.class_cond else None,
                              device, seed=args.seed)
-    loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
-        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=0,
-        use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth, schedule_sampler=sampler,
-        weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, total_steps=args.total_steps,
-        loss_weighting=args.loss_weighting, loss_weighting_options=weighting_options, beta1=args.beta1,
-        beta2=args.beta2, momentum_decay=args.momentum_decay, beta1_min=args.beta1_min,
-        lr_compensation=args.lr_compensation, precision=args.precision, compile=args.compile,
-        channels_last=args.channels_last, fused_optimizer=args.fused_optimizer, compile_mode=args.compile_mode,
-        grad_clip=args.grad_clip, sample_interval=0, log_dir=log_dir, seed=args.seed, resume="none",
-        max_nonfinite=args.max_nonfinite, deterministic=args.deterministic,
-    )
+    loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, loss_weighting=weights,
+                     **image_train.train_loop_kwargs(args, save_interval=0, sample_interval=0, log_dir=log_dir,
+                                                     resume="none"))
     flops, n_params = count_flops(model_args, args.batch_size)
 
     _reset_peak(device)

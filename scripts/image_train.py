@@ -18,7 +18,7 @@ import inspect
 import os
 import random
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,6 +109,42 @@ def _load_data(args: argparse.Namespace):
     return load_data(**kwargs)
 
 
+def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Optional[np.ndarray]]:
+    """
+    The timestep sampler of ``--schedule_sampler`` and the per-timestep weights of
+    ``--loss_weighting`` (None for "none"), built before anything is written so that bad options
+    fail early.
+
+    One sampler stream is shared by all ranks: TrainLoop draws the global batch's timesteps and
+    slices it, so every rank (and a resumed run) agrees.
+
+    :return: ``(schedule_sampler, loss_weights)``.
+    """
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
+                                            **{k: getattr(args, k) for k in SAMPLER_OPTION_FLAGS})
+    weights = None
+    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
+        weights = loss_weighting(args.loss_weighting, diffusion, **{k: getattr(args, k) for k in WEIGHTING_OPTION_FLAGS})
+    return sampler, weights
+
+
+# TrainLoop keywords that are objects built by the script, not flags
+_BUILT = ("model", "diffusion", "data", "schedule_sampler", "loss_weighting", "loss_weighting_options", "config")
+
+
+def train_loop_kwargs(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
+    """
+    Every ``TrainLoop`` keyword that is also a flag of ``args``, by name, then ``overrides``.
+
+    :param args: parsed flags (image_train.py's, or a script that extends them).
+    :param overrides: values that replace the flags' (e.g. ``save_interval=0``).
+    """
+    names = inspect.signature(TrainLoop).parameters
+    kwargs = {k: getattr(args, k) for k in names if k not in _BUILT and hasattr(args, k)}
+    kwargs.update(overrides)
+    return kwargs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """
     Train as the flags say.
@@ -133,14 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())
-    # one stream shared by all ranks: TrainLoop draws the global batch's timesteps and slices it
-    sampler_options = {k: getattr(args, k) for k in SAMPLER_OPTION_FLAGS}
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
-                                                     **sampler_options)
-    weights = None
-    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
-        weights = loss_weighting(args.loss_weighting, diffusion,
-                                 **{k: getattr(args, k) for k in WEIGHTING_OPTION_FLAGS})
+    schedule_sampler, weights = create_schedule(args, diffusion)
 
     config = {k: getattr(args, k) for k in create_argparser_defaults()}
     point = resolve_resume(log_dir, args.resume, args.resume_checkpoint, parse_ema_rates(args.ema_rate))
@@ -160,42 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     logger.log(f"data: {data!r}")
     logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        total_steps=args.total_steps,
-        stop_at=args.stop_at,
-        loss_weighting=weights,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        momentum_decay=args.momentum_decay,
-        beta1_min=args.beta1_min,
-        lr_compensation=args.lr_compensation,
-        precision=args.precision,
-        compile=args.compile,
-        channels_last=args.channels_last,
-        grad_clip=args.grad_clip,
-        sample_interval=args.sample_interval,
-        log_dir=log_dir,
-        seed=args.seed,
-        resume=args.resume,
-        max_nonfinite=args.max_nonfinite,
-        deterministic=args.deterministic,
-        config=config,
-    ).run_loop()
+    TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
+              loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
     if rank == 0:
         print(f"run folder: {log_dir}", flush=True)
     return log_dir

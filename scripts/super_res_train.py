@@ -21,24 +21,21 @@ if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # image_train.py beside this file
 
-import inspect
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
-from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import (
+    run_script,
     args_to_dict,
     parse_args_with_config,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import NonFiniteLossError, TrainLoop, training_defaults, validate_training_args
-from image_train import SAMPLER_OPTION_FLAGS, WEIGHTING_OPTION_FLAGS, _write_config, resolve_log_dir
+from image_train import _write_config, create_schedule, resolve_log_dir, train_loop_kwargs
 
 
 def create_argparser_defaults() -> Dict[str, Any]:
@@ -94,11 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())
-    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
-                                            **{k: getattr(args, k) for k in SAMPLER_OPTION_FLAGS})
-    weights = None
-    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
-        weights = loss_weighting(args.loss_weighting, diffusion, **{k: getattr(args, k) for k in WEIGHTING_OPTION_FLAGS})
+    sampler, weights = create_schedule(args, diffusion)
     config = {k: getattr(args, k) for k in create_argparser_defaults()}
     # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
     data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
@@ -110,11 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       f"--config {args.config} + command line" if args.config else "command line")
 
     logger.log("training...")
-    # every TrainLoop keyword that is also a flag of this script, by name
-    loop_kwargs = {k: getattr(args, k) for k in inspect.signature(TrainLoop).parameters
-                   if k in config and k not in ("loss_weighting", "schedule_sampler")}
-    TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size),
-              schedule_sampler=sampler, loss_weighting=weights, config=config, **loop_kwargs).run_loop()
+    TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size), schedule_sampler=sampler,
+              loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
     return log_dir
 
 

@@ -213,6 +213,8 @@ def base_run(tmp_path_factory):
         (["--precision", "fp8"], None, ["precision", "fp8"]),
         (["--use_fp16", "True", "--precision", "bf16"], None, ["use_fp16", "precision"]),
         (["--ema_rate", "0.9,1.5"], None, ["ema_rate", "1.5"]),
+        (["--compile_mode", "fastest"], None, ["--compile_mode", "reduce-overhead", "fastest"]),
+        (["--loss_weighting", "min_snr", "--min_snr_gamma", "-1"], None, ["min_snr_gamma"]),
     ],
 )
 def test_bad_inputs_are_named_and_nothing_is_lost(tmp_path, base_run, flags, config_text, needles):
