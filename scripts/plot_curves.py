@@ -115,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     axes_x = ["iterations", "gpu_hours"] if args.x == "both" else [args.x]
     fig, axes = plt.subplots(1, len(axes_x), figsize=(5.2 * len(axes_x), 4.0), squeeze=False)
@@ -127,6 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 continue
             ax.plot(*zip(*pts), marker="o", markersize=3.5, linewidth=1.6, label=label)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # short runs have long tick labels
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 5), useOffset=False)
         ax.set_ylabel(METRIC_NAMES[args.metric])
         if args.logy:
             ax.set_yscale("log")
