@@ -102,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         num_samples=args.num_samples, batch_size=args.batch_size, image_size=flags["image_size"],
         class_cond=True, num_classes=num_classes, use_ddim=args.use_ddim, eta=args.eta,
         clip_denoised=args.clip_denoised, seed=args.seed, progress=args.progress,
+        precision=args.sample_precision,
         cond_fn=make_cond_fn(classifier, args.classifier_scale), device=dist_util.dev(),
     )
     return finish_sampling(args, checkpoint, images, labels)

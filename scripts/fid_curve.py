@@ -78,6 +78,7 @@ def create_argparser_defaults() -> Dict[str, Any]:
         csv="",
         keep_samples=False,
         progress=True,
+        sample_precision="fp32",  # fp32 | bf16 | fp16 (network under autocast)
         model_flags="",
     )
 
@@ -88,11 +89,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
 
 
-def sampler_name(use_ddim: bool, eta: float) -> str:
-    """The ``sampler`` column: ``ddpm``, ``ddim`` or ``ddim_eta<eta>``."""
-    if not use_ddim:
-        return "ddpm"
-    return "ddim" if not eta else f"ddim_eta{eta:g}"
+def sampler_name(use_ddim: bool, eta: float, precision: str = "fp32") -> str:
+    """The ``sampler`` column: ``ddpm``, ``ddim`` or ``ddim_eta<eta>``, + ``+bf16``/``+fp16`` under autocast."""
+    name = "ddpm" if not use_ddim else ("ddim" if not eta else f"ddim_eta{eta:g}")
+    return name if precision == "fp32" else f"{name}+{precision}"
 
 
 def checkpoint_steps(run_dir: str, steps: str) -> List[int]:
@@ -213,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         ema_rate = args.ema_rate or next(iter(run_ema_rates(run_dir)), "")
         if not ema_rate:
             raise ValueError(f"RUN_DIR {run_dir}: no EMA checkpoints (ema_R_NNNNNN.pt); use --use_ema False")
-    sampler = sampler_name(args.use_ddim, args.eta)
+    sampler = sampler_name(args.use_ddim, args.eta, args.sample_precision)
 
     run_flags, _ = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
     T = int(run_flags["diffusion_steps"])
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size,
             image_size=flags["image_size"], class_cond=flags["class_cond"], num_classes=flags["num_classes"],
             use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, seed=args.seed,
-            progress=args.progress,
+            progress=args.progress, precision=args.sample_precision,
         )
         del model
         if rank == 0:

@@ -50,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         num_samples=args.num_samples, batch_size=args.batch_size, image_size=flags["image_size"],
         class_cond=flags["class_cond"], num_classes=flags["num_classes"], use_ddim=args.use_ddim, eta=args.eta,
         clip_denoised=args.clip_denoised, seed=args.seed, progress=args.progress,
+        precision=args.sample_precision,
     )
     return finish_sampling(args, checkpoint, images, labels)
 

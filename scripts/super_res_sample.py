@@ -83,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         num_samples=num, batch_size=args.batch_size, image_size=flags["large_size"], labels=labels,
         use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, seed=args.seed,
         device=device, model_kwargs_fn=low_res, progress=args.progress,
+        precision=args.sample_precision,
     )
     return finish_sampling(args, checkpoint, images, labels)
 

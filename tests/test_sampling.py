@@ -119,6 +119,18 @@ def test_seed_fixes_every_draw_for_any_batch_size(tiny_run):
     assert len(seeds) == 2500
 
 
+def test_bf16_sampling_follows_fp32(tiny_run):
+    model, diffusion, _ = load(tiny_run, respacing="4")
+    kw = dict(num_samples=4, batch_size=4, image_size=16, device="cpu", seed=3)
+    a, _ = generate_samples(model, diffusion, **kw)
+    b, _ = generate_samples(model, diffusion, precision="bf16", **kw)
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() > 0  # the network really ran in bf16
+    assert diff.mean() < 8  # of 255: the same images up to rounding
+    with pytest.raises(ValueError, match=r"--sample_precision must be one of fp32, bf16, fp16, got 'int8'"):
+        generate_samples(model, diffusion, precision="int8", **kw)
+
+
 def test_class_conditional_labels_reach_the_model(cc32_run, tmp_path):
     run = cc32_run
     path = image_sample.main(["--run_dir", str(run), "--num_samples", "3", "--batch_size", "2", "--seed", "3",
