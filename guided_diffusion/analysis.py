@@ -932,24 +932,13 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path, source: str = "") -> None:
     """``model.load_state_dict(strict=True)`` with an error naming the mismatched keys/shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        msg = [f"checkpoint {path} does not fit the model built from {source or 'the given flags'}:"]
-        if missing:
-            msg.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            msg.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            msg.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
-        msg.append("(give the training flags with --model_flags, or put the run's config.yaml beside the checkpoint)")
-        raise ValueError(" ".join(msg))
+    from .dist_util import state_dict_mismatch
+
+    mismatch = state_dict_mismatch(state_dict, model.state_dict())
+    if mismatch:
+        raise ValueError(f"checkpoint {path} does not fit the model built from {source or 'the given flags'}: "
+                         f"{mismatch} (give the training flags with --model_flags, or put the run's config.yaml "
+                         "beside the checkpoint)")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -996,9 +985,17 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def default_out_dir(kind: str) -> Path:
     """``runs/<kind>-<timestamp>`` under the working directory (never /tmp)."""
-    import time
+    from .logger import default_log_dir
 
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(default_log_dir(kind))
+
+
+def config_data_dir(checkpoint: Union[str, Path]) -> str:
+    """The ``data_dir`` of the run's ``config.yaml`` beside ``checkpoint`` ("" when there is none)."""
+    from .script_util import load_config
+
+    cfg = Path(checkpoint).resolve().parent / "config.yaml"
+    return str(load_config(cfg).get("data_dir", "") or "") if cfg.is_file() else ""
 
 
 # ======================================================================================

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import socket
-from typing import Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import blobfile as bf
 import torch
@@ -132,6 +132,31 @@ def load_state_dict(path: str, **kwargs):
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
     return torch.load(io.BytesIO(data), **kwargs)
+
+
+def state_dict_mismatch(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], show: int = 8) -> str:
+    """
+    Describe how a checkpoint's ``state`` differs from a model's ``expected`` state_dict.
+
+    :param show: how many keys of each kind to name.
+    :return: "" when the keys and shapes match, else e.g. "2 shape mismatches: a: checkpoint (3,) vs
+             model (4,), ...; 1 key(s) missing from the checkpoint: b".
+    """
+    def first(items: list) -> str:
+        return ", ".join(items[:show]) + (f" ... (+{len(items) - show} more)" if len(items) > show else "")
+
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: {first(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {first(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: {first(unexpected)}")
+    return "; ".join(parts)
 
 
 def sync_params(params: Iterable[torch.Tensor]) -> None:

@@ -21,7 +21,6 @@ import argparse
 import math
 import os
 import re
-import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
@@ -507,7 +506,7 @@ def default_out_dir(checkpoint: str, kind: str = "samples") -> str:
     folder = os.path.dirname(os.path.abspath(checkpoint))
     if os.access(folder, os.W_OK):
         return folder
-    return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return logger.default_log_dir(kind)
 
 
 def setup_sampling(args: argparse.Namespace, checkpoint: str, kind: str = "samples") -> str:

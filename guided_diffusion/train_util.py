@@ -621,31 +621,10 @@ def check_resume_compatible(
 def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Tensor], path: str) -> None:
     if not isinstance(ckpt, dict):
         raise ResumeError(f"{path} does not hold a state_dict (got {type(ckpt).__name__})")
-    missing = [k for k in expected if k not in ckpt]
-    unexpected = [k for k in ckpt if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(ckpt[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in ckpt and hasattr(ckpt[k], "shape") and tuple(ckpt[k].shape) != tuple(v.shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def first(items: List[str], n: int = 8) -> str:
-        more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
-        return ", ".join(items[:n]) + more
-
-    parts = []
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es): {first(shapes)}")
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {first(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint: {first(unexpected)}")
-    raise ResumeError(
-        f"the checkpoint {path} was made for another model configuration: " + "; ".join(parts)
-        + ". Use the flags it was trained with (see config.yaml in its run folder)."
-    )
+    mismatch = dist_util.state_dict_mismatch(ckpt, expected)
+    if mismatch:
+        raise ResumeError(f"the checkpoint {path} was made for another model configuration: {mismatch}. "
+                          "Use the flags it was trained with (see config.yaml in its run folder).")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -59,15 +59,6 @@ def create_argparser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_data_dir(checkpoint: str) -> str:
-    cfg = Path(checkpoint).resolve().parent / "config.yaml"
-    if cfg.is_file():
-        from guided_diffusion.script_util import load_config
-
-        return str(load_config(cfg).get("data_dir", "") or "")
-    return ""
-
-
 def build_loss(args: argparse.Namespace, device: torch.device):
     """The model's parameters and a closure computing its loss on the fixed batch."""
     kind = an.checkpoint_kind(args.ckpt, args.kind)
@@ -80,7 +71,7 @@ def build_loss(args: argparse.Namespace, device: torch.device):
         z = gan_latents(list(range(args.seed, args.seed + args.batch_size)), flags["nz"]).to(device)
         return kind, list(g.parameters()), (lambda: an.gan_generator_loss(g, d, z)), {"gan_flags": flags}
     model, diffusion, flags, source = an.load_diffusion_model(args.ckpt, args.model_flags, device=device)
-    data_dir = args.data_dir or _config_data_dir(args.ckpt)
+    data_dir = args.data_dir or an.config_data_dir(args.ckpt)
     batch = an.load_fixed_batch(data_dir, args.batch_size, flags["image_size"], diffusion.num_timesteps,
                                 class_cond=flags["class_cond"], seed=args.seed, timesteps=args.timesteps).to(device)
     return kind, [q for q in model.parameters() if q.requires_grad], \

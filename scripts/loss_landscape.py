@@ -44,15 +44,6 @@ def create_argparser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_data_dir(checkpoint: str) -> str:
-    cfg = Path(checkpoint).resolve().parent / "config.yaml"
-    if cfg.is_file():
-        from guided_diffusion.script_util import load_config
-
-        return str(load_config(cfg).get("data_dir", "") or "")
-    return ""
-
-
 def plot(rows: List[Dict[str, float]], path: Path, title: str) -> None:
     """Loss (and its terms) against alpha, A and B marked."""
     import matplotlib
@@ -93,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     sd_a = an.load_state_dict_file(args.a)  # a copy: the model's own tensors are overwritten below
     sd_b = an.load_state_dict_file(args.b)
     an.load_into(model, sd_b, args.b, source)  # same architecture as A, or a clear error
-    data_dir = args.data_dir or _config_data_dir(args.a)
+    data_dir = args.data_dir or an.config_data_dir(args.a)
     batch = an.load_fixed_batch(data_dir, args.batch_size, flags["image_size"], diffusion.num_timesteps,
                                 class_cond=flags["class_cond"], seed=args.seed, timesteps=args.timesteps)
     rows = an.loss_along_line(model, diffusion, sd_a, sd_b, alphas, batch, device)
