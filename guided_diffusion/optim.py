@@ -9,6 +9,10 @@ gradient's share of each update, lr * (1 - beta1), stays what it was at the star
     beta1(i) = max(beta1_min, beta1_init * r / ((1 - beta1_init) + beta1_init * r))
     lr(i)    = lr0 * (1 - beta1_init) / (1 - beta1(i))      (--lr_compensation True)
 
+The lr-only control (``--decay_beta1 False``) keeps Adam's beta1 at beta1_init but sets the
+same lr(i), so an experiment can separate the effect of the momentum decay from that of the
+lr decay that the compensation implies (lr(I) = lr0 * (1 - 0.9) / (1 - 0.5) = 0.2 * lr0).
+
 lr0 is whatever base learning rate the caller passes for step i (e.g. already annealed by
 ``--lr_anneal_steps``), so the two schedules compose by multiplication.
 """
@@ -106,6 +110,7 @@ class MomentumDecay:
         total_steps: Optional[int] = None,
         lr_compensation: bool = True,
         enabled: bool = True,
+        decay_beta1: bool = True,
     ):
         """
         :param beta1: beta1_init (--beta1), in [0, 1).
@@ -115,11 +120,14 @@ class MomentumDecay:
         :param lr_compensation: scale the lr by (1 - beta1_init) / (1 - beta1(i)) (--lr_compensation).
         :param enabled: False (--momentum_decay False): beta1 stays at ``beta1`` and the lr at the
                         base lr.
+        :param decay_beta1: False (--decay_beta1 False): the lr-only control; the optimizer's
+                            beta1 stays at ``beta1`` while the lr follows lr(i) above.
         """
         self.beta1 = _beta(beta1, "beta1")
         self.beta1_min = _beta(beta1_min, "beta1_min")
         self.enabled = bool(enabled)
         self.lr_compensation = bool(lr_compensation)
+        self.decay_beta1 = bool(decay_beta1)
         if self.enabled and self.beta1_min > self.beta1:
             raise ValueError(f"--beta1_min ({self.beta1_min:g}) must not exceed --beta1 ({self.beta1:g}): "
                              "momentum decay only lowers beta1")
@@ -174,10 +182,10 @@ class MomentumDecay:
         :param optimizer: an Adam-family optimizer (param groups with "lr" and "betas").
         :param step: the global training step i >= 0.
         :param base_lr: the learning rate before compensation at this step.
-        :return: (lr, beta1) that were set.
+        :return: (lr, beta1) that were set (beta1 stays ``beta1`` in the lr-only control).
         """
-        b_i = self.beta1_at(step)
         lr = self.lr_at(step, base_lr)
+        b_i = self.beta1_at(step) if self.decay_beta1 else self.beta1
         for group in optimizer.param_groups:
             _set_hparam(group, "lr", lr)
             betas = group.get("betas")
@@ -192,4 +200,4 @@ class MomentumDecay:
 
     def __repr__(self) -> str:
         return (f"MomentumDecay(beta1={self.beta1}, beta1_min={self.beta1_min}, total_steps={self.total_steps}, "
-                f"lr_compensation={self.lr_compensation}, enabled={self.enabled})")
+                f"lr_compensation={self.lr_compensation}, enabled={self.enabled}, decay_beta1={self.decay_beta1})")

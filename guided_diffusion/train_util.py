@@ -134,6 +134,7 @@ def training_defaults() -> Dict[str, Any]:
         beta1_min=0.5,
         total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
         lr_compensation=True,
+        decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
         stop_at=0,  # end this process at this step after a checkpoint (job time limits)
         # speed / numerics
         precision="auto",  # auto | fp32 | bf16 | fp16
@@ -742,6 +743,7 @@ class TrainLoop:
     :param momentum_decay: MDLRC momentum decay on.
     :param beta1_min: MDLRC's floor of beta1.
     :param lr_compensation: MDLRC's learning-rate compensation.
+    :param decay_beta1: False: the lr-only control (MDLRC's lr, beta1 held at ``beta1``).
     :param precision: "auto" | "fp32" | "bf16" | "fp16" (auto: bf16 on CUDA, fp32 on CPU).
     :param compile: torch.compile the model's forward (auto: on CUDA).
     :param compile_mode: ``torch.compile`` mode (None/"default", "reduce-overhead" for CUDA
@@ -787,6 +789,7 @@ class TrainLoop:
         momentum_decay: bool = False,
         beta1_min: float = 0.5,
         lr_compensation: bool = True,
+        decay_beta1: bool = True,
         precision: str = "auto",
         compile: Union[bool, str] = "auto",
         channels_last: Union[bool, str] = "auto",
@@ -862,7 +865,7 @@ class TrainLoop:
         self.loss_weights = self._loss_weight_table(loss_weighting, loss_weighting_options)
         self.momentum = MomentumDecay(
             beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
-            lr_compensation=lr_compensation, enabled=bool(momentum_decay),
+            lr_compensation=lr_compensation, enabled=bool(momentum_decay), decay_beta1=bool(decay_beta1),
         )
         self.beta2 = float(beta2)
 
@@ -1398,6 +1401,7 @@ class TrainLoop:
                     "step": step, "enabled": self.momentum.enabled, "beta1": self.momentum.beta1,
                     "beta1_min": self.momentum.beta1_min, "total_steps": self.momentum.total_steps,
                     "lr_compensation": self.momentum.lr_compensation,
+                    "decay_beta1": self.momentum.decay_beta1,
                     "next_beta1": self.momentum.beta1_at(step),
                 },
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,

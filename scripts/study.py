@@ -1,0 +1,61 @@
+"""
+Run (or continue) the small-scale CLTS/MDLRC study on CIFAR-10 and print its summary table.
+
+    python scripts/study.py                           # 6 arms x 2 seeds, 2 CPU cores, -> runs/study-cpu
+    python scripts/study.py --scale gpu --out runs/study-gpu   # one GPU, larger model, more steps
+    python scripts/study.py --summary_only True       # reprint the table from the saved results
+
+Arms, scales and outputs: experiments/study.py and docs/study.md. Rerunning the same command
+continues where it stopped and skips finished runs and evaluated checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.study import ARM_NAMES, ARMS, SCALES, preset, run_study, summarize  # noqa: E402
+from guided_diffusion.script_util import str2bool  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="the preset (default cpu)")
+    p.add_argument("--out", default="", help="the study folder (default runs/study-<scale>)")
+    p.add_argument("--source", default="", help="CIFAR-10: cifar-10-python.tar.gz, an image zip/folder or a "
+                                                "packed .npz (default: .data/cifar10_train.npz, then "
+                                                "../shared/data/cifar10-jpeg/train.zip)")
+    p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated subset of {', '.join(ARM_NAMES)}")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=0, help="runs at once (default: the preset's)")
+    p.add_argument("--summary_only", type=str2bool, default=False, help="only reprint the saved summary")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    scale = preset(args.scale)
+    out = args.out or os.path.join("runs", f"study-{args.scale}")
+    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in wanted if a not in ARM_NAMES]
+    if unknown:
+        raise ValueError(f"--arms: unknown arm(s) {unknown}; expected a subset of {', '.join(ARM_NAMES)}")
+    arms = [a for a in ARMS if a.name in wanted]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or list(scale.seeds)
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if args.summary_only:
+        return summarize(out, scale, arms, seeds)
+    return run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None)
+
+
+if __name__ == "__main__":
+    from guided_diffusion.script_util import run_script
+
+    run_script(main)
