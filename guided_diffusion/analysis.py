@@ -2,7 +2,8 @@
 The math behind the paper's analyses (Xu et al. 2024, section 3), shared by the scripts
 ``consistency.py``, ``loss_landscape.py``, ``hessian_spectrum.py`` and ``structure_timesteps.py``.
 
-- PSNR between image batches and the mean pairwise PSNR of several models (Table 1).
+- PSNR between image batches, per image and pooled over all images (the paper's Eq. 1), and
+  their means over every pair of several models (Table 1).
 - Sampling several models from the same initial noise *and the same per-step noise*
   (``SharedNoise``, handed to the diffusion's own sampling loops as ``step_noise_fn``), so
   that their samples can be compared; DCGAN generators get the same latent per seed.
@@ -10,7 +11,7 @@ The math behind the paper's analyses (Xu et al. 2024, section 3), shared by the 
 - Hessian-vector products by double backward, power iteration with deflation, Lanczos,
   Hutchinson's trace estimator and stochastic Lanczos quadrature (Fig. 3).
 - Linear interpolation of parameters and the diffusion loss on a fixed batch, fixed noise
-  and fixed timesteps (Fig. 4).
+  and fixed timesteps, or a GAN's generator loss on fixed latents (Fig. 4).
 - Hessian analysis of the diffusion loss or of a GAN generator's loss.
 - Locating a checkpoint's model flags (``--model_flags`` > ``config.yaml`` beside the
   checkpoint > defaults) and building the model from them.
@@ -78,17 +79,51 @@ def psnr(
     return out
 
 
+def pooled_psnr(
+    a: Union[np.ndarray, torch.Tensor],
+    b: Union[np.ndarray, torch.Tensor],
+    data_range: float = 255.0,
+    max_db: Optional[float] = PSNR_CAP_DB,
+) -> float:
+    """
+    The PSNR of two whole image batches taken as one matrix each (the paper's Eq. 1):
+    10·log10(data_range² / MSE), with ONE MSE pooled over every pixel and channel of every
+    image. Not the mean of per-image PSNRs: the log of a mean MSE is not the mean of the logs,
+    so the two differ whenever the images' errors differ (below the cap, this one is never the
+    larger).
+
+    :param a: images of shape [N, ...] (uint8 in [0, 255], or floats on the same scale).
+    :param b: images of the same shape as ``a``.
+    :param data_range: the peak value (255 for uint8 images, 2 for images in [-1, 1]).
+    :param max_db: identical batches have an infinite PSNR; it is capped at this many dB
+        (None keeps ``inf``), as in ``psnr``.
+    :return: the PSNR in dB.
+    """
+    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"pooled_psnr: the two image batches differ in shape: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        raise ValueError(f"pooled_psnr: empty image batches (shape {a.shape})")
+    mse = np.float64(((a - b) ** 2).mean())  # numpy scalar: 0 gives inf, not ZeroDivisionError
+    with np.errstate(divide="ignore"):
+        out = float(10.0 * np.log10(np.float64(data_range) ** 2 / mse))
+    return min(out, float(max_db)) if max_db is not None else out
+
+
 @dataclass
 class PairPSNR:
-    """The PSNRs of one pair of models' images (per image, in dB, capped)."""
+    """The PSNRs of one pair of models' images (per image and pooled, in dB, capped)."""
 
     i: int  # index of the first model
     j: int  # index of the second model
     per_image: np.ndarray  # [N] dB
     identical: np.ndarray  # [N] bool: the two images were equal pixel for pixel
+    pooled: float  # dB: one MSE over all N images (the paper's Eq. 1), see ``pooled_psnr``
 
     @property
     def mean(self) -> float:
+        """The mean of the per-image PSNRs (dB); not the paper's Eq. 1, see ``pooled``."""
         return float(self.per_image.mean())
 
     @property
@@ -99,7 +134,7 @@ class PairPSNR:
 def pairwise_psnr(images: Sequence[np.ndarray], max_db: float = PSNR_CAP_DB) -> List[PairPSNR]:
     """
     PSNR between every pair of models' images, image j of one model against image j of the
-    other (the same noise seed).
+    other (the same noise seed): per image, and pooled over all images (Eq. 1).
 
     :param images: one uint8 array [N, H, W, C] per model, all of the same shape.
     :param max_db: the cap for identical images (dB).
@@ -115,7 +150,7 @@ def pairwise_psnr(images: Sequence[np.ndarray], max_db: float = PSNR_CAP_DB) -> 
         for j in range(i + 1, len(images)):
             a, b = np.asarray(images[i]), np.asarray(images[j])
             same = (a.reshape(a.shape[0], -1) == b.reshape(b.shape[0], -1)).all(axis=1)
-            out.append(PairPSNR(i, j, psnr(a, b, 255.0, max_db), same))
+            out.append(PairPSNR(i, j, psnr(a, b, 255.0, max_db), same, pooled_psnr(a, b, 255.0, max_db)))
     return out
 
 
@@ -313,15 +348,23 @@ def image_grid(rows: Sequence[np.ndarray], pad: int = 2, pad_value: int = 255) -
 
 @dataclass
 class ConsistencyResult:
-    """Table 1 for one set of models: every pair's PSNRs and their mean."""
+    """Table 1 for one set of models: every pair's PSNRs and their means over pairs."""
 
     names: List[str]
     pairs: List[PairPSNR]
     max_db: float
 
     @property
+    def pooled_db(self) -> float:
+        """
+        The headline (the paper's Eq. 1): the mean over pairs of each pair's pooled PSNR (one
+        MSE over all of the pair's images), in dB. With two models, that pair's pooled PSNR.
+        """
+        return float(np.mean([p.pooled for p in self.pairs]))
+
+    @property
     def mean_db(self) -> float:
-        """The mean over pairs of each pair's mean per-image PSNR (dB)."""
+        """The mean over pairs of each pair's mean per-image PSNR (dB), reported beside ``pooled_db``."""
         return float(np.mean([p.mean for p in self.pairs]))
 
     @property
@@ -336,7 +379,8 @@ class ConsistencyResult:
 def consistency(images: Sequence[np.ndarray], names: Sequence[str], max_db: float = PSNR_CAP_DB) -> ConsistencyResult:
     """
     The paper's consistency measure: PSNR between the images that different models make from
-    the same noise, for every pair of models.
+    the same noise, for every pair of models, both pooled over all images (Eq. 1, the
+    result's ``pooled_db``) and as the mean of per-image PSNRs (``mean_db``).
 
     :param images: one uint8 array [N, H, W, C] per model, image j from seed j in all of them.
     :param names: one label per model.
@@ -750,14 +794,24 @@ def stochastic_lanczos_quadrature(
 
 
 def interpolate_state_dicts(
-    sd_a: Dict[str, torch.Tensor], sd_b: Dict[str, torch.Tensor], alpha: float
+    sd_a: Dict[str, torch.Tensor],
+    sd_b: Dict[str, torch.Tensor],
+    alpha: float,
+    int_buffers: str = "error",
 ) -> Dict[str, torch.Tensor]:
     """
-    θ(α) = (1 - α)·θ_a + α·θ_b, key by key (α outside [0, 1] extrapolates). Integer
-    buffers are taken from ``sd_a`` and must agree between the two.
+    θ(α) = (1 - α)·θ_a + α·θ_b, key by key (α outside [0, 1] extrapolates). Float buffers
+    (e.g. BatchNorm running statistics) are interpolated like parameters; non-float buffers
+    are taken from ``sd_a``.
 
-    :raises ValueError: naming the keys that only one of them has, or whose shapes differ.
+    :param int_buffers: what to do when a non-float buffer differs between the two: "error"
+        (raise) or "a" (take A's; e.g. BatchNorm's ``num_batches_tracked``, a step counter that
+        differs between two steps of one run and plays no part in eval mode).
+    :raises ValueError: naming the keys that only one of them has, or whose shapes differ, or
+        a differing non-float buffer with ``int_buffers="error"``.
     """
+    if int_buffers not in ("error", "a"):
+        raise ValueError(f"interpolate_state_dicts: int_buffers must be 'error' or 'a', got {int_buffers!r}")
     only_a = sorted(set(sd_a) - set(sd_b))
     only_b = sorted(set(sd_b) - set(sd_a))
     if only_a or only_b:
@@ -774,7 +828,7 @@ def interpolate_state_dicts(
         if torch.is_floating_point(a):
             out[k] = ((1.0 - alpha) * a.double() + alpha * b.to(a.device).double()).to(a.dtype)
         else:
-            if not torch.equal(a, b.to(a.device)):
+            if int_buffers == "error" and not torch.equal(a, b.to(a.device)):
                 raise ValueError(f"the two checkpoints differ in the non-float buffer {k!r}; cannot interpolate it")
             out[k] = a.clone()
     return out
@@ -1050,6 +1104,49 @@ def loss_along_line(
         with torch.no_grad():
             _, terms = diffusion_loss(model, diffusion, batch, terms=True)
         rows.append({"alpha": float(alpha), **terms})
+    return rows
+
+
+GAN_LANDSCAPE_LOSS = "non-saturating generator loss -log sigmoid(D(alpha)(G(alpha)(z))) on fixed latents z"
+
+
+def gan_loss_along_line(
+    generator: torch.nn.Module,
+    discriminator: torch.nn.Module,
+    gen_a: Dict[str, torch.Tensor],
+    gen_b: Dict[str, torch.Tensor],
+    disc_a: Dict[str, torch.Tensor],
+    disc_b: Dict[str, torch.Tensor],
+    alphas: Sequence[float],
+    z: torch.Tensor,
+    device: Union[str, torch.device] = "cpu",
+) -> List[Dict[str, float]]:
+    """
+    The GAN side of Fig. 4: θ(α) = (1-α)·θ_a + α·θ_b where θ is the generator's AND the
+    discriminator's parameters and BatchNorm running statistics, and the loss is the
+    non-saturating generator loss -log σ(D(α)(G(α)(z))) (``gan_generator_loss``) on the fixed
+    latents ``z``. Both networks are overwritten with each θ(α) in turn and left in eval mode
+    (BatchNorm uses its interpolated running statistics, so the loss is a function of θ alone).
+    Integer buffers (``num_batches_tracked``) are A's: they differ between two steps of a run
+    and do nothing in eval mode.
+
+    :param gen_a: the generator state_dict at α = 0; ``gen_b`` at α = 1.
+    :param disc_a: the discriminator state_dict saved with ``gen_a``; ``disc_b`` with ``gen_b``.
+    :param z: latents [N, nz, 1, 1], the same for every α.
+    :return: one dict ``{"alpha", "loss"}`` per α.
+    """
+    device = torch.device(device)
+    z = z.to(device)
+    generator.to(device).eval()
+    discriminator.to(device).eval()
+    rows = []
+    for alpha in alphas:
+        generator.load_state_dict(interpolate_state_dicts(gen_a, gen_b, float(alpha), int_buffers="a"), strict=True)
+        discriminator.load_state_dict(interpolate_state_dicts(disc_a, disc_b, float(alpha), int_buffers="a"),
+                                      strict=True)
+        with torch.no_grad():
+            loss = gan_generator_loss(generator, discriminator, z)
+        rows.append({"alpha": float(alpha), "loss": float(loss)})
     return rows
 
 

@@ -30,6 +30,19 @@ def launcher() -> str:
     return "single"
 
 
+def launched_world_size() -> int:
+    """
+    The number of processes the launcher started, read from its environment (no process group
+    is set up): for checks that must run before anything is initialised (``--print_config``).
+    """
+    if launcher() == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    for var in _MPI_SIZE_VARS[:3]:  # MPI_LOCALNRANKS counts one node only
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))

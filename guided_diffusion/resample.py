@@ -41,6 +41,7 @@ __all__ = [
     "UnknownNameError",
     "create_named_schedule_sampler",
     "speed_convergence_start",
+    "SPEED_THRESHOLD",
     "LossWeighting",
     "UniformWeighting",
     "MinSNRWeighting",
@@ -501,13 +502,19 @@ class CLTSSampler(ScheduleSampler):
         return self.probabilities_at(self.step)
 
 
-def speed_convergence_start(alphas_cumprod: np.ndarray, threshold: float = 1e-4) -> int:
+SPEED_THRESHOLD = 0.1  # 1e-4 per step of the published linear T = 1000 chain, per unit of t/T
+
+
+def speed_convergence_start(alphas_cumprod: np.ndarray, threshold: float = SPEED_THRESHOLD) -> int:
     """
-    SpeeD's start of the "convergence area": m = 1 + the first t at which d sqrt(1 - abar_t)/dt
+    SpeeD's start of the "convergence area": m = 1 + the first t at which d sqrt(1 - abar_t)/d(t/T)
     drops below ``threshold``.
 
-    The derivative is the forward difference over one step of the given chain (0-based t):
-        D(t) = sqrt(1 - abar_{t+1}) - sqrt(1 - abar_t),   t = 0..T-2.
+    SpeeD published a threshold of 1e-4 per step for the linear schedule with T = 1000. Here it
+    is defined on normalised time t/T (``threshold`` = 1e-4 x 1000 = 0.1), so that m/T does not
+    depend on T: with T = 4000 a per-step 1e-4 would move m from 0.642 T to 0.83 T. The
+    derivative is the forward difference over one step of the given chain (0-based t), times T:
+        D(t) = T (sqrt(1 - abar_{t+1}) - sqrt(1 - abar_t)),   t = 0..T-2.
     For the linear schedule with T = 1000 the first such t is 641, so m = 642 as DESIGN.md and
     the SpeeD paper state (a backward difference would give 643).  With a respaced diffusion the
     derivative is per step of the respaced chain.  If D(t) never drops below the threshold, or
@@ -515,16 +522,17 @@ def speed_convergence_start(alphas_cumprod: np.ndarray, threshold: float = 1e-4)
     in range.
 
     :param alphas_cumprod: float64 array abar_t, length T.
-    :param threshold: derivative threshold (per step).
+    :param threshold: derivative threshold per unit of normalised time t/T (--speed_threshold).
     :return: m, an int in [0, T-1].
     """
+    threshold = _number(threshold, "speed_threshold", lo=0.0, lo_open=True)
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     T = len(ac)
     if T < 2:
         return 0
     s = np.sqrt(1.0 - ac)
     d = s[1:] - s[:-1]
-    below = np.nonzero(d < threshold)[0]
+    below = np.nonzero(d < threshold / T)[0]  # per-step form: 0.1 / 1000 is exactly 1e-4
     if below.size == 0:
         return T - 1
     return int(min(1 + below[0], T - 1))
@@ -538,7 +546,7 @@ class SpeeDSampler(ScheduleSampler):
     - asymmetric sampling: p(t) proportional to k for t < tau*T and 1 for t >= tau*T;
     - dual sampling: ceil(n/2) steps t are drawn from p and each is paired with
       t' = m - t if t < m else t - m, with m from ``speed_convergence_start`` (642 for the
-      linear schedule with T = 1000).  The batch is [t0, t0', t1, t1', ...] truncated to n.
+      linear schedule with T = 1000; 0.642 T for that schedule at any T).  The batch is [t0, t0', t1, t1', ...] truncated to n.
 
     Loss weights are 1 (SpeeD's change-aware weighting is the separate ``loss_weighting("speed")``).
     """
@@ -547,12 +555,14 @@ class SpeeDSampler(ScheduleSampler):
     importance_weighting = False
 
     def __init__(self, diffusion: Any, speed_tau: float = 0.7, speed_k: float = 5.0, speed_dual: bool = True,
-                 *, seed: Optional[int] = None, rank: int = 0):
+                 speed_threshold: float = SPEED_THRESHOLD, *, seed: Optional[int] = None, rank: int = 0):
         """
         :param diffusion: the diffusion object (``num_timesteps`` and ``alphas_cumprod``).
         :param speed_tau: tau, the boundary of the up-weighted region as a fraction of T, in (0, 1].
         :param speed_k: k, the relative sampling weight of t < tau*T, > 0.
         :param speed_dual: use dual sampling (pairs t with its partner t').
+        :param speed_threshold: the threshold that defines m, per unit of t/T (0.1: SpeeD's 1e-4 per
+                                step at T = 1000); see ``speed_convergence_start``.
         :param seed: base seed of the sampler's random stream (None: from ``np.random``).
         :param rank: process rank (selects an independent stream).
         """
@@ -566,7 +576,8 @@ class SpeeDSampler(ScheduleSampler):
         T = _num_timesteps(diffusion)
         t = np.arange(T, dtype=np.float64)
         self._weights = np.where(t < self.speed_tau * T, self.speed_k, 1.0)
-        self.m = speed_convergence_start(_alphas_cumprod(diffusion))
+        self.speed_threshold = float(speed_threshold)
+        self.m = speed_convergence_start(_alphas_cumprod(diffusion), speed_threshold)
         self._init_rng(seed, rank)
 
     def weights(self) -> np.ndarray:
@@ -593,7 +604,7 @@ SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = {
     "uniform": _COMMON_SAMPLER_FLAGS,
     "loss-second-moment": ("history_per_term", "uniform_prob") + _COMMON_SAMPLER_FLAGS,
     "clts": ("clts_mean", "clts_std", "clts_target_steps") + _COMMON_SAMPLER_FLAGS,
-    "speed": ("speed_tau", "speed_k", "speed_dual") + _COMMON_SAMPLER_FLAGS,
+    "speed": ("speed_tau", "speed_k", "speed_dual", "speed_threshold") + _COMMON_SAMPLER_FLAGS,
 }
 SAMPLER_NAMES: Tuple[str, ...] = tuple(SAMPLER_FLAGS)
 _SAMPLER_CLASSES = {
@@ -715,10 +726,11 @@ class SpeeDWeighting(LossWeighting):
     SpeeD's change-aware weighting:
         w(t) = (1 - lambda) + (2 lambda - 1) * norm(d(1 - abar_t)/dt)   for t < tau*T,
         w(t) = 1                                                         for t >= tau*T,
-    with norm the min-max scaling to [0, 1] over t < tau*T.  The derivative is the same forward
-    difference as in ``speed_convergence_start``: (1 - abar_{t+1}) - (1 - abar_t) = abar_t -
-    abar_{t+1}, with the backward difference at t = T-1 (needed only when tau = 1).  If the
-    derivative is constant over t < tau*T, norm is taken as 0.
+    with norm the min-max scaling to [0, 1] over the whole schedule (t = 0..T-1, as SpeeD
+    normalises the derivative before cutting at tau).  The derivative is the forward difference
+    (1 - abar_{t+1}) - (1 - abar_t) = abar_t - abar_{t+1}, with the backward difference at
+    t = T-1.  If the derivative is constant, norm is taken as 0.  The weights multiply the MSE
+    term of the loss only (TrainLoop.weighted_objective).
     """
 
     name = "speed"
@@ -744,10 +756,9 @@ class SpeeDWeighting(LossWeighting):
         region = np.arange(T) < self.tau * T
         if not region.any():
             return w
-        dr = d[region]
-        span = dr.max() - dr.min()
-        norm = (dr - dr.min()) / span if span > 0 else np.zeros_like(dr)
-        w[region] = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * norm
+        span = d.max() - d.min()
+        norm = (d - d.min()) / span if span > 0 else np.zeros_like(d)
+        w[region] = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * norm[region]
         return w
 
 

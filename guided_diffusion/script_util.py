@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -487,9 +488,16 @@ def args_to_dict(args, keys: Iterable[str]) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def load_config(path) -> Dict[str, Any]:
+CONFIG_BASE_KEY = "base"
+
+
+def load_config(path, _seen: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
     """
     Read a YAML (or JSON) configuration file into a flat dict of flag values.
+
+    A file may extend another with ``base: other.yaml`` (a path relative to the file): the base's
+    values are read first (recursively) and the file's own keys override them, so a method's
+    config states only the method's keys.
 
     :param path: the ``--config`` file.
     :raises FileNotFoundError / ValueError: naming the file and what was wrong.
@@ -498,7 +506,11 @@ def load_config(path) -> Dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: file not found: {path}")
+        where = f" (the {CONFIG_BASE_KEY}: of {_seen[-1]})" if _seen else ""
+        raise FileNotFoundError(f"--config: file not found: {path}{where}")
+    seen = (_seen or ()) + (str(path.resolve()),)
+    if len(set(seen)) < len(seen):
+        raise ValueError(f"--config {path}: '{CONFIG_BASE_KEY}:' files form a cycle: {' -> '.join(seen)}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -507,7 +519,14 @@ def load_config(path) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}")
-    return data
+    base = data.pop(CONFIG_BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"--config {path}: '{CONFIG_BASE_KEY}:' must be a file name, got {base!r}")
+    merged = load_config(path.parent / base, seen)
+    merged.update(data)
+    return merged
 
 
 def coerce_config(values: Dict[str, Any], defaults: Dict[str, Any], source: str) -> Dict[str, Any]:
@@ -569,7 +588,11 @@ def parse_args_with_config(
     add_dict_to_argparser(parser, defaults)
     if known.config:
         parser.set_defaults(**coerce_config(load_config(known.config), defaults, f"--config {known.config}"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # which flags the command line itself gave (a config file's values are defaults here)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command_line_flags = sorted({a[2:].split("=", 1)[0] for a in given if a.startswith("--")} & set(defaults))
+    return args
 
 
 def run_script(

@@ -107,6 +107,9 @@ def training_defaults() -> Dict[str, Any]:
         weight_decay=0.0,
         lr_anneal_steps=0,
         batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
+        global_batch_size=0,  # > 0: the batch over all processes (per process = this / world size)
+        random_flip=True,  # left-right flips of training images (guided-diffusion; improved-diffusion: False)
+        save_steps="",  # comma-separated extra steps at which a checkpoint set is saved (e.g. epoch ends)
         microbatch=-1,  # -1 disables microbatches
         ema_rate="0.9999",  # comma-separated list of EMA rates
         log_interval=10,
@@ -121,6 +124,7 @@ def training_defaults() -> Dict[str, Any]:
         # SpeeD
         speed_tau=0.7,
         speed_k=5.0,
+        speed_threshold=0.1,  # defines m: d sqrt(1 - abar)/d(t/T) threshold (1e-4 per step at T = 1000)
         speed_lambda=0.6,
         # loss weighting: none | min_snr | p2 | speed
         loss_weighting="none",
@@ -272,6 +276,57 @@ def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def resolve_batch_size(batch_size: int, global_batch_size: int, world_size: int,
+                       batch_size_given: bool = False) -> int:
+    """
+    The per-process batch: ``--global_batch_size`` / processes when it is set, else ``--batch_size``
+    (upstream's per-process semantics).
+
+    :param batch_size: --batch_size (per process).
+    :param global_batch_size: --global_batch_size (0: off).
+    :param world_size: number of processes.
+    :param batch_size_given: --batch_size was given on the command line; with --global_batch_size
+                             it must then agree (batch_size x processes == global_batch_size).
+    :raises ValueError: naming both flags when they conflict or the global batch does not divide.
+    """
+    if not global_batch_size:
+        return int(batch_size)
+    g, n = int(global_batch_size), int(world_size)
+    if g < 1:
+        raise ValueError(f"--global_batch_size must be an integer >= 0 (0: use --batch_size), got {global_batch_size!r}")
+    if g % n:
+        raise ValueError(f"--global_batch_size {g} does not divide over {n} processes; use a multiple of {n} "
+                         "(or --global_batch_size 0 with a per-process --batch_size)")
+    per_rank = g // n
+    if batch_size_given and int(batch_size) != per_rank:
+        raise ValueError(f"--batch_size {batch_size} (per process) and --global_batch_size {g} ({n} processes -> "
+                         f"{per_rank} per process) disagree; give one of them (--global_batch_size 0 switches "
+                         "the global batch off)")
+    return per_rank
+
+
+def parse_save_steps(save_steps: Union[str, Sequence[int], None]) -> List[int]:
+    """
+    ``--save_steps`` ("3906,39062") -> sorted list of steps at which a checkpoint set is saved in
+    addition to every ``--save_interval``.
+
+    :raises ValueError: naming --save_steps when an entry is not an integer >= 1.
+    """
+    if save_steps is None or (isinstance(save_steps, str) and not save_steps.strip()):
+        return []
+    items = save_steps.split(",") if isinstance(save_steps, str) else list(save_steps)
+    out = []
+    for x in items:
+        try:
+            v = int(str(x).strip())
+        except ValueError:
+            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}") from None
+        if v < 1:
+            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}")
+        out.append(v)
+    return sorted(set(out))
+
+
 def validate_training_args(args: Dict[str, Any]) -> None:
     """
     Check the training flags before anything is built or written.
@@ -298,6 +353,9 @@ def validate_training_args(args: Dict[str, Any]) -> None:
     _num_flag(args, "beta1_min", 0.0, 1.0, hi_open=True)
     if "ema_rate" in args:
         parse_ema_rates(args["ema_rate"])
+    _int_flag(args, "global_batch_size", 0)
+    if "save_steps" in args:
+        parse_save_steps(args["save_steps"])
     if "precision" in args:
         _resolve_precision(args["precision"], bool(args.get("use_fp16", False)), torch.device("cpu"))
     for flag in ("compile", "channels_last", "fused_optimizer"):
@@ -725,6 +783,8 @@ class TrainLoop:
     :param ema_rate: EMA rate(s), "0.9999,0.999" or a float.
     :param log_interval: steps between log rows.
     :param save_interval: steps between checkpoints (0: only at the end/``stop_at``).
+    :param save_steps: extra steps at which a checkpoint set is saved (e.g. "3906,39062", the ends of
+                       epochs 10 and 100 of CIFAR-10 at batch 128: the paper's Fig. 4 endpoints).
     :param resume_checkpoint: upstream's explicit ``modelNNNNNN.pt`` to resume from.
     :param use_fp16: upstream's flag; the same as ``precision="fp16"``.
     :param fp16_scale_growth: log2 loss-scale growth per good fp16 step (upstream's meaning).
@@ -797,6 +857,7 @@ class TrainLoop:
         compile_mode: Optional[str] = None,
         grad_clip: float = 0.0,
         sample_interval: int = 0,
+        save_steps: Union[str, Sequence[int], None] = "",
         log_dir: Optional[str] = None,
         seed: int = 0,
         resume: str = "auto",
@@ -821,6 +882,7 @@ class TrainLoop:
         self.ema_rate = parse_ema_rates(ema_rate)
         self.log_interval = int(log_interval)
         self.save_interval = int(save_interval)
+        self.save_steps = set(parse_save_steps(save_steps))
         self.resume_checkpoint = resume_checkpoint or ""
         self.fp16_scale_growth = float(fp16_scale_growth)
         self.weight_decay = float(weight_decay)
@@ -975,6 +1037,10 @@ class TrainLoop:
     def _loss_weight_table(self, weighting: Any, options: Optional[Dict[str, Any]] = None) -> Optional[torch.Tensor]:
         if weighting is None or (isinstance(weighting, str) and weighting.strip().lower() in ("", "none", "uniform")):
             return None
+        loss_type = getattr(getattr(self.diffusion, "loss_type", None), "name", "MSE")
+        if loss_type in ("KL", "RESCALED_KL"):
+            raise ValueError("--loss_weighting weights the MSE term of the loss, and --use_kl True trains on the "
+                             "variational bound alone (no MSE term); use one or the other")
         if isinstance(weighting, str):
             arr = named_loss_weighting(weighting, self.diffusion, **dict(options or {}))
         else:
@@ -1086,7 +1152,8 @@ class TrainLoop:
         self._t_start = self._t_last = time.perf_counter()
         while target is None or self.step < target:
             self.run_iteration(target)
-            if (self.save_interval and self.step % self.save_interval == 0) or self.step == target:
+            if (self.save_interval and self.step % self.save_interval == 0) or self.step == target \
+                    or self.step in self.save_steps:
                 self.save()
             if self.sample_interval and self.step % self.sample_interval == 0:
                 self._periodic_grid()
@@ -1144,9 +1211,23 @@ class TrainLoop:
         lo = self.rank * local_batch
         t = self._to_device(t[lo:lo + local_batch].to(torch.int64))
         w = self._to_device(w[lo:lo + local_batch].to(torch.float32))
-        if self.loss_weights is not None:
-            w = w * self.loss_weights[t]
         return t, w
+
+    def weighted_objective(self, t: torch.Tensor, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        The per-sample loss that is optimised: ``w(t) * mse + vb`` under a loss weighting (the
+        variational-bound term of a learned-sigma model is left unweighted, as in the Min-SNR,
+        P2 and SpeeD authors' code), else upstream's ``losses["loss"]``.
+
+        :param t: the samples' timesteps.
+        :param losses: ``diffusion.training_losses`` output (``"mse"``, optional ``"vb"``).
+        """
+        if self.loss_weights is None:
+            return losses["loss"]
+        objective = self.loss_weights[t] * losses["mse"]
+        if "vb" in losses:
+            objective = objective + losses["vb"]
+        return objective
 
     def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
         """Gradients of the (weighted) mean loss over ``batch``, accumulated over microbatches."""
@@ -1176,6 +1257,9 @@ class TrainLoop:
                 if isinstance(self.schedule_sampler, LossAwareSampler):
                     self._update_loss_aware(t, losses["loss"].detach())
                 # sum / B (not upstream's sum of microbatch means): microbatching never changes the step
+                if self.loss_weights is not None:
+                    # the logged mse/vb stay the unweighted terms; "loss" is what is optimised
+                    losses = dict(losses, loss=self.weighted_objective(t, losses))
                 loss = (losses["loss"].float() * weights).sum() / B
                 self._accumulate(t, weights, losses)
                 if self.scaler is not None:

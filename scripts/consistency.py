@@ -2,8 +2,14 @@
 The consistency phenomenon (the paper's Table 1 and Fig. 1): models trained from different
 initialisations (or with different architectures) make nearly the same image from the same
 noise. Every model samples one image per seed from the same initial noise *and the same
-per-step noise*; the script reports the mean pairwise PSNR between the models' images, each
-pair's PSNR, and an image grid (rows = models, columns = seeds).
+per-step noise*; the script reports the PSNR between the models' images and an image grid
+(rows = models, columns = seeds).
+
+The headline is the paper's Eq. 1: the PSNR of the matrix of a pair's images, i.e. ONE MSE pooled
+over every pixel of every image of the two models, 10·log10(255² / MSE) (``pooled_psnr_db``;
+with more than two models, its mean over pairs). Beside it, the mean of per-image PSNRs
+(``mean_psnr_db`` per pair, ``mean_pairwise_psnr_db`` over pairs), higher whenever the
+images' errors differ (the log of a mean is not the mean of the logs).
 
 Diffusion checkpoints get their flags from ``--model_flags`` > the run's ``config.yaml`` beside
 the checkpoint > defaults. DCGAN generator checkpoints (``scripts/baselines/dcgan_train.py``,
@@ -14,8 +20,8 @@ per seed.
         runs/cifar10-baseline-seed2/ema_0.9999_500000.pt --num_samples 32 --out_dir runs/table1-cifar10
 
 Writes to --out_dir (default runs/consistency-<timestamp>): consistency_pairs.csv (one row per
-pair), consistency.json (the summary), samples.npz (uint8 [models, N, H, W, C] + names) and
-grid.png.
+pair: pooled_psnr_db first, then mean/min/max per-image PSNR), consistency.json (the summary),
+samples.npz (uint8 [models, N, H, W, C] + names) and grid.png.
 """
 from __future__ import annotations
 
@@ -159,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     res = an.consistency(gen["images"], names, args.max_db)
     out_dir.mkdir(parents=True, exist_ok=True)
     an.write_csv(out_dir / "consistency_pairs.csv", [
-        {"model_a": names[p.i], "model_b": names[p.j], "mean_psnr_db": p.mean,
+        {"model_a": names[p.i], "model_b": names[p.j], "pooled_psnr_db": p.pooled, "mean_psnr_db": p.mean,
          "min_psnr_db": float(p.per_image.min()), "max_psnr_db": float(p.per_image.max()),
          "identical_images": int(p.identical.sum()), "num_images": len(p.per_image)}
         for p in res.pairs
@@ -168,11 +174,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cols = min(args.grid_columns, args.num_samples)
     an.save_grid_png([im[:cols] for im in gen["images"]], out_dir / "grid.png", row_labels=names,
                      col_labels=[f"seed {s}" for s in gen["seeds"][:cols]],
-                     title=f"same noise, {len(names)} models: mean pairwise PSNR {res.mean_db:.2f} dB")
+                     title=f"same noise, {len(names)} models: PSNR (Eq. 1, pooled) {res.pooled_db:.2f} dB")
     summary = {
-        "mean_pairwise_psnr_db": res.mean_db,
-        "pairs": [{"a": names[p.i], "b": names[p.j], "mean_psnr_db": p.mean, "per_image_psnr_db": p.per_image.tolist(),
-                   "all_identical": p.all_identical} for p in res.pairs],
+        "pooled_psnr_db": res.pooled_db,  # the headline (Eq. 1): mean over pairs of each pair's pooled PSNR
+        "mean_pairwise_psnr_db": res.mean_db,  # mean over pairs of each pair's mean per-image PSNR
+        "pairs": [{"a": names[p.i], "b": names[p.j], "pooled_psnr_db": p.pooled, "mean_psnr_db": p.mean,
+                   "per_image_psnr_db": p.per_image.tolist(), "all_identical": p.all_identical}
+                  for p in res.pairs],
         "identical_pairs": [list(x) for x in res.identical_pairs],
         "psnr_cap_db": res.max_db,
         "kind": gen["kind"], "names": names, "seeds": gen["seeds"], "models": gen["models"],
@@ -182,9 +190,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     (out_dir / "consistency.json").write_text(json.dumps(summary, indent=2, default=str))
 
     for p in res.pairs:
-        print(f"  {names[p.i]} vs {names[p.j]}: {p.mean:.2f} dB"
+        print(f"  {names[p.i]} vs {names[p.j]}: pooled {p.pooled:.2f} dB, mean per-image {p.mean:.2f} dB"
               + (" (identical images: infinite PSNR, counted as the cap)" if p.all_identical else ""))
-    print(f"mean pairwise PSNR over {len(res.pairs)} pair(s) and {args.num_samples} images: {res.mean_db:.2f} dB")
+    over = f"over {len(res.pairs)} pair(s) and {args.num_samples} images"
+    print(f"PSNR (Eq. 1: one MSE pooled over all images of a pair) {over}: {res.pooled_db:.2f} dB")
+    print(f"mean of per-image PSNRs {over}: {res.mean_db:.2f} dB")
     if res.identical_pairs:
         print(f"note: {len(res.identical_pairs)} pair(s) made pixel-identical images for every seed "
               f"({', '.join(f'{a} = {b}' for a, b in res.identical_pairs)}): their PSNR is infinite and is "

@@ -3,21 +3,39 @@ FID (and IS, precision/recall, KID, sFID) against training iterations for one ru
 the paper's Fig. 5/6.
 
 For every complete checkpoint of RUN_DIR (or ``--steps``), sample ``--num_samples`` images from
-its EMA model with a fixed seed and sampler (default DDIM, 50 steps), evaluate them against
-``--ref`` with ``evaluations.evaluator.evaluate`` and append a row to ``RUN_DIR/fid_curve.csv``:
+its EMA model with a fixed seed and sampler, evaluate them against ``--ref`` with
+``evaluations.evaluator.evaluate`` and append a row to ``RUN_DIR/fid_curve.csv``:
 
     step, samples_seen, gpu_hours, fid, inception_score, precision, recall, kid, sfid,
-    sampler, sampling_steps, num_samples, extractor, ema_rate, seed
+    sampler, sampling_steps, num_samples, extractor, ema_rate, seed, protocol
 
-(a metric that was not computed is blank). Model flags come from the run's ``config.yaml``
-(``--model_flags "--num_channels 128 ..."`` for a run without one, e.g. upstream's);
-``--keep_samples True`` also keeps each checkpoint's sample batch in
-``RUN_DIR/fid_curve_samples/stepNNNNNN/``. Checkpoints already in the CSV with the same
-sampler, number of steps, samples, EMA rate and seed are skipped, so a second invocation
-continues where the first stopped. Under ``mpiexec`` every rank samples its share and rank 0
-evaluates and writes.
+(a metric that was not computed is blank).
+
+``--protocol`` picks the sampling settings:
+
+- ``fast`` (default): DDIM (eta 0), 50 steps (``--timestep_respacing ddim50``), 10000 samples,
+  the run's first EMA rate: cheap enough for a curve of many checkpoints.
+- ``paper``: what the paper and the published Improved-/Guided-Diffusion FIDs use: 250 respaced
+  ancestral (DDPM) steps (``--use_ddim False --timestep_respacing 250``), 50000 samples, the EMA
+  0.9999 model (``--ema_rate 0.9999``; a run without it is refused before anything is sampled).
+
+A flag given on the command line (or in a ``--config`` file) overrides the protocol's value,
+e.g. ``--protocol paper --num_samples 10000``; the row records what was actually used, and its
+``protocol`` column says ``paper`` only when every paper setting was used (and fp32 sampling),
+``fast`` when the fast settings were (DDIM with eta 0, fp32, the run's first EMA rate), else
+``custom``.
+
+Model flags come from the run's ``config.yaml`` (``--model_flags "--num_channels 128 ..."`` for a
+run without one, e.g. upstream's); ``--keep_samples True`` also keeps each checkpoint's sample
+batch in ``RUN_DIR/fid_curve_samples/stepNNNNNN/``. Checkpoints already in the CSV with the same
+sampler, number of steps, samples, EMA rate, seed and protocol are skipped (a row of an older CSV
+without a protocol matches any protocol), so a second invocation continues where the first
+stopped. A CSV written before the ``protocol`` column existed is rewritten with the column added
+(blank for its rows) when the first new row is appended. Under ``mpiexec`` every rank samples its
+share and rank 0 evaluates and writes.
 
     python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --num_samples 10000
+    python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --protocol paper --steps 500000
     scripts/launch/fid_curve.sh runs/cifar_clts 8 --ref cifar10_train.npz
 """
 from __future__ import annotations
@@ -26,8 +44,10 @@ import argparse
 import csv
 import importlib.util
 import os
+import shutil
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 if importlib.util.find_spec("evaluations") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,20 +66,31 @@ from guided_diffusion.sample_util import (
     run_ema_rates,
     save_samples_npz,
 )
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults, \
+from guided_diffusion.script_util import create_model_and_diffusion, load_config, model_and_diffusion_defaults, \
     parse_args_with_config
 from guided_diffusion.train_util import list_complete_checkpoints
 
 COLUMNS = ["step", "samples_seen", "gpu_hours", "fid", "inception_score", "precision", "recall", "kid", "sfid",
-           "sampler", "sampling_steps", "num_samples", "extractor", "ema_rate", "seed"]
+           "sampler", "sampling_steps", "num_samples", "extractor", "ema_rate", "seed", "protocol"]
 METRIC_COLUMNS = ["fid", "inception_score", "precision", "recall", "kid", "sfid"]
-# what makes two rows the same measurement (a checkpoint is skipped when its key is in the CSV)
-KEY_COLUMNS = ["step", "sampler", "sampling_steps", "num_samples", "ema_rate", "seed"]
+# what makes two rows the same measurement (a checkpoint is skipped when its key is in the CSV);
+# a blank protocol (a row written before the column existed) matches any protocol
+KEY_COLUMNS = ["step", "sampler", "sampling_steps", "num_samples", "ema_rate", "seed", "protocol"]
+# columns an older CSV may lack: it is rewritten with them added (blank for its rows)
+ADDED_COLUMNS = ["protocol"]
+
+# --protocol: the flag values each preset sets (a flag given explicitly overrides its preset value).
+# "fast" is the flags' defaults; its ema_rate "" means the run's first EMA rate.
+PROTOCOLS: Dict[str, Dict[str, Any]] = {
+    "fast": dict(use_ddim=True, timestep_respacing="ddim50", num_samples=10000, ema_rate=""),
+    "paper": dict(use_ddim=False, timestep_respacing="250", num_samples=50000, ema_rate="0.9999"),
+}
 
 
 def create_argparser_defaults() -> Dict[str, Any]:
     return dict(
         ref="",
+        protocol="fast",  # fast | paper: see the module docstring
         num_samples=10000,
         batch_size=128,
         use_ddim=True,
@@ -87,6 +118,61 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("run_dir", help="a training run folder (modelNNNNNN.pt, ema_R_NNNNNN.pt, stateNNNNNN.pt)")
     return parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
+
+
+def explicit_flags(args: argparse.Namespace) -> List[str]:
+    """The flags set on the command line or in the ``--config`` file (they win over a protocol)."""
+    given = set(getattr(args, "command_line_flags", None) or [])
+    if getattr(args, "config", ""):
+        given |= set(load_config(args.config)) & set(create_argparser_defaults())
+    return sorted(given)
+
+
+def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """
+    Set the flags of ``--protocol``'s preset that were not given explicitly (in place).
+
+    :raises ValueError: naming --protocol and its choices, for an unknown protocol.
+    """
+    protocol = str(args.protocol).strip().lower()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
+    args.protocol = protocol
+    given = set(explicit_flags(args))
+    for flag, value in PROTOCOLS[protocol].items():
+        if flag not in given:
+            setattr(args, flag, value)
+    return args
+
+
+def _same_rate(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def protocol_label(args: argparse.Namespace, ema_rate: str, run_rates: Sequence[str]) -> str:
+    """
+    The ``protocol`` column: ``paper`` when every paper setting was used (DDPM in fp32,
+    ``--timestep_respacing 250``, 50000 samples, EMA 0.9999), ``fast`` when the fast ones were
+    (DDIM with eta 0 in fp32, ``ddim50``, 10000 samples, the run's first EMA rate), else ``custom``.
+
+    :param ema_rate: the EMA rate sampled from ("" or anything with ``--use_ema False``: none).
+    :param run_rates: the run's EMA rates (``run_ema_rates``), the first being the fast default.
+    """
+    sampler = sampler_name(args.use_ddim, args.eta, args.sample_precision)
+    used = (sampler, str(args.timestep_respacing), int(args.num_samples))
+    if args.use_ema and ema_rate:
+        paper = PROTOCOLS["paper"]
+        if used == ("ddpm", paper["timestep_respacing"], paper["num_samples"]) \
+                and _same_rate(ema_rate, paper["ema_rate"]):
+            return "paper"
+        fast = PROTOCOLS["fast"]
+        if used == ("ddim", fast["timestep_respacing"], fast["num_samples"]) \
+                and run_rates and _same_rate(ema_rate, run_rates[0]):
+            return "fast"
+    return "custom"
 
 
 def sampler_name(use_ddim: bool, eta: float, precision: str = "fp32") -> str:
@@ -121,15 +207,55 @@ def read_rows(path: str) -> List[Dict[str, str]]:
 
 
 def row_key(row: Dict[str, Any]) -> Tuple[str, ...]:
-    return tuple(str(row.get(k, "")) for k in KEY_COLUMNS)
+    return tuple("" if row.get(k) is None else str(row.get(k)) for k in KEY_COLUMNS)
+
+
+def is_measured(settings: Dict[str, Any], done: Set[Tuple[str, ...]]) -> bool:
+    """
+    Whether a row with ``settings`` (every KEY_COLUMNS value) is among the keys ``done``; a row
+    without a protocol (an older CSV) stands for any protocol.
+    """
+    key = row_key(settings)
+    blank = tuple("" if k == "protocol" else v for k, v in zip(KEY_COLUMNS, key))
+    return key in done or blank in done
+
+
+def _add_columns(path: str, fields: List[str], added: List[str]) -> List[str]:
+    """Rewrite the CSV at ``path`` atomically with the columns ``added`` (blank); the new header."""
+    rows = read_rows(path)
+    fields = fields + added
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: ("" if v is None else v) for k, v in r.items() if k is not None})
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return fields
 
 
 def append_row(path: str, row: Dict[str, Any]) -> None:
-    """Append one row (header first for a new file), flushed to disk."""
+    """
+    Append one row (header first for a new file), flushed to disk. An existing CSV that lacks
+    only columns added since (``ADDED_COLUMNS``: ``protocol``) is first rewritten with them.
+
+    :raises ValueError: for an existing CSV that lacks any other column.
+    """
     new = not os.path.isfile(path) or os.path.getsize(path) == 0
     fields = COLUMNS if new else (read_rows_header(path) or COLUMNS)
     missing = [c for c in COLUMNS if c not in fields]
-    if missing:
+    if missing and all(c in ADDED_COLUMNS for c in missing):
+        fields = _add_columns(path, fields, missing)
+    elif missing:
         raise ValueError(f"{path}: existing CSV lacks the column(s) {missing}; use --csv for a new file")
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -173,7 +299,7 @@ def pending_steps(run_dir: str, args: argparse.Namespace, csv_path: str, setting
     done = {row_key(r) for r in read_rows(csv_path)}
     todo = []
     for step in steps:
-        if row_key({"step": step, **settings}) in done:
+        if is_measured({"step": step, **settings}, done):
             logger.log(f"step {step}: already in {csv_path}, skipped")
         else:
             todo.append(step)
@@ -194,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     :return: the rows written by this invocation (rank 0; other ranks get []).
     """
-    args = parse_args(argv)
+    args = apply_protocol(parse_args(argv))  # an unknown --protocol fails here, before anything else
     run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"RUN_DIR: folder not found: {run_dir}")
@@ -209,11 +335,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     logger.configure(dir=run_dir, format_strs=["stdout"])
     csv_path = args.csv or os.path.join(run_dir, "fid_curve.csv")
     ema_rate = ""
+    run_rates = run_ema_rates(run_dir)
     if args.use_ema:
-        ema_rate = args.ema_rate or next(iter(run_ema_rates(run_dir)), "")
+        ema_rate = args.ema_rate or next(iter(run_rates), "")
         if not ema_rate:
             raise ValueError(f"RUN_DIR {run_dir}: no EMA checkpoints (ema_R_NNNNNN.pt); use --use_ema False")
+        if run_rates and not any(_same_rate(ema_rate, r) for r in run_rates):
+            preset = "ema_rate" not in explicit_flags(args)
+            raise ValueError(f"--ema_rate {ema_rate}{f' (set by --protocol {args.protocol})' if preset else ''}: "
+                             f"RUN_DIR {run_dir} has no EMA checkpoints of that rate; its EMA rates: "
+                             f"{', '.join(run_rates)}. Pass --ema_rate with one of them"
+                             f"{' (the rows then say protocol custom)' if preset else ''}, or --use_ema False")
+        ema_rate = next(r for r in run_rates if _same_rate(ema_rate, r)) if run_rates else ema_rate
     sampler = sampler_name(args.use_ddim, args.eta, args.sample_precision)
+    protocol = protocol_label(args, ema_rate, run_rates)
 
     run_flags, _ = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
     T = int(run_flags["diffusion_steps"])
@@ -223,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         try:
             todo = pending_steps(run_dir, args, csv_path, {
                 "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,
-                "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed})
+                "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed, "protocol": protocol})
         except (ValueError, FileNotFoundError) as e:
             error = e
     todo, error = _broadcast((todo, error))
@@ -237,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             checkpoint, args, {"timestep_respacing"}, model_and_diffusion_defaults(), create_model_and_diffusion,
             model_flags=args.model_flags)
         logger.log(f"step {step}: sampling {args.num_samples} images from {os.path.basename(checkpoint)} "
-                   f"({sampler}, {diffusion.num_timesteps} steps, seed {args.seed})")
+                   f"({sampler}, {diffusion.num_timesteps} steps, seed {args.seed}, protocol {protocol})")
         images, labels = generate_samples(
             model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size,
             image_size=flags["image_size"], class_cond=flags["class_cond"], num_classes=flags["num_classes"],
@@ -256,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                    **{k: result.get(k) for k in METRIC_COLUMNS},
                    "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,
                    "extractor": result.get("extractor", args.extractor),
-                   "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed}
+                   "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed, "protocol": protocol}
             append_row(csv_path, row)
             rows.append(row)
             shown = ", ".join(f"{k}={row[k]:.4g}" for k in METRIC_COLUMNS if row[k] is not None)

@@ -41,13 +41,14 @@ from guided_diffusion.train_util import (
     atomic_write_text,
     check_resume_compatible,
     parse_ema_rates,
+    resolve_batch_size,
     resolve_resume,
     training_defaults,
     validate_training_args,
 )
 
 # Flags handed to create_named_schedule_sampler / loss_weighting (each ignores the others').
-SAMPLER_OPTION_FLAGS = ("clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k")
+SAMPLER_OPTION_FLAGS = ("clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k", "speed_threshold")
 WEIGHTING_OPTION_FLAGS = ("min_snr_gamma", "p2_k", "p2_gamma", "speed_lambda", "speed_tau")
 
 
@@ -55,6 +56,7 @@ def create_argparser_defaults() -> Dict[str, Any]:
     """Every flag of this script with its default: model/diffusion flags + training flags."""
     defaults = model_and_diffusion_defaults()
     defaults.update(training_defaults())
+    defaults["print_config"] = False  # print the resolved flags as YAML and exit
     return defaults
 
 
@@ -79,13 +81,22 @@ def resolve_log_dir(args: argparse.Namespace) -> str:
     return os.path.expanduser(log_dir)
 
 
-def _write_config(path: str, config: Dict[str, Any], source: str) -> None:
+def resolved_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Every flag of this script with its resolved value (what config.yaml holds)."""
+    return {k: getattr(args, k) for k in create_argparser_defaults() if k != "print_config"}
+
+
+def config_yaml(config: Dict[str, Any], source: str) -> str:
+    """The text of a run's config.yaml: a header naming ``source``, then the flags as YAML."""
     import yaml
 
     header = (f"# Resolved configuration of this run ({source}).\n"
               "# Re-run or reproduce with: python scripts/image_train.py --config <this file>\n")
-    text = header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    atomic_write_text(path, text)
+    return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _write_config(path: str, config: Dict[str, Any], source: str) -> None:
+    atomic_write_text(path, config_yaml(config, source))
 
 
 def _load_data(args: argparse.Namespace):
@@ -96,6 +107,7 @@ def _load_data(args: argparse.Namespace):
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=args.class_cond,
+        random_flip=args.random_flip,
     )
     params = inspect.signature(load_data).parameters
     if "seed" in params:
@@ -153,12 +165,19 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     :return: the run folder.
     """
     args = parse_args(argv)
-    if not args.data_dir:
-        raise ValueError("--data_dir is required: an image folder, a packed .npz/.npy, a zip, or 'synthetic'")
     # every check that can fail runs before the run folder is touched
     validate_training_args(vars(args))
+    if args.print_config:  # the resolved flags, as config.yaml would hold them; nothing read or written
+        args.batch_size = resolve_batch_size(args.batch_size, args.global_batch_size, dist_util.launched_world_size(),
+                                             "batch_size" in args.command_line_flags)
+        print(config_yaml(resolved_config(args), f"--print_config of {args.config or 'the command line'}"), end="")
+        return ""
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: an image folder, a packed .npz/.npy, a zip, or 'synthetic'")
     dist_util.setup_dist()
     rank = dist_util.get_rank()
+    args.batch_size = resolve_batch_size(args.batch_size, args.global_batch_size, dist_util.get_world_size(),
+                                         "batch_size" in args.command_line_flags)
     log_dir = resolve_log_dir(args)
     args.log_dir = log_dir
 
@@ -171,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     model.to(dist_util.dev())
     schedule_sampler, weights = create_schedule(args, diffusion)
 
-    config = {k: getattr(args, k) for k in create_argparser_defaults()}
+    config = resolved_config(args)
     point = resolve_resume(log_dir, args.resume, args.resume_checkpoint, parse_ema_rates(args.ema_rate))
     if point is not None:
         check_resume_compatible(point, config, model)

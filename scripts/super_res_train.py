@@ -34,7 +34,16 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import NonFiniteLossError, TrainLoop, training_defaults, validate_training_args
+from guided_diffusion.train_util import (
+    NonFiniteLossError,
+    TrainLoop,
+    check_resume_compatible,
+    parse_ema_rates,
+    resolve_batch_size,
+    resolve_resume,
+    training_defaults,
+    validate_training_args,
+)
 from image_train import _write_config, create_schedule, resolve_log_dir, train_loop_kwargs
 
 
@@ -85,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         raise ValueError(f"--small_size {args.small_size}: expected 0 < small_size <= --large_size {args.large_size}")
     validate_training_args(vars(args))
     dist_util.setup_dist()
+    args.batch_size = resolve_batch_size(args.batch_size, args.global_batch_size, dist_util.get_world_size(),
+                                         "batch_size" in args.command_line_flags)
     log_dir = args.log_dir = resolve_log_dir(args)
     torch.manual_seed(args.seed)
     np.random.seed((args.seed + dist_util.get_rank()) % 2**32)
@@ -93,9 +104,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     model.to(dist_util.dev())
     sampler, weights = create_schedule(args, diffusion)
     config = {k: getattr(args, k) for k in create_argparser_defaults()}
+    # a refused resume must leave the run's config.yaml (which sampling trusts) as it was
+    point = resolve_resume(log_dir, args.resume, args.resume_checkpoint, parse_ema_rates(args.ema_rate))
+    if point is not None:
+        check_resume_compatible(point, config, model)
     # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
     data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
                      class_cond=args.class_cond, seed=args.seed, skip_corrupt=args.skip_corrupt,
+                     random_flip=args.random_flip,
                      device=dist_util.dev() if dist_util.dev().type == "cuda" else None)
     logger.configure(dir=log_dir)
     if dist_util.get_rank() == 0:

@@ -57,8 +57,39 @@ def test_identical_images_are_capped_and_flagged():
     assert p02.per_image[1] == pytest.approx(10 * math.log10(255.0**2 * 48))
     want_mean = np.mean([100.0, np.mean([100.0, 10 * math.log10(255.0**2 * 48), 100.0])] + [p02.mean])
     assert res.mean_db == pytest.approx(want_mean)
+    # pooled (Eq. 1): identical batches are capped; one differing pixel in 3 images -> MSE 1/144
+    assert res.pairs[0].pooled == an.PSNR_CAP_DB and np.isinf(an.pooled_psnr(a, a, max_db=None))
+    assert p02.pooled == pytest.approx(10 * math.log10(255.0**2 * 144))
+    assert res.pooled_db == pytest.approx(np.mean([100.0, p02.pooled, p02.pooled]))
     with pytest.raises(ValueError, match="at least two"):
         an.pairwise_psnr([a])
+
+
+def test_pooled_psnr_is_eq1_not_the_mean_of_per_image_psnrs():
+    """Eq. 1 takes one MSE over all images of the pair; it differs from the mean per-image PSNR."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    b, c = a.copy(), a.copy()
+    # per-image errors of very different size, so the two statistics differ
+    for n, amp in enumerate((2, 20, 90)):
+        b[n] = np.clip(a[n].astype(int) + rng.integers(-amp, amp + 1, a[n].shape), 0, 255)
+        c[n] = np.clip(a[n].astype(int) + rng.integers(-amp // 2, amp // 2 + 1, a[n].shape), 0, 255)
+    images = [a, b, c]
+    pooled, per_image_mean = {}, {}
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        x, y = images[i].astype(np.float64), images[j].astype(np.float64)
+        pooled[i, j] = 10 * math.log10(255.0**2 / np.mean((x - y) ** 2))
+        per_image_mean[i, j] = np.mean([10 * math.log10(255.0**2 / np.mean((x[n] - y[n]) ** 2)) for n in range(3)])
+        assert pooled[i, j] < per_image_mean[i, j] - 1.0  # really different numbers
+        assert an.pooled_psnr(images[i], images[j]) == pytest.approx(pooled[i, j], rel=1e-12)
+    res = an.consistency(images, ["a", "b", "c"])
+    for p in res.pairs:
+        assert p.pooled == pytest.approx(pooled[p.i, p.j], rel=1e-12)
+        assert p.mean == pytest.approx(per_image_mean[p.i, p.j], rel=1e-12)
+    assert res.pooled_db == pytest.approx(np.mean(list(pooled.values())), rel=1e-12)
+    assert res.mean_db == pytest.approx(np.mean(list(per_image_mean.values())), rel=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        an.pooled_psnr(a, b[:2])
 
 
 def test_to_uint8_matches_upstream_conversion():
@@ -240,6 +271,12 @@ def test_interpolate_state_dicts():
         an.interpolate_state_dicts(a, {**b, "extra": torch.zeros(1)}, 0.5)
     with pytest.raises(ValueError, match="non-float buffer 'n'"):
         an.interpolate_state_dicts(a, {**b, "n": torch.tensor(4)}, 0.5)
+    # int_buffers="a": a step counter (BatchNorm's num_batches_tracked) that differs is taken from A
+    out = an.interpolate_state_dicts(a, {**b, "n": torch.tensor(4)}, 0.75, int_buffers="a")
+    assert int(out["n"]) == 3 and out["n"].dtype == a["n"].dtype
+    torch.testing.assert_close(out["w"], torch.tensor([2.5, -1.0]))
+    with pytest.raises(ValueError, match="int_buffers must be 'error' or 'a'"):
+        an.interpolate_state_dicts(a, b, 0.5, int_buffers="b")
 
 
 def test_parse_alphas_and_stratified_timesteps():

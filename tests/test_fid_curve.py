@@ -126,3 +126,143 @@ def test_plot_curves_labels_and_errors(tmp_path):
         plot_curves.main([str(runs[0]), "--out", str(out), "--metric", "inception_score"])
     with pytest.raises(FileNotFoundError, match="fid_curve.py"):
         plot_curves.main([str(tmp_path), "--out", str(out)])
+
+
+# --protocol: the sampler and the evaluator are replaced by fakes (a paper row is 50000 samples of
+# 250 steps); the checkpoints, the CSV and the bookkeeping are real.
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+    """A one-checkpoint tiny run with 1000 diffusion steps (so "250" respaces) and EMA 0.9999 + 0.99."""
+    run = tmp_path_factory.mktemp("paper") / "run"
+    image_train.main(["--config", str(SMOKE / "tiny.yaml"), "--log_dir", str(run), "--total_steps", "1",
+                      "--save_interval", "1", "--diffusion_steps", "1000", "--ema_rate", "0.9999,0.99"])
+    ref = run.parent / "ref.npz"
+    np.savez(ref, synthetic_images(4, 16, seed=1)[0])
+    return run, ref
+
+
+@pytest.fixture
+def fake_sampling(monkeypatch):
+    """Record each generate_samples call (its settings) instead of sampling; evaluate returns fid 1.0."""
+    calls = []
+
+    def generate(model, diffusion, *, num_samples, image_size, use_ddim, eta, seed, **kw):
+        calls.append(dict(num_samples=num_samples, use_ddim=use_ddim, eta=eta, seed=seed,
+                          num_timesteps=diffusion.num_timesteps))
+        return np.zeros((num_samples, image_size, image_size, 3), np.uint8), None
+
+    import evaluations.evaluator
+
+    monkeypatch.setattr(fid_curve, "generate_samples", generate)
+    monkeypatch.setattr(evaluations.evaluator, "evaluate", lambda ref, images, **kw: {"fid": 1.0, "extractor": "fake"})
+    return calls
+
+
+def test_protocol_presets(tmp_path):
+    defaults = fid_curve.create_argparser_defaults()
+    assert defaults["protocol"] == "fast"
+    assert {k: defaults[k] for k in fid_curve.PROTOCOLS["fast"]} == fid_curve.PROTOCOLS["fast"]  # today's defaults
+
+    def resolved(*flags):
+        args = fid_curve.apply_protocol(fid_curve.parse_args([str(tmp_path), *flags]))
+        return args, (args.use_ddim, args.timestep_respacing, args.num_samples, args.ema_rate)
+
+    args, used = resolved("--protocol", "paper")
+    assert used == (False, "250", 50000, "0.9999")
+    assert fid_curve.protocol_label(args, "0.9999", ["0.99", "0.9999"]) == "paper"
+    args, used = resolved()
+    assert used == (True, "ddim50", 10000, "")
+    assert fid_curve.protocol_label(args, "0.99", ["0.99", "0.9999"]) == "fast"
+    assert fid_curve.protocol_label(args, "0.9999", ["0.99", "0.9999"]) == "custom"  # not the run's first rate
+    # an explicit flag wins over the preset, also when it equals the other protocol's value
+    args, used = resolved("--protocol", "paper", "--num_samples", "10000")
+    assert used == (False, "250", 10000, "0.9999")
+    assert fid_curve.protocol_label(args, "0.9999", ["0.9999"]) == "custom"
+    args, used = resolved("--protocol=paper", "--use_ddim=True")
+    assert used == (True, "250", 50000, "0.9999")
+    args, _ = resolved("--protocol", "paper", "--sample_precision", "bf16")
+    assert fid_curve.protocol_label(args, "0.9999", ["0.9999"]) == "custom"  # ddpm+bf16
+    # a --config file's values count as explicit too
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("protocol: paper\nnum_samples: 123\n")
+    _, used = resolved("--config", str(cfg))
+    assert used == (False, "250", 123, "0.9999")
+
+
+def test_protocol_rows(paper_run, fake_sampling, tmp_path):
+    run, ref = paper_run
+    base = [str(run), "--ref", str(ref), "--progress", "False"]
+
+    csv_path = tmp_path / "fast.csv"
+    (row,) = fid_curve.main(base + ["--csv", str(csv_path)])  # today's defaults
+    assert fake_sampling[-1] == dict(num_samples=10000, use_ddim=True, eta=0.0, seed=0, num_timesteps=50)
+    (saved,) = read_csv(csv_path)
+    assert list(saved) == fid_curve.COLUMNS
+    assert row["protocol"] == saved["protocol"] == "fast"
+    assert (saved["sampler"], saved["sampling_steps"], saved["num_samples"], saved["ema_rate"]) == \
+        ("ddim", "50", "10000", "0.9999")  # the run's first EMA rate
+
+    csv_path = tmp_path / "paper.csv"
+    (row,) = fid_curve.main(base + ["--csv", str(csv_path), "--protocol", "paper"])
+    assert fake_sampling[-1] == dict(num_samples=50000, use_ddim=False, eta=0.0, seed=0, num_timesteps=250)
+    (saved,) = read_csv(csv_path)
+    assert (saved["sampler"], saved["sampling_steps"], saved["num_samples"], saved["ema_rate"], saved["protocol"]) \
+        == ("ddpm", "250", "50000", "0.9999", "paper")
+    assert fid_curve.main(base + ["--csv", str(csv_path), "--protocol", "paper"]) == []  # measured: skipped
+
+    # an explicit flag overrides the preset; the row records what was used and says custom
+    (row,) = fid_curve.main(base + ["--csv", str(csv_path), "--protocol", "paper", "--num_samples", "8"])
+    assert fake_sampling[-1] == dict(num_samples=8, use_ddim=False, eta=0.0, seed=0, num_timesteps=250)
+    saved = read_csv(csv_path)[-1]
+    assert (saved["sampler"], saved["sampling_steps"], saved["num_samples"], saved["ema_rate"], saved["protocol"]) \
+        == ("ddpm", "250", "8", "0.9999", "custom")
+
+
+def test_protocol_errors_before_sampling(tmp_path, fake_sampling):
+    with pytest.raises(ValueError, match=r"--protocol: expected one of fast, paper, got 'best'"):
+        fid_curve.main([str(tmp_path), "--ref", str(tmp_path), "--protocol", "best"])
+    # --protocol paper on a run without EMA 0.9999 (tiny.yaml: 0.99, 0.9)
+    run = tmp_path / "run"
+    image_train.main(["--config", str(SMOKE / "tiny.yaml"), "--log_dir", str(run), "--total_steps", "1",
+                      "--save_interval", "1"])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, synthetic_images(4, 16, seed=1)[0])
+    with pytest.raises(ValueError, match=r"--ema_rate 0\.9999 \(set by --protocol paper\).*0\.99, 0\.9"):
+        fid_curve.main([str(run), "--ref", str(ref), "--protocol", "paper", "--timestep_respacing", "10"])
+    assert fake_sampling == [] and not (run / "fid_curve.csv").exists()
+
+
+def test_old_csv_without_protocol_is_extended(paper_run, fake_sampling, tmp_path):
+    run, ref = paper_run
+    csv_path = tmp_path / "old.csv"
+    argv = [str(run), "--ref", str(ref), "--progress", "False", "--csv", str(csv_path), "--num_samples", "8"]
+    fid_curve.main(argv)
+    (measured,) = read_csv(csv_path)
+    # the same row as a CSV written before the protocol column existed (plus a row of another seed)
+    old_columns = [c for c in fid_curve.COLUMNS if c != "protocol"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerow(measured)
+        w.writerow({**measured, "seed": 7, "fid": 2.5})
+    before = csv_path.read_text()
+    calls = len(fake_sampling)
+    assert fid_curve.main(argv) == [] and fid_curve.main(argv + ["--seed", "7"]) == []  # not measured again
+    assert len(fake_sampling) == calls and csv_path.read_text() == before
+
+    (row,) = fid_curve.main(argv + ["--seed", "1"])  # a new measurement: the CSV gets the column
+    table = read_csv(csv_path)
+    assert list(table[0]) == fid_curve.COLUMNS
+    assert [(r["seed"], r["fid"], r["protocol"]) for r in table] == \
+        [("0", measured["fid"], ""), ("7", "2.5", ""), ("1", "1.0", "custom")]
+    assert all(r[c] == measured[c] for r in table[:1] for c in old_columns)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+    assert fid_curve.main(argv) == []
+
+    # a CSV lacking another column is still refused
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(c for c in old_columns if c != "sfid") + "\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['sfid', 'protocol'\]"):
+        fid_curve.append_row(str(bad), {**row})

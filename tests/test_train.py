@@ -393,6 +393,6 @@ def test_defaults_and_configs():
     assert base["total_steps"] == 500000
     inet = load_config(REPO / "configs/imagenet128/baseline.yaml")
     assert inet["attention_resolutions"] == "32,16,8" and inet["class_cond"] and inet["num_channels"] == 256
-    assert inet["total_steps"] == 400000 and inet["precision"] == "bf16"
+    assert inet["total_steps"] == 4000000 and inet["precision"] == "bf16"  # the paper's 4M horizon
     mini = load_config(REPO / "configs/cifar10/mini_clts_mdlrc.yaml")
     assert mini["momentum_decay"] and mini["clts_target_steps"] < mini["total_steps"]

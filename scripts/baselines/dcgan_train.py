@@ -11,8 +11,10 @@ packed .npz, a zip, or "synthetic").
         --log_dir runs/cifar10-dcgan-seed1
 
 Writes to --log_dir (default runs/dcgan-<timestamp>): gan_config.yaml (architecture flags),
-generator_NNNNNN.pt and discriminator_NNNNNN.pt every --save_interval steps and at the end,
-and the logger's log.txt / progress.csv (loss_d, loss_g, d_real, d_fake).
+generator_NNNNNN.pt and discriminator_NNNNNN.pt every --save_interval steps, at each of
+--save_steps (e.g. 3906,39062: the ends of epochs 10 and 100 of CIFAR-10 at batch 128, the
+checkpoints of the paper's Fig. 4, see scripts/loss_landscape.py) and at the end, and the
+logger's log.txt / progress.csv (loss_d, loss_g, d_real, d_fake).
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ from guided_diffusion import logger
 from guided_diffusion.analysis import pick_device
 from guided_diffusion.gan import GAN_CONFIG_NAME, create_gan, gan_defaults
 from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.train_util import parse_save_steps
 
 
 def training_defaults() -> dict:
     """The training flags (architecture flags are ``gan.gan_defaults()``)."""
     return dict(data_dir="", batch_size=128, lr=2e-4, beta1=0.5, beta2=0.999, total_steps=50000,
-                save_interval=10000, log_interval=100, seed=0, log_dir="", device="auto")
+                save_interval=10000, save_steps="", log_interval=100, seed=0, log_dir="", device="auto")
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -69,6 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     for k in ("batch_size", "total_steps", "save_interval", "log_interval", "nz", "ngf", "ndf"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k} must be >= 1, got {getattr(args, k)}")
+    save_steps = set(parse_save_steps(args.save_steps))  # extra steps, e.g. epoch ends for Fig. 4
+    late = sorted(s for s in save_steps if s > args.total_steps)
+    if late:
+        raise ValueError(f"--save_steps {args.save_steps}: step(s) {late} are beyond --total_steps "
+                         f"{args.total_steps} and would never be saved")
     device = pick_device(args.device)
     arch = {k: getattr(args, k) for k in gan_defaults()}
     torch.manual_seed(args.seed)
@@ -114,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             logger.logkv("d_real", float(torch.sigmoid(d_real.detach()).mean()))
             logger.logkv("d_fake", float(torch.sigmoid(d_fake.detach()).mean()))
             logger.dumpkvs()
-        if step % args.save_interval == 0 or step == args.total_steps:
+        if step % args.save_interval == 0 or step == args.total_steps or step in save_steps:
             _save(log_dir, step, g, d)
     print(f"run folder: {log_dir}", flush=True)
     return log_dir
