@@ -25,7 +25,13 @@ Extractors (``--extractor``):
 - ``auto`` (default): the local file if given, then torch-fidelity's cache/download, then offline.
 
 Reference statistics (and pool features, for precision/recall/KID) are cached in ``--cache_dir``
-keyed by the reference's path, modification time, size and the extractor.
+keyed by the reference's path, modification time, size and the extractor; ``ref_stats.py`` writes
+into the same cache, so no later evaluation of the same reference extracts its features again.
+
+Feature extraction reports its progress (images done/total, images/s, ETA) as a bar on a terminal
+and as plain lines on stderr otherwise. A reference at another resolution than the samples, or one
+that looks like a sample batch (named ``samples_NxHxWx3.npz``, or far smaller than the samples:
+REF and SAMPLES swapped?), gives a warning (stderr and the result's ``warnings``).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import zipfile
@@ -54,18 +61,26 @@ from evaluations.offline_inception import SPATIAL_FEATURE
 
 __all__ = [
     "ALL_METRICS",
+    "EXTRACTORS",
     "Extractor",
     "NoExtractorError",
+    "ReferenceInfo",
+    "check_extractor",
     "compute_statistics",
     "evaluate",
     "frechet_distance",
     "get_extractor",
     "inception_score",
+    "inspect_reference",
     "load_batch",
     "main",
+    "parse_metrics",
+    "reference_cache_file",
+    "reference_warnings",
 ]
 
 ALL_METRICS = ("fid", "sfid", "is", "prc", "kid")
+EXTRACTORS = ("auto", "torch-fidelity", "offline")
 POOL = "2048"
 LOGITS = "logits_unbiased"  # guided-diffusion's IS softmax is over pool_3 @ W, without the bias
 TORCH_FIDELITY_NAME = "torch-fidelity/inception-v3-compat"
@@ -202,6 +217,24 @@ def _no_extractor_message(failures: List[str]) -> str:
             f"Tried:{tried}")
 
 
+def check_extractor(extractor: str, inception_weights: Optional[str] = None) -> None:
+    """
+    Check ``--extractor`` and ``--inception_weights`` without loading anything, so that a script
+    can refuse a typo before it spends hours sampling.
+
+    :raises ValueError: for an unknown extractor or weights given with ``offline``.
+    :raises FileNotFoundError: for a weights file that does not exist.
+    """
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"--extractor must be {', '.join(EXTRACTORS[:-1])} or {EXTRACTORS[-1]}, got {extractor!r}")
+    if extractor == "offline" and inception_weights is not None:
+        raise ValueError("--inception_weights is torch-fidelity's .pth file; it is used with --extractor "
+                         "torch-fidelity or auto, not offline")
+    if inception_weights is not None and not os.path.isfile(inception_weights):
+        raise FileNotFoundError(f"--inception_weights {inception_weights}: no such file (expected torch-fidelity's "
+                                f"{os.path.basename(URL_INCEPTION_V3)})")
+
+
 def get_extractor(extractor: str = "auto", inception_weights: Optional[str] = None,
                   device: Union[None, str, torch.device] = None) -> Extractor:
     """
@@ -214,11 +247,7 @@ def get_extractor(extractor: str = "auto", inception_weights: Optional[str] = No
     :return: an ``Extractor``.
     :raises NoExtractorError: when none can be loaded (the message names the three ways to get one).
     """
-    if extractor not in ("auto", "torch-fidelity", "offline"):
-        raise ValueError(f"--extractor must be auto, torch-fidelity or offline, got {extractor!r}")
-    if extractor == "offline" and inception_weights is not None:
-        raise ValueError("--inception_weights is torch-fidelity's .pth file; it is used with --extractor "
-                         "torch-fidelity or auto, not offline")
+    check_extractor(extractor, inception_weights)
     dev = _default_device(device)
     key = (extractor, None if inception_weights is None else os.path.abspath(inception_weights), str(dev))
     if key in _LOADED:
@@ -318,7 +347,8 @@ def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.n
         arr = np.load(path, allow_pickle=False)
     elif os.path.isdir(path) or lower.endswith(".zip") or zipfile.is_zipfile(path):
         side = _first_image_side(path)
-        return _check_batch(load_source(path, side, max_images=max_images).images, path)
+        # np.asarray: a folder of shards is a ShardedImages view over memory maps
+        return _check_batch(np.asarray(load_source(path, side, max_images=max_images).images), path)
     else:
         raise ValueError(f"{path}: unsupported file type; expected an image folder, .zip, .npz or .npy")
     _check_batch(arr, path)
@@ -327,9 +357,17 @@ def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.n
     return arr
 
 
-def _extract(ext: Extractor, images: np.ndarray, features: Iterable[str], batch_size: int) -> Dict[str, np.ndarray]:
-    """Run the network over uint8 NHWC ``images``; returns float32 arrays [N, D] per feature."""
-    from tqdm import tqdm
+def _extract(ext: Extractor, images: np.ndarray, features: Iterable[str], batch_size: int,
+             desc: str = "Inception features", progress: bool = True) -> Dict[str, np.ndarray]:
+    """
+    Run the network over uint8 NHWC ``images``; returns float32 arrays [N, D] per feature.
+    Progress goes to stderr (``ProgressLog``: lines with images/s and the ETA when not a terminal;
+    50k images take hours on a CPU).
+
+    :param desc: what the progress lines call the images (e.g. ``reference features``).
+    :param progress: False: report nothing.
+    """
+    from guided_diffusion.sample_util import ProgressLog
 
     wanted = [f for f in ext.features if f in set(features)]
     if not wanted:
@@ -340,17 +378,19 @@ def _extract(ext: Extractor, images: np.ndarray, features: Iterable[str], batch_
     saved = module.features_list
     module.features_list = wanted  # compute only what is needed (the pool-only path skips the logits)
     out: Dict[str, List[np.ndarray]] = {f: [] for f in wanted}
+    bar = ProgressLog(images.shape[0], desc, leave=False, enabled=progress)
     try:
         with torch.inference_mode():
-            for lo in tqdm(range(0, images.shape[0], batch_size), desc="Inception features", unit="batch",
-                           disable=None, leave=False):
+            for lo in range(0, images.shape[0], batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).to(ext.device)
                 res = module(x.permute(0, 3, 1, 2))
                 ext.calls += 1
                 for f, v in zip(wanted, res):
                     out[f].append(v.float().cpu().numpy())
+                bar.update(x.shape[0])
     finally:
         module.features_list = saved
+        bar.close()
     return {f: np.concatenate(v, axis=0) for f, v in out.items()}
 
 
@@ -469,45 +509,211 @@ def _fingerprint(path: str) -> str:
     return "|".join(parts)
 
 
-def _cache_file(cache_dir: str, path: str, ext: Extractor, max_images: Optional[int]) -> str:
+def reference_cache_file(path: Union[str, Path], ext: Extractor, cache_dir: Optional[str] = None,
+                         max_images: Optional[int] = None) -> str:
+    """
+    The cache file of the statistics/features of the images of ``path`` under ``ext``: keyed by
+    the file's fingerprint (path, modification time, size; every image's for a folder), the
+    extractor and ``max_images``. ``evaluate`` and ``ref_stats.py`` use the same key, so either
+    finds what the other computed.
+
+    :param cache_dir: the cache folder (default ``default_cache_dir()``).
+    """
+    path = os.path.expanduser(str(path))
     key = "|".join([_fingerprint(path), ext.name, ext.weights, str(max_images or 0)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = os.path.basename(os.path.normpath(path)).replace(".", "_")
-    return os.path.join(cache_dir, f"{stem}-{digest}.npz")
+    return os.path.join(cache_dir or default_cache_dir(), f"{stem}-{digest}.npz")
 
 
-def _image_statistics(ext: Extractor, images: np.ndarray, batch_size: int) -> Dict[str, np.ndarray]:
-    """mu/sigma (pool-3), mu_s/sigma_s (spatial, when given) and the pool features of ``images``."""
-    if images.shape[0] < 2:
-        raise ValueError(f"statistics need at least 2 images, got {images.shape[0]}")
-    feats = _extract(ext, images, (POOL, SPATIAL_FEATURE), batch_size)
-    out: Dict[str, np.ndarray] = {"pool": feats[POOL], "num_images": np.int64(images.shape[0])}
+def _cache_file(cache_dir: str, path: str, ext: Extractor, max_images: Optional[int]) -> str:
+    return reference_cache_file(path, ext, cache_dir, max_images)
+
+
+def _statistics_of_features(feats: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The cached arrays of a set of features: pool features, num_images, mu/sigma, mu_s/sigma_s."""
+    n = feats[POOL].shape[0]
+    if n < 2:
+        raise ValueError(f"statistics need at least 2 images, got {n}")
+    out: Dict[str, np.ndarray] = {"pool": feats[POOL], "num_images": np.int64(n)}
     out["mu"], out["sigma"] = _statistics(feats[POOL])
     if SPATIAL_FEATURE in feats:
         out["mu_s"], out["sigma_s"] = _statistics(feats[SPATIAL_FEATURE])
     return out
 
 
-def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_dir: Optional[str],
-                             images: Optional[np.ndarray] = None,
-                             max_images: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], bool]:
-    """Statistics of the images of ``path`` from the cache, or computed and cached. Returns (stats, hit)."""
-    cache_dir = cache_dir or default_cache_dir()
-    cfile = _cache_file(cache_dir, path, ext, max_images)
-    if os.path.isfile(cfile):
-        try:
-            with np.load(cfile, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}, True
-        except (OSError, ValueError):  # a truncated cache file: recompute
-            pass
-    if images is None:
-        images = load_batch(path, max_images=max_images)
-    stats = _image_statistics(ext, images, batch_size)
-    os.makedirs(cache_dir, exist_ok=True)
+def _image_statistics(ext: Extractor, images: np.ndarray, batch_size: int,
+                      desc: str = "Inception features", progress: bool = True) -> Dict[str, np.ndarray]:
+    """mu/sigma (pool-3), mu_s/sigma_s (spatial, when given) and the pool features of ``images``."""
+    if images.shape[0] < 2:
+        raise ValueError(f"statistics need at least 2 images, got {images.shape[0]}")
+    return _statistics_of_features(_extract(ext, images, (POOL, SPATIAL_FEATURE), batch_size, desc, progress))
+
+
+def _read_cache(cfile: str) -> Optional[Dict[str, np.ndarray]]:
+    """A cache file's arrays, or None when it is missing or unreadable (truncated: recomputed)."""
+    if not os.path.isfile(cfile):
+        return None
+    try:
+        with np.load(cfile, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _write_cache(cfile: str, stats: Dict[str, np.ndarray]) -> None:
+    os.makedirs(os.path.dirname(cfile), exist_ok=True)
     tmp = cfile + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **stats)
     os.replace(tmp, cfile)  # atomic: concurrent evaluators never read a half-written file
+
+
+def _log(message: str) -> None:
+    print(f"evaluator: {message}", file=sys.stderr, flush=True)
+
+
+def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_dir: Optional[str],
+                             images: Optional[np.ndarray] = None,
+                             max_images: Optional[int] = None,
+                             need_spatial: bool = False,
+                             progress: bool = True) -> Tuple[Dict[str, np.ndarray], bool]:
+    """
+    Statistics of the images of ``path`` from the cache, or computed and cached. Returns (stats, hit).
+
+    :param need_spatial: a cached entry without mu_s/sigma_s (ref_stats.py writes such entries for
+        the kept images of its output when it found the dataset in the cache) counts as a miss.
+    """
+    cfile = reference_cache_file(path, ext, cache_dir, max_images)
+    cached = _read_cache(cfile)
+    if cached is not None and "pool" in cached and not (need_spatial and "mu_s" not in cached):
+        _log(f"features of {path} ({int(cached['num_images'])} images, {ext.name}) from the cache {cfile}")
+        return cached, True
+    if images is None:
+        images = load_batch(path, max_images=max_images)
+    stats = _image_statistics(ext, images, batch_size, desc=f"reference features ({os.path.basename(path)})",
+                              progress=progress)
+    _write_cache(cfile, stats)
+    _log(f"cached the features of {path} in {cfile}")
     return stats, False
+
+
+_SAMPLES_NAME = re.compile(r"^samples_\d+(x\d+){2,3}(-\d+)?\.(npz|npy)$")
+# an image-only REF with fewer than 1/SWAP_RATIO of the samples' images: probably REF and SAMPLES swapped
+SWAP_RATIO = 5
+
+
+def _npz_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every array of an ``.npz`` from the headers, without reading the arrays."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz (numpy's zip archive); truncated or another format?")
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with zf.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape = np.lib.format.read_array_header_1_0(f)[0]
+                elif version == (2, 0):
+                    shape = np.lib.format.read_array_header_2_0(f)[0]
+                else:  # a rarer header version: read the array itself
+                    with np.load(path, allow_pickle=False) as npz:
+                        shape = npz[name[:-4]].shape
+            shapes[name[:-4]] = tuple(int(d) for d in shape)
+    return shapes
+
+
+@dataclass
+class ReferenceInfo:
+    """
+    What a REF holds, read without decoding its images (``inspect_reference``).
+
+    :param path: the reference.
+    :param num_images: the images its statistics are (or will be) over; None when unknown.
+    :param image_size: (H, W) of its images; None for a statistics-only file.
+    :param has_statistics: whether it carries mu/sigma (used as given).
+    """
+
+    path: str
+    num_images: Optional[int]
+    image_size: Optional[Tuple[int, int]]
+    has_statistics: bool
+
+
+def inspect_reference(ref: Union[str, Path]) -> ReferenceInfo:
+    """
+    Check that ``ref`` is a reference the evaluator can read and say what it holds, cheaply
+    (npz headers, a folder listing, the first image), so that scripts can refuse a bad REF and
+    warn about a suspicious one before any sampling or feature extraction.
+
+    :raises FileNotFoundError: for a missing REF.
+    :raises ValueError: for an unsupported file or an npz without images or mu/sigma.
+    """
+    path = os.path.expanduser(str(ref))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"REF {path}: no such file or folder (expected an image folder, .zip, a sample "
+                                ".npz, or a reference batch .npz with mu/sigma)")
+    lower = path.lower()
+    if lower.endswith(".npz"):
+        shapes = _npz_shapes(path)
+        has_stats = {"mu", "sigma"} <= set(shapes)
+        if not has_stats and "arr_0" not in shapes:
+            raise ValueError(f"REF {path}: expected 'arr_0' images and/or 'mu'/'sigma' statistics, found keys "
+                             f"{', '.join(sorted(shapes)) or 'none'}")
+        arr = shapes.get("arr_0")
+        size: Optional[Tuple[int, int]] = (arr[1], arr[2]) if arr is not None and len(arr) == 4 else None
+        num = arr[0] if arr is not None and len(arr) == 4 else None
+        if "num_images" in shapes or (size is None and "image_shape" in shapes):
+            with np.load(path, allow_pickle=False) as f:
+                if "num_images" in f.files:
+                    num = int(f["num_images"])
+                if size is None and "image_shape" in f.files:  # a statistics-only ref_stats.py file
+                    size = tuple(int(d) for d in f["image_shape"][:2])
+        return ReferenceInfo(path, num, size, has_stats)
+    if lower.endswith(".npy"):
+        shape = np.load(path, mmap_mode="r").shape
+        ok = len(shape) == 4
+        return ReferenceInfo(path, shape[0] if ok else None, (shape[1], shape[2]) if ok else None, False)
+    if os.path.isdir(path) or lower.endswith(".zip") or zipfile.is_zipfile(path):
+        side = _first_image_side(path)
+        return ReferenceInfo(path, _count_images(path), (side, side), False)
+    raise ValueError(f"REF {path}: unsupported file type; expected an image folder, .zip, .npz or .npy")
+
+
+def reference_warnings(ref: Union[str, Path, ReferenceInfo], num_samples: Optional[int],
+                       sample_size: Union[None, int, Sequence[int]]) -> List[str]:
+    """
+    What looks wrong about evaluating ``num_samples`` samples of ``sample_size`` against ``ref``:
+    a reference at another resolution (the Inception network resizes both to 299x299, so the FID
+    then mostly measures the resolution gap), and a REF that looks like a sample batch (named like
+    the sample scripts' ``samples_NxHxWx3.npz``, or far smaller than the samples: REF and SAMPLES
+    swapped?). Warnings, not errors: each can be meant.
+
+    :param ref: a reference path or its ``inspect_reference``.
+    :param num_samples: the number of samples (None: unknown).
+    :param sample_size: the samples' side or (H, W) (None: unknown).
+    :return: messages, none when all looks right.
+    """
+    info = ref if isinstance(ref, ReferenceInfo) else inspect_reference(ref)
+    out: List[str] = []
+    if sample_size is not None and info.image_size is not None:
+        sh, sw = (int(sample_size),) * 2 if isinstance(sample_size, (int, np.integer)) else tuple(sample_size)[:2]
+        rh, rw = info.image_size
+        if (rh, rw) != (sh, sw):
+            out.append(f"REF {info.path} holds {rh}x{rw} images but the samples are {sh}x{sw}: both are resized to "
+                       "299x299 for the Inception network, so the metrics compare different resolutions; use a "
+                       f"reference at {sh}x{sw} (e.g. ref_stats.py on the dataset at the samples' resolution)")
+    name = os.path.basename(os.path.normpath(info.path))
+    if _SAMPLES_NAME.match(name):
+        out.append(f"REF {info.path} looks like a sample batch (named like the sample scripts' output "
+                   "samples_NxHxWx3.npz): the reference comes first (evaluator.py REF SAMPLES); were they swapped?")
+    elif (not info.has_statistics and info.num_images and num_samples
+          and info.num_images * SWAP_RATIO < int(num_samples)):
+        out.append(f"REF {info.path} holds {info.num_images} images, far fewer than the {int(num_samples)} samples "
+                   "(a reference is normally the larger set): were REF and SAMPLES swapped? "
+                   "(evaluator.py REF SAMPLES)")
+    return out
 
 
 def _count_images(path: str) -> int:
@@ -515,8 +721,8 @@ def _count_images(path: str) -> int:
     from guided_diffusion.image_datasets import list_image_files
 
     if path.lower().endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return int(f["arr_0"].shape[0]) if "arr_0" in f.files else 0
+        shape = _npz_shapes(path).get("arr_0")  # the header only: a 50k-image arr_0 is not read
+        return int(shape[0]) if shape else 0
     if path.lower().endswith(".npy"):
         return int(np.load(path, mmap_mode="r").shape[0])
     if os.path.isdir(path):
@@ -536,7 +742,7 @@ class _Reference:
 
 
 def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], batch_size: int,
-               cache_dir: Optional[str]) -> _Reference:
+               cache_dir: Optional[str], progress: bool = True) -> _Reference:
     path = os.path.expanduser(str(ref))
     if not os.path.exists(path):
         raise FileNotFoundError(f"REF {path}: no such file or folder (expected an image folder, .zip, a sample "
@@ -576,7 +782,8 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
     computed: Dict[str, np.ndarray] = {}
     hit: Optional[bool] = None
     if need_images and has_images:
-        computed, hit = _cached_image_statistics(path, ext, batch_size, cache_dir)
+        computed, hit = _cached_image_statistics(path, ext, batch_size, cache_dir,
+                                                 need_spatial="sfid" in need_images, progress=progress)
     elif need_images:
         for m in need_images:
             missing[m] = f"REF {path} holds statistics only (no 'arr_0' images to take features from)"
@@ -597,6 +804,15 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
 
 
 # ----------------------------------------------------------------------------- the API
+
+
+def parse_metrics(metrics: Union[str, Iterable[str]]) -> Tuple[str, ...]:
+    """
+    ``--metrics`` as a tuple of distinct names among ``ALL_METRICS``.
+
+    :raises ValueError: naming --metrics and the unknown names.
+    """
+    return _parse_metrics(metrics)
 
 
 def _parse_metrics(metrics: Union[str, Iterable[str]]) -> Tuple[str, ...]:
@@ -640,7 +856,8 @@ def compute_statistics(images: Union[str, Path, np.ndarray], *, extractor: str =
 def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
              metrics: Union[str, Sequence[str]] = ALL_METRICS, extractor: str = "auto",
              inception_weights: Optional[str] = None, batch_size: int = 64,
-             device: Union[None, str, torch.device] = None, cache_dir: Optional[str] = None) -> dict:
+             device: Union[None, str, torch.device] = None, cache_dir: Optional[str] = None,
+             check_reference: bool = True, progress: bool = True) -> dict:
     """
     Evaluate a sample batch against a reference.
 
@@ -652,10 +869,14 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
     :param batch_size: images per forward pass.
     :param device: where to run the network (default CUDA when available).
     :param cache_dir: reference statistics cache (default ``default_cache_dir()``).
+    :param check_reference: warn (stderr and ``warnings``) about a reference at another resolution
+        or one that looks like a sample batch (``reference_warnings``); False for a caller that
+        checked once up front (fid_curve.py, before sampling every checkpoint).
+    :param progress: report the feature extraction's progress on stderr (``ProgressLog``).
     :return: dict with the computed metrics among ``fid``, ``sfid``, ``inception_score``,
              ``precision``, ``recall``, ``kid`` (and ``kid_std``), plus ``extractor``,
-             ``extractor_weights``, ``num_samples``, ``num_ref``, ``skipped`` (metric -> reason)
-             and ``notes``.
+             ``extractor_weights``, ``num_samples``, ``num_ref``, ``skipped`` (metric -> reason),
+             ``notes`` and ``warnings``.
     """
     metrics = _parse_metrics(metrics)
     ext = get_extractor(extractor, inception_weights, device)
@@ -667,7 +888,12 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
     todo = [m for m in metrics if m not in skipped]
 
     images = _check_batch(samples, "samples") if isinstance(samples, np.ndarray) else load_batch(samples)
-    reference = _reference(ref, ext, todo, batch_size, cache_dir)
+    warnings: List[str] = []
+    if check_reference:  # before the (long) reference extraction, so that a wrong REF is seen early
+        warnings = reference_warnings(ref, images.shape[0], images.shape[1:3])
+        for w in warnings:
+            _log(f"warning: {w}")
+    reference = _reference(ref, ext, todo, batch_size, cache_dir, progress)
     skipped.update({m: why for m, why in reference.missing.items() if m not in skipped})
     todo = [m for m in todo if m not in skipped]
 
@@ -678,7 +904,7 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
         wanted.add(SPATIAL_FEATURE)
     if "is" in todo:
         wanted.add(LOGITS)
-    feats = _extract(ext, images, wanted, batch_size)
+    feats = _extract(ext, images, wanted, batch_size, desc="sample features", progress=progress)
     n = images.shape[0]
 
     result: dict = {"extractor": ext.name, "extractor_weights": ext.weights}
@@ -709,7 +935,8 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
                 kid_subset_size=min(KID_SUBSET_SIZE, n, n_ref), verbose=False)
             result["kid"] = float(kid["kernel_inception_distance_mean"])
             result["kid_std"] = float(kid["kernel_inception_distance_std"])
-    result.update(num_samples=int(n), num_ref=int(reference.num_ref), skipped=skipped, notes=reference.notes)
+    result.update(num_samples=int(n), num_ref=int(reference.num_ref), skipped=skipped, notes=reference.notes,
+                  warnings=warnings)
     return result
 
 
@@ -731,6 +958,8 @@ def format_result(result: dict) -> str:
         lines.append(f"skipped {m}: {why}")
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
+    for warning in result.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
@@ -740,7 +969,7 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="reference: image folder, .zip, sample .npz, or reference batch .npz (mu/sigma)")
     p.add_argument("samples", help="samples: .npz (arr_0 uint8 NHWC), .npy, image folder or .zip")
     p.add_argument("--metrics", default=",".join(ALL_METRICS), help="comma list of fid,sfid,is,prc,kid")
-    p.add_argument("--extractor", default="auto", choices=["auto", "torch-fidelity", "offline"])
+    p.add_argument("--extractor", default="auto", choices=list(EXTRACTORS))
     p.add_argument("--inception_weights", default=None,
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (no download needed)")
     p.add_argument("--batch_size", type=int, default=64)

@@ -7,25 +7,39 @@ Reference statistics of a dataset in guided-diffusion's reference-batch layout, 
 The file holds ``mu``, ``sigma`` (pool-3 features), ``mu_s``, ``sigma_s`` (sFID features, when the
 extractor gives them), ``arr_0`` (up to ``--keep_images`` of the images, spread evenly, for
 precision/recall and KID, as guided-diffusion's reference batches carry images), ``num_images``
-(how many images the statistics are over) and ``extractor`` (the network that made them).
+(how many images the statistics are over), ``image_shape`` ([H, W] of the images) and
+``extractor`` (the network that made them).
+
+The features go into the evaluator's reference cache (``--cache_dir``, default the evaluator's
+``default_cache_dir()``), under the keys of both DATA and the written file: a later evaluation
+(``evaluator.py``, ``fid_curve.py``) against either, with the same extractor, extracts nothing
+again, and neither does a second ref_stats.py run on DATA. Progress (images done/total, images/s,
+ETA) goes to stderr, as lines when it is not a terminal (50k images take hours on a CPU).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+import time
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from evaluations.evaluator import NoExtractorError, compute_statistics, load_batch
+from evaluations import evaluator as ev
+from evaluations.evaluator import NoExtractorError, load_batch
 
 __all__ = ["main", "write_ref_stats"]
 
 
+def _log(message: str) -> None:
+    # stderr, flushed: the output is often redirected to a file for a run of hours
+    print(f"ref_stats: {message}", file=sys.stderr, flush=True)
+
+
 def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, keep_images: int = 10000,
                     extractor: str = "auto", inception_weights: Optional[str] = None, batch_size: int = 64,
-                    device: Optional[str] = None) -> dict:
+                    device: Optional[str] = None, cache_dir: Optional[str] = None) -> dict:
     """
     Compute a dataset's FID statistics and write them as a reference-batch ``.npz``.
 
@@ -38,26 +52,66 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
     :param inception_weights: torch-fidelity's weights file.
     :param batch_size: images per forward pass.
     :param device: where to run the network.
+    :param cache_dir: the evaluator's reference cache (default ``evaluator.default_cache_dir()``):
+        DATA's features are read from it when there, else computed and stored; the kept images'
+        features are stored under the written file's key.
     :return: the arrays written.
     """
     if not out.lower().endswith(".npz"):
         raise ValueError(f"--out {out}: expected a path ending in .npz")
     if keep_images < 0:
         raise ValueError(f"--keep_images must be >= 0, got {keep_images}")
-    images = load_batch(data, max_images=max_images)
-    stats = compute_statistics(images, extractor=extractor, inception_weights=inception_weights,
-                               batch_size=batch_size, device=device)
+    ext = ev.get_extractor(extractor, inception_weights, device)
+    cfile = ev.reference_cache_file(data, ext, cache_dir, max_images)
+    stats = ev._read_cache(cfile)
+    if stats is not None and "pool" not in stats:
+        stats = None  # not an entry of ours: recompute
+    images: Optional[np.ndarray] = None
+    if stats is None or keep_images:  # arr_0 needs the images even when the features are cached
+        _log(f"reading the images of {data}...")
+        t0 = time.monotonic()
+        images = load_batch(data, max_images=max_images)
+        _log(f"read {images.shape[0]} images of {images.shape[1]}x{images.shape[2]} in "
+             f"{time.monotonic() - t0:.1f}s")
+    feats: Optional[Dict[str, np.ndarray]] = None
+    if stats is None:
+        _log(f"extracting features with {ext.name} on {ext.device} (batch size {batch_size})")
+        feats = ev._extract(ext, images, (ev.POOL, ev.SPATIAL_FEATURE), batch_size, desc="reference features")
+        stats = ev._statistics_of_features(feats)
+        ev._write_cache(cfile, stats)
+        _log(f"cached the features in {cfile}")
+    else:
+        _log(f"features of {data} ({int(stats['num_images'])} images, {ext.name}) from the cache {cfile}; "
+             "nothing to extract")
     arrays = {k: stats[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in stats}
     arrays["num_images"] = np.int64(stats["num_images"])
-    arrays["extractor"] = np.array(stats["extractor"])
+    arrays["extractor"] = np.array(ext.name)
+    if images is not None:
+        arrays["image_shape"] = np.asarray(images.shape[1:3], dtype=np.int64)
+    else:
+        size = ev.inspect_reference(data).image_size
+        if size is not None:
+            arrays["image_shape"] = np.asarray(size, dtype=np.int64)
+    kept = None
     if keep_images:
         from guided_diffusion.image_datasets import subset_indices
 
-        arrays["arr_0"] = images[subset_indices(images.shape[0], keep_images)]
+        kept = subset_indices(images.shape[0], keep_images)
+        arrays["arr_0"] = images[kept]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out[:-4] + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, out)
+    if kept is not None and len(kept) >= 2 and stats["pool"].shape[0] == images.shape[0]:
+        # An evaluation against OUT takes precision/recall/KID from the features of its arr_0: they
+        # are the kept rows of the features just computed (or cached), so store them under OUT's
+        # key (its fingerprint after the write) instead of leaving them to be extracted again.
+        sub = {ev.POOL: stats["pool"][kept]}
+        if feats is not None and ev.SPATIAL_FEATURE in feats:
+            sub[ev.SPATIAL_FEATURE] = feats[ev.SPATIAL_FEATURE][kept]
+        out_cfile = ev.reference_cache_file(out, ext, cache_dir)
+        ev._write_cache(out_cfile, ev._statistics_of_features(sub))
+        _log(f"cached the features of the {len(kept)} kept images in {out_cfile}")
     return arrays
 
 
@@ -69,11 +123,14 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=None, help="use at most N images (spread evenly)")
     p.add_argument("--keep_images", type=int, default=10000,
                    help="store N of the images as arr_0 for precision/recall/KID (0: statistics only)")
-    p.add_argument("--extractor", default="auto", choices=["auto", "torch-fidelity", "offline"])
+    p.add_argument("--extractor", default="auto", choices=list(ev.EXTRACTORS))
     p.add_argument("--inception_weights", default=None,
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--cache_dir", default=None,
+                   help=f"the evaluator's reference cache, shared with evaluator.py and fid_curve.py "
+                        f"(default {ev.default_cache_dir()})")
     return p
 
 
@@ -83,14 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         arrays = write_ref_stats(args.data, args.out, max_images=args.max_images, keep_images=args.keep_images,
                                  extractor=args.extractor, inception_weights=args.inception_weights,
-                                 batch_size=args.batch_size, device=args.device)
+                                 batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
     except (NoExtractorError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(f"wrote {args.out}: statistics of {int(arrays['num_images'])} images "
           f"({', '.join(k for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in arrays)}; "
           f"{arrays['arr_0'].shape[0] if 'arr_0' in arrays else 0} images kept as arr_0) "
-          f"with extractor {arrays['extractor']}")
+          f"with extractor {arrays['extractor']}", flush=True)
     return arrays
 
 

@@ -943,29 +943,40 @@ def resolve_model_flags(
     checkpoint: Union[str, Path],
     model_flags: Optional[str] = None,
     defaults: Optional[Dict[str, Any]] = None,
+    flavor: Optional[str] = None,
 ) -> Tuple[Dict[str, Any], str]:
     """
     The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
-    ``model_and_diffusion_defaults()``), overridden by the ``config.yaml`` in the checkpoint's
-    folder when there is one (training-only keys ignored), overridden by ``model_flags``.
+    ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
+    in the checkpoint's folder when there is one (training-only keys ignored), overridden by
+    ``model_flags``.
+
+    The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
+    etc.) is the one in ``model_flags``, else the run's ``config.yaml``, else ``flavor``, else
+    guided. It matters for a bare upstream checkpoint: our runs' config.yaml spells every flag.
 
     :param checkpoint: the ``.pt`` file.
-    :param model_flags: a string of upstream flags, or None.
+    :param model_flags: a string of upstream flags (may include ``--flavor``), or None.
+    :param flavor: the script's ``--flavor``, or None.
     :return: ``(flags, source)``; ``source`` says where they came from, for messages.
     """
-    from .script_util import coerce_config, load_config, model_and_diffusion_defaults
+    from .script_util import DEFAULT_FLAVOR, apply_flavor, check_flavor, coerce_config, load_config, \
+        model_and_diffusion_defaults
 
     defaults = dict(defaults or model_and_diffusion_defaults())
-    flags = dict(defaults)
-    sources = ["defaults"]
     cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
-    if cfg_path.is_file():
-        cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path) if cfg_path.is_file() else {}
+    given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
+    chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
+    chosen = check_flavor(chosen, "flavor")
+    flags = apply_flavor(defaults, chosen)
+    sources = ["defaults" if chosen == DEFAULT_FLAVOR else f"{chosen} defaults"]
+    if cfg:
         cfg = {k: v for k, v in cfg.items() if k in defaults}
         flags.update(coerce_config(cfg, defaults, str(cfg_path)))
         sources.append(str(cfg_path))
     if model_flags:
-        flags.update(parse_model_flags(model_flags, defaults))
+        flags.update(given)
         sources.append(f"--model_flags {model_flags!r}")
     return flags, " < ".join(sources)
 

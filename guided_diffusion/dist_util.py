@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import blobfile as bf
@@ -90,6 +91,16 @@ def setup_dist(backend: Optional[str] = None) -> None:
     else:
         device = torch.device("cpu")
     _state["device"] = device
+    if get_rank() > 0:
+        quiet_repeated_warnings()
+
+
+def quiet_repeated_warnings() -> None:
+    """
+    On ranks other than 0: ignore FutureWarnings (deprecation notices such as DDP's
+    ``broadcast_buffers`` one), which every rank would print alike; rank 0 still prints each once.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def dev() -> torch.device:
@@ -136,10 +147,13 @@ def load_state_dict(path: str, **kwargs):
     """
     Load a checkpoint (local path or any blobfile URL) into CPU memory.
 
+    Safe by default: ``weights_only=True`` (tensors and plain Python values only), so a file from
+    someone else cannot run code; pass ``weights_only=False`` only for files you trust.
+
     :param kwargs: passed to ``torch.load`` (``map_location`` defaults to "cpu").
     """
     kwargs.setdefault("map_location", "cpu")
-    kwargs.setdefault("weights_only", False)
+    kwargs.setdefault("weights_only", True)
     if not bf.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with bf.BlobFile(path, "rb") as f:

@@ -12,16 +12,25 @@ Sources (``data_dir``):
 - a ``.zip`` of images, with the same label rules applied to the member paths
   (``train/airplane/0001.jpg`` -> ``airplane``, the layout of the CIFAR-10 JPEG zips).
 - a packed ``.npz`` (``arr_0`` uint8 images NHWC, optional ``arr_1`` integer labels, optional
-  ``classes`` names; written by ``scripts/datasets/pack.py``), a ``.npy`` (uint8 NHWC, no labels;
-  memory-mapped when the data stays on the host), or a folder of ``.npz``/``.npy`` shards
-  (``scripts/datasets/imagenet.py``), concatenated in file-name order.
+  ``classes`` names; written by ``scripts/datasets/pack.py``), a ``.npy`` (uint8 NHWC, no labels),
+  or a folder of ``.npz``/``.npy`` shards (``scripts/datasets/imagenet.py``), in file-name order.
 - ``"synthetic"`` (or ``"synthetic:N"`` for N images): coloured shapes, gradients and textures
   in 10 classes made on the fly at the requested size (see ``synthetic_images``).
 
+Packed images are memory-mapped, not read: ``write_npz`` stores the .npz members uncompressed
+(zip STORED), so ``arr_0`` is an ``np.memmap`` at its data offset inside the zip (the local file
+header and the .npy header are parsed here; ``np.load`` never maps an .npz member). A folder of
+shards is a ``ShardedImages``: the shards' memmaps behind one global index, never concatenated.
+Each rank copies only the rows of its own batches and then unmaps the file pages it read
+(``release_mapped_pages``); the ranks of a node share one copy of the file in the page cache, and
+datasets larger than the memory work. Labels and class names are
+small and read into memory. An .npz whose ``arr_0`` is compressed (``np.savez_compressed``)
+cannot be mapped: it is read into memory, with a warning that says so.
+
 Folders and zips are decoded once, with upstream's ``center_crop_arr``, into one uint8 array
-held in memory; with ``device`` given the whole dataset is moved there and batches are gathered,
-flipped and converted on the device (the fast path). Packing once with
-``scripts/datasets/pack.py`` skips the decoding at every start.
+held in memory. With ``device`` given the whole dataset is copied there (in chunks, from the map
+or the array) when it fits, and batches are gathered, flipped and converted on the device (the
+fast path). Packing once with ``scripts/datasets/pack.py`` skips the decoding at every start.
 
 Order and sharding: epoch e visits the images in the order ``np.random.default_rng((seed,
 e)).permutation(N)`` (no shuffle when ``deterministic``). Step s takes the next ``batch_size *
@@ -34,7 +43,9 @@ from __future__ import annotations
 
 import io
 import math
+import mmap as mmap_module
 import os
+import struct
 import threading
 import warnings
 import zipfile
@@ -53,6 +64,7 @@ __all__ = [
     "CorruptImageWarning",
     "ImageBatches",
     "ImageSource",
+    "ShardedImages",
     "center_crop_arr",
     "decode_image",
     "label_names",
@@ -60,6 +72,7 @@ __all__ = [
     "load_data",
     "load_source",
     "random_crop_arr",
+    "release_mapped_pages",
     "subset_indices",
     "synthetic_images",
     "write_npz",
@@ -215,22 +228,127 @@ def _label_ids(names: Optional[List[str]]) -> Tuple[Optional[np.ndarray], Option
 @dataclass
 class ImageSource:
     """
-    A dataset held in memory.
+    A dataset: its images in memory, memory-mapped, or memory-mapped shards.
 
-    :param images: uint8 [N, H, W, 3] (a numpy array, possibly memory-mapped).
-    :param labels: int64 [N] class ids, or None.
+    :param images: uint8 [N, H, W, 3]: a numpy array, an ``np.memmap`` (packed .npz/.npy), or a
+                   ``ShardedImages`` (a folder of shards).
+    :param labels: int64 [N] class ids (in memory), or None.
     :param classes: class names by id, or None.
     :param description: what the data is (for messages).
     :param no_labels_reason: why ``labels`` is None.
     :param skipped: relative names of unreadable images that were skipped.
     """
 
-    images: np.ndarray
+    images: Union[np.ndarray, "ShardedImages"]
     labels: Optional[np.ndarray]
     classes: Optional[List[str]]
     description: str
     no_labels_reason: str = ""
     skipped: List[str] = field(default_factory=list)
+
+
+class ShardedImages:
+    """
+    Arrays of equal row shape and dtype (the memmaps of a folder's shards) seen as one read-only
+    array along axis 0, without concatenating them.
+
+    Indexing takes an integer, a slice, an integer or boolean index array first, then integers
+    and slices (``images[idx]``, ``images[:, 8, 8, 0]``); it copies only the rows asked for, from
+    the shards that hold them. ``np.asarray(images)`` makes the full in-memory copy.
+
+    :param parts: the shards in order (``np.memmap`` or in-memory arrays).
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("ShardedImages needs at least one array")
+        row, dtype = tuple(parts[0].shape[1:]), parts[0].dtype
+        for p in parts:
+            if tuple(p.shape[1:]) != row or p.dtype != dtype:
+                raise ValueError(f"shards differ: rows {tuple(p.shape[1:])} {p.dtype} and {row} {dtype}")
+        self.parts: List[np.ndarray] = list(parts)
+        self.offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])]).astype(np.int64)
+        self.shape: Tuple[int, ...] = (int(self.offsets[-1]),) + row
+        self.dtype = dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedImages({len(self.parts)} shards, shape {self.shape}, {self.dtype})"
+
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        for p, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
+            out[lo:hi] = p
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, rows, side="right") - 1  # "right" passes empty shards by
+
+    def take_rows(self, rows: np.ndarray, rest: Tuple[Any, ...] = ()) -> np.ndarray:
+        """
+        ``array[rows][(slice(None),) + rest]`` without the concatenation.
+
+        :param rows: 1-D int64 row numbers in ``[0, N)``.
+        :param rest: integers and slices indexing the other axes.
+        """
+        shard = self._shard_of(rows)
+        out: Optional[np.ndarray] = None
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            local = rows[sel] - self.offsets[s]
+            order = np.argsort(local, kind="stable")  # rising offsets in the file
+            piece = self.parts[s][(local[order],) + rest]
+            if out is None:
+                out = np.empty((rows.size,) + piece.shape[1:], dtype=self.dtype)
+            out[sel[order]] = piece
+        if out is None:  # no rows asked for
+            out = np.empty((0,) + np.empty((1,) + self.shape[1:], self.dtype)[(slice(None),) + rest].shape[1:],
+                           dtype=self.dtype)
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, rest = (key[0], tuple(key[1:])) if isinstance(key, tuple) and key else (key, ())
+        n = self.shape[0]
+        if (isinstance(key, tuple) and not key) or first is Ellipsis or first is None or any(
+                not isinstance(k, (int, np.integer, slice)) for k in rest):
+            return np.asarray(self)[key]  # rare forms: through the full copy
+        if isinstance(first, (int, np.integer)):
+            i = int(first) + (n if int(first) < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {int(first)} is out of bounds for axis 0 with size {n}")
+            s = int(self._shard_of(np.array([i]))[0])
+            return self.parts[s][(i - int(self.offsets[s]),) + rest]
+        if isinstance(first, slice):
+            idx = np.arange(n, dtype=np.int64)[first]
+        else:
+            idx = np.asarray(first)
+            if idx.dtype == bool:
+                if idx.shape != (n,):
+                    raise IndexError(f"boolean index of shape {idx.shape} for axis 0 of size {n}")
+                idx = np.flatnonzero(idx)
+            elif not np.issubdtype(idx.dtype, np.integer):
+                raise IndexError(f"arrays used as indices must be of integer or boolean type, got {idx.dtype}")
+        flat = idx.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            bad = flat[(flat < -n) | (flat >= n)][0]
+            raise IndexError(f"index {bad} is out of bounds for axis 0 with size {n}")
+        flat = np.where(flat < 0, flat + n, flat)
+        out = self.take_rows(flat, rest)
+        return out.reshape(idx.shape + out.shape[1:])
 
 
 def _empty_error(path: str, shards_too: bool) -> ValueError:
@@ -323,41 +441,125 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def _open_packed(path: str, mmap: bool) -> Any:
+_PACKED_HINT = "expected the output of scripts/datasets/pack.py or numpy.save/savez of uint8 [N, H, W, 3] images"
+
+
+def _unreadable(path: str, detail: str) -> ValueError:
+    kind = ".npy array" if path.lower().endswith(".npy") else ".npz archive"
+    return ValueError(f"--data_dir {path}: not a readable {kind} ({detail}); {_PACKED_HINT}")
+
+
+def _open_packed(path: str, mmap: bool, fileobj: Any = None) -> Any:
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return np.load(path if fileobj is None else fileobj, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, not numpy, pickled objects
-        kind = ".npy array" if path.lower().endswith(".npy") else ".npz archive"
-        raise ValueError(f"--data_dir {path}: not a readable {kind} ({type(e).__name__}: {e}); expected the output "
-                         "of scripts/datasets/pack.py or numpy.save/savez of uint8 [N, H, W, 3] images") from e
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from e
 
 
-def _read_packed(path: str, image_size: Optional[int], mmap: bool) -> ImageSource:
-    """One .npz (arr_0 [+ arr_1, classes]) or .npy (images only)."""
+_ZIP_LOCAL_HEADER = 30  # bytes before the member's name and extra field
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+def _npz_member_memmap(path: str, zf: zipfile.ZipFile, member: str) -> Tuple[Optional[np.ndarray], str]:
+    """
+    A memory map of the .npy ``member`` of the .npz at ``path``, at its data offset in the file.
+
+    :return: (the ``np.memmap``, "") or (None, why it cannot be mapped: compressed, ...).
+    :raises ValueError: naming the file, when the member's headers or size are damaged.
+    """
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None, f"its '{member}' member is compressed"
+    if info.flag_bits & 0x1:
+        return None, f"its '{member}' member is encrypted"
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(_ZIP_LOCAL_HEADER)
+        if len(head) < _ZIP_LOCAL_HEADER or head[:4] != _ZIP_LOCAL_MAGIC:
+            raise _unreadable(path, f"the zip header of member '{member}' at byte {info.header_offset} is damaged "
+                                    "or the file is truncated")
+        name_len, extra_len = struct.unpack_from("<HH", head, 26)
+        begin = info.header_offset + _ZIP_LOCAL_HEADER + name_len + extra_len  # the .npy file starts here
+        f.seek(begin)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None, f"its '{member}' member is a version {version[0]}.{version[1]} .npy file"
+        except (ValueError, EOFError, OSError, SyntaxError) as e:
+            raise _unreadable(path, f"member '{member}' is not a .npy array: {type(e).__name__}: {e}") from e
+        offset = f.tell()
+    if dtype.hasobject:
+        raise _unreadable(path, f"member '{member}' holds Python objects")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset + nbytes > file_size:
+        raise _unreadable(path, f"member '{member}' needs {nbytes} bytes of data from byte {offset} but the file "
+                                f"ends at {file_size}: truncated")
+    if offset - begin + nbytes != info.file_size:
+        raise _unreadable(path, f"member '{member}' is {info.file_size} bytes in the zip directory but its .npy "
+                                f"header announces {offset - begin + nbytes}")
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype), ""
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"), ""
+
+
+def _npz_array(f: Any, key: str, path: str) -> np.ndarray:
+    """Read one member of an open NpzFile into memory; damage is a ValueError naming the file."""
+    try:
+        return f[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # bad CRC, truncated, pickled objects
+        raise _unreadable(path, f"member '{key}': {type(e).__name__}: {e}") from e
+
+
+def _read_packed(path: str, image_size: Optional[int], mmap: bool, warn: bool = True) -> ImageSource:
+    """One .npz (arr_0 [+ arr_1, classes]) or .npy (images only); images memory-mapped when ``mmap``."""
     if path.lower().endswith(".npy"):
         arr = _open_packed(path, mmap)
         _check_images(arr, path, image_size)
         return ImageSource(arr, None, None, path, no_labels_reason="a .npy file holds images only")
-    packed = _open_packed(path, False)
-    if not isinstance(packed, np.lib.npyio.NpzFile):
-        raise ValueError(f"--data_dir {path}: a single array, not an .npz archive; name it .npy or save it with "
-                         "numpy.savez (arr_0 = images, arr_1 = labels)")
-    with packed as f:
-        if "arr_0" not in f.files:
-            raise ValueError(f"--data_dir {path}: no 'arr_0' array in the .npz (keys: {', '.join(f.files) or 'none'}); "
-                             "expected arr_0 = uint8 images [N, H, W, 3], optional arr_1 = labels")
-        arr = f["arr_0"]
-        _check_images(arr, path, image_size)
-        labels = _check_labels(f["arr_1"], arr.shape[0], path) if "arr_1" in f.files else None
-        classes = [str(c) for c in f["classes"].tolist()] if "classes" in f.files else None
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from e
+    with fh:  # closed even when np.load fails (a truncated zip leaves numpy's own handle open)
+        packed = _open_packed(path, False, fh)  # lazy: members are read on access
+        if not isinstance(packed, np.lib.npyio.NpzFile):
+            raise ValueError(f"--data_dir {path}: a single array, not an .npz archive; name it .npy or save it with "
+                             "numpy.savez (arr_0 = images, arr_1 = labels)")
+        with packed as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"--data_dir {path}: no 'arr_0' array in the .npz (keys: "
+                                 f"{', '.join(f.files) or 'none'}); expected arr_0 = uint8 images [N, H, W, 3], "
+                                 "optional arr_1 = labels")
+            arr = None
+            if mmap:
+                if "arr_0.npy" in f.zip.namelist():
+                    arr, why = _npz_member_memmap(path, f.zip, "arr_0.npy")
+                else:
+                    why = "its 'arr_0' member is not a .npy file"
+                if arr is None and warn:
+                    warnings.warn(f"--data_dir {path}: cannot memory-map the images ({why}): reading them into memory, "
+                                  "one copy per process; pack the file again with scripts/datasets/pack.py "
+                                  "(uncompressed) to map it", stacklevel=4)
+            if arr is None:
+                arr = _npz_array(f, "arr_0", path)
+            _check_images(arr, path, image_size)
+            labels = _check_labels(_npz_array(f, "arr_1", path), arr.shape[0], path) if "arr_1" in f.files else None
+            classes = [str(c) for c in _npz_array(f, "classes", path).tolist()] if "classes" in f.files else None
     if classes is not None and labels is not None and labels.size and labels.max() >= len(classes):
         raise ValueError(f"--data_dir {path}: labels go up to {labels.max()} but 'classes' names {len(classes)}")
     return ImageSource(arr, labels, classes, path,
                        no_labels_reason="" if labels is not None else "the .npz has no 'arr_1' labels array")
 
 
-def _read_shards(path: str, files: List[str], image_size: Optional[int]) -> ImageSource:
-    parts = [_read_packed(os.path.join(path, f), image_size, mmap=True) for f in files]
+def _read_shards(path: str, files: List[str], image_size: Optional[int], mmap: bool = True,
+                 warn: bool = True) -> ImageSource:
+    """A folder of shards: one ``ShardedImages`` over their memmaps (``mmap``), else one array in memory."""
+    parts = [_read_packed(os.path.join(path, f), image_size, mmap=mmap, warn=warn) for f in files]
     has = [p.labels is not None for p in parts]
     if any(has) and not all(has):
         missing = [f for f, h in zip(files, has) if not h]
@@ -365,12 +567,16 @@ def _read_shards(path: str, files: List[str], image_size: Optional[int]) -> Imag
     names = {tuple(p.classes) for p in parts if p.classes is not None}
     if len(names) > 1:
         raise ValueError(f"--data_dir {path}: the shards name different 'classes'")
-    total = sum(p.images.shape[0] for p in parts)
-    images = np.empty((total,) + parts[0].images.shape[1:], dtype=np.uint8)  # one copy, shard by shard
-    at = 0
-    for p in parts:
-        images[at:at + p.images.shape[0]] = p.images
-        at += p.images.shape[0]
+    shapes = {p.images.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(f"--data_dir {path}: the shards hold images of different shapes {sorted(shapes)}")
+    images: Union[np.ndarray, ShardedImages]
+    if len(parts) == 1:
+        images = parts[0].images
+    elif mmap:
+        images = ShardedImages([p.images for p in parts])  # a global index over the maps, no copy
+    else:
+        images = np.asarray(ShardedImages([p.images for p in parts]))  # one copy, shard by shard
     labels = np.concatenate([p.labels for p in parts]) if all(has) else None
     return ImageSource(images, labels, list(names.pop()) if names else None, f"{path} ({len(files)} shards)",
                        no_labels_reason="" if labels is not None else "the shards have no 'arr_1' labels")
@@ -453,7 +659,8 @@ def load_source(
     :param skip_corrupt: skip unreadable images (with a warning giving their number) instead of
                          raising ``CorruptImageError``.
     :param workers: decoding threads (default min(8, CPU count)).
-    :param mmap: memory-map .npy files instead of reading them.
+    :param mmap: memory-map packed images (.npy, .npz ``arr_0``, shards) instead of reading them into
+                 memory; a shard folder is then a ``ShardedImages`` (no concatenation).
     :param warn: emit the ``CorruptImageWarning`` (one rank is enough).
     :param subdir: read only this sub-folder of a folder or zip (e.g. "train" of a zip holding
                    ``train/`` and ``test/``); labels are taken from the paths below it.
@@ -494,9 +701,9 @@ def _load_source(data_dir: str, image_size: int, *, skip_corrupt: bool, workers:
                             if f.rsplit(".", 1)[-1].lower() in PACKED_EXTENSIONS and os.path.isfile(os.path.join(path, f)))
             if not shards:
                 raise _empty_error(path, shards_too=True)
-            return _read_shards(path, shards, image_size)
+            return _read_shards(path, shards, image_size, mmap=mmap, warn=warn)
     elif lower.endswith((".npz", ".npy")):
-        return _read_packed(path, image_size, mmap=mmap)
+        return _read_packed(path, image_size, mmap=mmap, warn=warn)
     elif lower.endswith(".zip") or zipfile.is_zipfile(path):
         src = _read_zip(path, image_size, skip_corrupt, workers, subdir, max_images)
     else:
@@ -511,15 +718,37 @@ def _load_source(data_dir: str, image_size: int, *, skip_corrupt: bool, workers:
     return src
 
 
-def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+_WRITE_CHUNK_BYTES = 16 * 2**20  # rows written (and copied to a device) per step
+
+
+def _write_npy(out: Any, arr: Union[np.ndarray, ShardedImages]) -> None:
+    """A C-order .npy file of ``arr`` into the writable stream ``out``, ``_WRITE_CHUNK_BYTES`` at a time."""
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(arr.dtype),
+                                               "fortran_order": False, "shape": tuple(arr.shape)})
+    if not arr.shape:
+        out.write(np.asarray(arr).tobytes())
+        return
+    row = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    step = max(1, _WRITE_CHUNK_BYTES // row)
+    for lo in range(0, arr.shape[0], step):
+        out.write(np.ascontiguousarray(arr[lo:lo + step]).tobytes())
+
+
+def write_npz(path: str, images: Union[np.ndarray, ShardedImages], labels: Optional[np.ndarray] = None,
               classes: Optional[Sequence[str]] = None) -> None:
     """
     Write a packed dataset atomically (temporary file, fsync, rename): ``arr_0`` uint8 NHWC,
-    ``arr_1`` int64 labels when given, ``classes`` names when given. Uncompressed (fast to load).
+    ``arr_1`` int64 labels when given, ``classes`` names when given; ``np.load`` reads it.
+
+    Every member is stored uncompressed (zip STORED, as ``np.savez``), so the loader memory-maps
+    ``arr_0`` in place. Memory-mapped or sharded ``images`` are streamed in chunks, never held
+    whole in memory.
 
     :param path: output file (should end in .npz).
     """
-    arrays: Dict[str, np.ndarray] = {"arr_0": np.ascontiguousarray(images, dtype=np.uint8)}
+    if not isinstance(images, ShardedImages) and not (isinstance(images, np.ndarray) and images.dtype == np.uint8):
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+    arrays: Dict[str, Union[np.ndarray, ShardedImages]] = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     if classes is not None:
@@ -529,7 +758,10 @@ def write_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key, arr in arrays.items():
+                    with zf.open(key + ".npy", "w", force_zip64=True) as member:
+                        _write_npy(member, arr)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -631,6 +863,27 @@ def _default_rank_world() -> Tuple[int, int]:
         return 0, 1
 
 
+def release_mapped_pages(images: Union[np.ndarray, ShardedImages]) -> None:
+    """
+    Unmap from this process the pages of a memory-mapped dataset that it has read (``madvise
+    MADV_DONTNEED``); they stay in the page cache that all processes share, and the next read maps
+    them again without I/O. On file systems with large folios one read row maps up to 2 MiB around
+    it, so without this a rank reading random rows soon shows most of the file in its resident,
+    "private" memory. A no-op for arrays in memory and where ``madvise`` is missing.
+
+    :param images: an ``np.memmap``, a ``ShardedImages`` or any array.
+    """
+    parts = images.parts if isinstance(images, ShardedImages) else [images]
+    for part in parts:
+        mm = getattr(part, "_mmap", None) if isinstance(part, np.memmap) else None
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
+            continue
+        try:
+            mm.madvise(mmap_module.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed map, an unsupported platform: only a lost optimisation
+            pass
+
+
 def _flip_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence((seed, epoch, 0xF11B)).generate_state(1)[0])
 
@@ -697,7 +950,16 @@ class ImageBatches:
                 warnings.warn(f"the dataset ({nbytes / 2**30:.1f} GiB) stays in host memory: it does not fit "
                               f"comfortably in the {free / 2**30:.1f} GiB free on {self.device}", stacklevel=3)
                 return
-        self._dev_images = torch.from_numpy(np.ascontiguousarray(self._host_images)).to(self.device)
+        host = self._host_images
+        if type(host) is np.ndarray:  # in memory already
+            self._dev_images = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+        else:  # memory-mapped file or shards: copied in chunks, never whole in host memory
+            dev = torch.empty(tuple(host.shape), dtype=torch.uint8, device=self.device)
+            step = max(1, _WRITE_CHUNK_BYTES // max(1, int(np.prod(host.shape[1:], dtype=np.int64))))
+            for lo in range(0, host.shape[0], step):
+                dev[lo:lo + step].copy_(torch.from_numpy(np.array(host[lo:lo + step])))
+            self._dev_images = dev
+            release_mapped_pages(host)
         if self._host_labels is not None:
             self._dev_labels = torch.from_numpy(self._host_labels).to(self.device)
 
@@ -770,7 +1032,7 @@ class ImageBatches:
                 y = self._dev_labels.index_select(0, idx) if self.class_cond else None
             else:
                 idx_np = perm[lo:hi]
-                x = torch.from_numpy(np.ascontiguousarray(self._host_images[idx_np]))
+                x = torch.from_numpy(np.ascontiguousarray(self._host_images[idx_np]))  # copies only the batch
                 y = torch.from_numpy(self._host_labels[idx_np]) if self.class_cond else None
             if self.random_crop:
                 x = self._random_crops(x, epoch, lo)
@@ -779,6 +1041,8 @@ class ImageBatches:
                 ys.append(y)
             if flips is not None:
                 fs.append(flips[lo:hi])
+        if self._dev_images is None:
+            release_mapped_pages(self._host_images)  # the batch is copied: its pages back to the shared cache
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         x = x.to(self.device, non_blocking=True)
         # uint8 NHWC -> float32 NCHW in [-1, 1] (the same arithmetic as upstream's numpy code)
@@ -906,7 +1170,7 @@ def load_data(
         raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
     dev = torch.device(device) if device is not None else None
     source = load_source(data_dir, image_size, skip_corrupt=skip_corrupt, workers=workers,
-                         mmap=dev is None or dev.type == "cpu", warn=rank == 0)
+                         mmap=True, warn=rank == 0)
     n = int(source.images.shape[0])
     if class_cond:
         if source.labels is None:

@@ -74,11 +74,25 @@ class JSONOutputFormat(KVWriter):
     """One JSON object per dump (progress.json)."""
 
     def __init__(self, filename: str):
+        self.filename = filename
         self.file = open(filename, "a")
 
     def writekvs(self, kvs):
         self.file.write(json.dumps({k: (float(v) if hasattr(v, "dtype") else v) for k, v in kvs.items()}) + "\n")
         self.file.flush()
+
+    def drop_rows_from(self, key: str, value: float) -> int:
+        """Remove the rows whose ``key`` is >= ``value`` (atomically); return how many."""
+        self.file.flush()
+        with open(self.filename) as f:
+            lines = f.read().splitlines(keepends=True)
+        keep = [line for line in lines if not _at_or_after(_json_value(line, key), value)]
+        dropped = len(lines) - len(keep)
+        if dropped:
+            self.file.close()
+            _atomic_rewrite(self.filename, lambda f: f.writelines(keep))
+            self.file = open(self.filename, "a")
+        return dropped
 
     def close(self):
         self.file.close()
@@ -108,6 +122,56 @@ class CSVOutputFormat(KVWriter):
                 w.writerows(rows)
         with open(self.filename, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.keys).writerow({k: kvs.get(k, "") for k in self.keys})
+
+    def drop_rows_from(self, key: str, value: float) -> int:
+        """Remove the rows whose ``key`` is >= ``value`` (atomically, header kept); return how many."""
+        if not os.path.exists(self.filename) or not self.keys or key not in self.keys:
+            return 0
+        with open(self.filename, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if not _at_or_after(r.get(key), value)]
+        if len(keep) < len(rows):
+            def write(f):
+                w = csv.DictWriter(f, fieldnames=self.keys, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(keep)
+
+            _atomic_rewrite(self.filename, write, newline="")
+        return len(rows) - len(keep)
+
+
+def _at_or_after(v: Any, value: float) -> bool:
+    try:
+        return float(v) >= value
+    except (TypeError, ValueError):
+        return False  # no such key in the row, or not a number: kept
+
+
+def _json_value(line: str, key: str) -> Any:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get(key) if isinstance(row, dict) else None
+
+
+def _atomic_rewrite(path: str, write_fn, newline: Optional[str] = None) -> None:
+    """Replace ``path`` by what ``write_fn(file)`` writes, through a temporary file beside it."""
+    import tempfile
+
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline=newline) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class TensorBoardOutputFormat(KVWriter):
@@ -175,6 +239,11 @@ class Logger:
         self.name2cnt.clear()
         return d or {}
 
+    def drop_rows_from(self, value: float, key: str = "step") -> int:
+        """Drop the progress rows (CSV, JSON) whose ``key`` is >= ``value``; return how many (per file, max)."""
+        counts = [fmt.drop_rows_from(key, value) for fmt in self.output_formats if hasattr(fmt, "drop_rows_from")]
+        return max(counts, default=0)
+
     def log(self, *args, level=INFO):
         if self.level <= level:
             for fmt in self.output_formats:
@@ -240,6 +309,18 @@ def logkvs(d: Dict[str, Any]):
 def dumpkvs() -> Dict[str, Any]:
     """Write the accumulated key/values (all ranks must call it) and clear them."""
     return get_current().dumpkvs()
+
+
+def drop_rows_from(value: float, key: str = "step") -> int:
+    """
+    Remove the rows whose ``key`` is >= ``value`` from progress.csv and progress.json (each file
+    rewritten atomically): a run resumed from a checkpoint of step N logs steps N, N+1, ...
+    again, so the rows an interrupted run wrote after that checkpoint would otherwise appear
+    twice. Rank 0 only (other ranks write nothing).
+
+    :return: how many rows were dropped (from the file that lost the most).
+    """
+    return get_current().drop_rows_from(value, key)
 
 
 def getkvs():

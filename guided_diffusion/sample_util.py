@@ -14,6 +14,11 @@ Sampling helpers shared by the sample scripts (``image_sample.py``, ``classifier
   (``--config`` with training keys allowed), ``resolve_checkpoint`` (``--model_path`` or
   ``--run_dir`` + ``--step`` + ``--ema_rate``), ``load_checkpoint_model`` (model flags:
   command line > ``--config`` > the run's ``config.yaml`` beside the checkpoint > defaults).
+- Where the outputs go (``default_out_dir``): ``--out_dir``, else ``$OPENAI_LOGDIR`` (as upstream's
+  ``logger.configure()``), else ``<run>/samples/<checkpoint stem>/``; an existing samples file is
+  never overwritten without ``--overwrite True`` (``check_samples_file``, before sampling).
+- ``ProgressLog``: progress of a long loop (sampling, feature extraction) as a tqdm bar on a
+  terminal and as periodic plain lines (done/total, images/s, ETA) when the output is redirected.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import argparse
 import math
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, TextIO, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,6 +36,7 @@ import torch.distributed as dist
 
 from . import dist_util, logger
 from .analysis import load_into, load_state_dict_file, resolve_model_flags
+from .dist_util import state_dict_mismatch
 from .script_util import NUM_CLASSES, coerce_config, load_config, parse_args_with_config
 
 ModelKwargsFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
@@ -123,6 +131,121 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> np.ndarr
 
 
 # ======================================================================================
+# Progress
+# ======================================================================================
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for progress lines: ``42s``, ``3m05s``, ``2h07m``."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class ProgressLog:
+    """
+    The progress of a long loop over ``total`` items (samples drawn, images run through the
+    Inception network).
+
+    On a terminal it is a tqdm bar. Otherwise (output redirected to a file, a batch job, ``nohup``)
+    a tqdm bar is disabled or writes carriage returns that a log file shows as one garbled line,
+    so it writes plain lines instead, flushed: ``desc: done/total unit (p%), r unit/s, ETA t,
+    elapsed t`` each time another ``every`` of the total is done, at least every ``interval_s``
+    seconds, and at the end. A two-hour CPU extraction then shows that it is alive and when it ends.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "images", every: float = 0.1,
+                 interval_s: float = 60.0, stream: Optional[TextIO] = None, enabled: bool = True,
+                 leave: bool = True):
+        """
+        :param total: the number of items.
+        :param desc: what is counted, the start of each line (e.g. ``sampling``).
+        :param unit: the items' name in the lines.
+        :param every: a line each time this fraction of ``total`` more is done.
+        :param interval_s: and a line at least this often (seconds) while items are done.
+        :param stream: where to write (default ``sys.stderr`` at the time of each write).
+        :param enabled: False: report nothing.
+        :param leave: keep the tqdm bar on the terminal when done.
+        """
+        self.total = max(0, int(total))
+        self.desc = desc
+        self.unit = unit
+        self.every = float(every)
+        self.interval_s = float(interval_s)
+        self._stream = stream
+        self.enabled = bool(enabled) and self.total > 0
+        self.done = 0
+        self.start = time.monotonic()
+        self._last_line = self.start
+        self._next_mark = self._mark(1)
+        self._marks = 1
+        self.bar = None
+        if self.enabled and _isatty(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit="img" if unit == "images" else unit,
+                            file=self.stream, leave=leave)
+
+    @property
+    def stream(self) -> TextIO:
+        # looked up at each write: pytest's capsys and redirections replace sys.stderr after import
+        return self._stream if self._stream is not None else sys.stderr
+
+    def _mark(self, k: int) -> int:
+        return min(self.total, max(1, math.ceil(self.total * self.every * k)))
+
+    def line(self) -> str:
+        """The current progress line."""
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        left = (self.total - self.done) / rate if self.done and rate > 0 else float("nan")
+        eta = format_seconds(left) if math.isfinite(left) else "?"
+        shown = f"{rate:.3g}" if math.isfinite(rate) else "?"
+        return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%), "
+                f"{shown} {self.unit}/s, ETA {eta}, elapsed {format_seconds(elapsed)}")
+
+    def update(self, n: int) -> None:
+        """``n`` more items are done."""
+        if not self.enabled:
+            return
+        self.done = min(self.total, self.done + int(n))
+        if self.bar is not None:
+            self.bar.update(int(n))
+            return
+        now = time.monotonic()
+        if self.done >= self._next_mark or now - self._last_line >= self.interval_s or self.done >= self.total:
+            print(self.line(), file=self.stream, flush=True)
+            self._last_line = now
+            while self._next_mark <= self.done and self._next_mark < self.total:
+                self._marks += 1
+                self._next_mark = self._mark(self._marks)
+            if self.done >= self.total:
+                self._next_mark = self.total + 1  # the final line is written once
+
+    def close(self) -> None:
+        """End the bar (a terminal); the lines need no closing."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "ProgressLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ======================================================================================
 # Sampling
 # ======================================================================================
 
@@ -183,7 +306,8 @@ def generate_samples(
     :param cond_fn: guidance gradient, as the diffusion's sampling loops take it.
     :param model_kwargs_fn: ``(indices, model_kwargs) -> extra model_kwargs`` for a batch, e.g. the
         low-resolution inputs of a super-resolution model; a returned ``"y"`` replaces the label.
-    :param progress: show a tqdm bar (rank 0).
+    :param progress: report progress on rank 0 (``ProgressLog``: a tqdm bar on a terminal, else
+        lines with images/s and the ETA).
     :param labels: fixed labels, one per sample, instead of drawn ones.
     :param channels: channels of a sample.
     :param precision: "fp32" (exact), or "bf16"/"fp16": the network under ``torch.autocast``
@@ -208,11 +332,7 @@ def generate_samples(
             raise ValueError(f"labels: expected {num_samples} (--num_samples), got {labels.shape[0]}")
     shape = (int(channels), int(image_size), int(image_size))
     loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_samples, unit="img", desc="sampling")
+    bar = ProgressLog(num_samples, "sampling", enabled=progress and rank == 0)
     images: List[np.ndarray] = []
     out_labels: List[np.ndarray] = []
     offset = 0
@@ -240,10 +360,8 @@ def generate_samples(
         if "y" in kwargs:
             out_labels.append(_gather_rank_order(kwargs["y"].long()).cpu().numpy())
         offset += world * b
-        if bar is not None:
-            bar.update(min(world * b, num_samples - (offset - world * b)))
-    if bar is not None:
-        bar.close()
+        bar.update(min(world * b, num_samples - (offset - world * b)))
+    bar.close()
     arr = np.concatenate(images, axis=0)[:num_samples]
     lab = np.concatenate(out_labels, axis=0)[:num_samples] if out_labels else None
     return arr, lab
@@ -254,12 +372,18 @@ def generate_samples(
 # ======================================================================================
 
 
-def samples_file_name(images: np.ndarray) -> str:
-    """Upstream's name of a sample batch: ``samples_{N}x{H}x{W}x{C}.npz``."""
-    return f"samples_{'x'.join(str(int(s)) for s in images.shape)}.npz"
+def samples_file_name(images: Union[np.ndarray, Sequence[int]]) -> str:
+    """
+    Upstream's name of a sample batch: ``samples_{N}x{H}x{W}x{C}.npz``.
+
+    :param images: the uint8 [N, H, W, C] images, or their shape (to name a file before sampling).
+    """
+    shape = images.shape if isinstance(images, np.ndarray) else tuple(images)
+    return f"samples_{'x'.join(str(int(s)) for s in shape)}.npz"
 
 
-def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, labels: Optional[np.ndarray] = None) -> str:
+def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, labels: Optional[np.ndarray] = None,
+                     name: Optional[str] = None) -> str:
     """
     Write ``samples_{N}x{H}x{W}x3.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels when given), as
     upstream's sample scripts do, atomically.
@@ -267,6 +391,7 @@ def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, label
     :param out_dir: the folder (created when missing).
     :param images: uint8 [N, H, W, C].
     :param labels: int [N] or None.
+    :param name: the file name (default ``samples_file_name(images)``).
     :return: the file's path.
     """
     from .train_util import _atomic_write
@@ -277,7 +402,7 @@ def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, label
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"save_samples_npz: {len(labels)} labels for {len(images)} images")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(str(out_dir), samples_file_name(images))
+    path = os.path.join(str(out_dir), name or samples_file_name(images))
     arrays = [images] if labels is None else [images, np.asarray(labels)]
     _atomic_write(path, lambda f: np.savez(f, *arrays))
     return path
@@ -319,6 +444,7 @@ def sample_defaults() -> Dict[str, Any]:
         use_ema=True,
         seed=0,
         out_dir="",
+        overwrite=False,  # replace an existing samples file (else refused before sampling)
         grid="",
         progress=True,
         sample_precision="fp32",  # fp32 | bf16 | fp16 (network under autocast; faster on GPUs)
@@ -331,7 +457,7 @@ def _other_known_keys() -> Set[str]:
         sr_model_and_diffusion_defaults
     from .train_util import training_defaults
 
-    keys: Set[str] = set(training_defaults())
+    keys: Set[str] = set(training_defaults()) | {"flavor"}
     for d in (model_and_diffusion_defaults(), classifier_and_diffusion_defaults(), sr_model_and_diffusion_defaults()):
         keys |= set(d)
     return keys
@@ -416,6 +542,39 @@ def run_ema_rates(run_dir: str) -> List[str]:
     return rates + [r for r in found if r not in rates]
 
 
+def _same_rate(a: str, b: str) -> bool:
+    """Whether two EMA rates as written are the same number ("0.9999" and "0.99990" are)."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def _step_list(steps: Sequence[int], near: Optional[int] = None, show: int = 20) -> str:
+    """
+    Steps for a message: all of them when few, else the first and last few and the ones either
+    side of ``near`` (the step asked for), so that a run with hundreds of checkpoints stays readable.
+    """
+    steps = sorted(set(int(s) for s in steps))
+    if not steps:
+        return "none"
+    if len(steps) <= show:
+        return ", ".join(map(str, steps))
+    keep = set(steps[:3] + steps[-3:])
+    if near is not None:
+        below = [s for s in steps if s < near]
+        above = [s for s in steps if s > near]
+        keep |= set(below[-2:] + above[:2])
+    out, prev = [], None
+    for k, s in enumerate(steps):
+        if s in keep:
+            if prev is not None and k != prev + 1:
+                out.append("...")
+            out.append(str(s))
+            prev = k
+    return f"{', '.join(out)} ({len(steps)} steps)"
+
+
 def resolve_checkpoint(
     model_path: str = "",
     run_dir: str = "",
@@ -428,9 +587,11 @@ def resolve_checkpoint(
 
     ``--model_path`` (a ``modelNNNNNN.pt`` or ``ema_R_NNNNNN.pt``, as upstream) wins. Otherwise
     ``--run_dir`` with ``--step`` (default: the newest step with a model file) and, with
-    ``--use_ema True`` (default), the EMA file of ``--ema_rate`` (default: the run's first rate).
+    ``--use_ema True`` (default), the EMA file of ``--ema_rate`` (default: the run's first rate;
+    a rate spelled differently from the file names, e.g. ``0.99990``, finds ``ema_0.9999_*``).
 
-    :raises ValueError / FileNotFoundError: naming the flag and what is missing.
+    :raises ValueError / FileNotFoundError: naming the flag and what is missing: for a step
+        without a checkpoint, the steps that have one; for a missing EMA rate, the run's rates.
     """
     if model_path:
         if run_dir:
@@ -443,24 +604,72 @@ def resolve_checkpoint(
                          "folder) is required")
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--run_dir: folder not found: {run_dir}")
-    steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, os.listdir(run_dir)) if m)
+    names = os.listdir(run_dir)
+    steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, names) if m)
+    ema_steps: Dict[str, List[int]] = {}  # rate as written in the file names -> its steps
+    for m in map(_EMA_FILE.match, names):
+        if m:
+            ema_steps.setdefault(m.group(1), []).append(int(m.group(2)))
     if int(step) < 0:
         if not steps:
             raise FileNotFoundError(f"--run_dir {run_dir}: no modelNNNNNN.pt checkpoint in it")
         step = steps[-1]
+    step = int(step)
     if not use_ema:
-        path = os.path.join(run_dir, f"model{int(step):06d}.pt")
+        path = os.path.join(run_dir, f"model{step:06d}.pt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--step {step}: {path} not found (steps with a model file: {steps})")
+            raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: {os.path.basename(path)} not found; "
+                                    f"steps with a model file: {_step_list(steps, step)}")
         return path
-    rates = [str(ema_rate)] if ema_rate else run_ema_rates(run_dir)
+    run_rates = run_ema_rates(run_dir)
+    if ema_rate:
+        rates = [str(ema_rate)] + [r for r in run_rates if r != str(ema_rate) and _same_rate(r, ema_rate)]
+    else:
+        rates = run_rates
     for rate in rates:
-        path = os.path.join(run_dir, f"ema_{rate}_{int(step):06d}.pt")
+        path = os.path.join(run_dir, f"ema_{rate}_{step:06d}.pt")
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: no EMA checkpoint "
-                            f"{'ema_' + str(ema_rate) if ema_rate else 'ema_<rate>'}_{int(step):06d}.pt "
-                            f"(rates of the run: {rates or 'none'}); use --use_ema False for the raw model")
+    # Nothing to load: say which of step and rate is wrong, listing what the run does have (the
+    # rates found in the run, not the one asked for; the existing steps, not a flag that cannot help).
+    wanted = f"ema_{ema_rate}_{step:06d}.pt" if ema_rate else f"ema_<rate>_{step:06d}.pt"
+    rates_text = ", ".join(run_rates) or "none"
+    of_rate = [s for r, v in ema_steps.items() if not ema_rate or _same_rate(r, ema_rate) for s in v]
+    all_steps = set(steps) | {s for v in ema_steps.values() for s in v}
+    if step not in all_steps:
+        what = f"an EMA {ema_rate} checkpoint" if ema_rate else "an EMA checkpoint"
+        more = f" (the run's EMA rates: {rates_text})" if ema_rate and not of_rate else ""
+        if not of_rate and steps:
+            more += f"; steps with a model file (--use_ema False): {_step_list(steps, step)}"
+        raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: the run has no checkpoint of step {step}; "
+                                f"steps with {what}: {_step_list(of_rate, step)}{more}")
+    at_step = [r for r, v in ema_steps.items() if step in v]
+    if set(at_step) == set(run_rates):
+        at_step = []  # every rate is there: nothing to add
+    raw = (f"; or --use_ema False for the raw model model{step:06d}.pt" if step in steps else "")
+    if ema_rate:
+        raise FileNotFoundError(f"--run_dir {run_dir} --step {step} --ema_rate {ema_rate}: no EMA checkpoint "
+                                f"{wanted}; the run's EMA rates: {rates_text}"
+                                f"{f' (at step {step}: ' + ', '.join(at_step) + ')' if at_step else ''}. "
+                                f"Pass --ema_rate with one of them{raw}")
+    raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: no EMA checkpoint {wanted} (the run's EMA rates: "
+                            f"{rates_text}; steps with an EMA checkpoint: {_step_list(of_rate, step)}){raw}")
+
+
+def model_flags_hint(defaults: Dict[str, Any]) -> str:
+    """
+    How a sample script is given a checkpoint's training flags: upstream's model flags directly
+    on the command line, or a ``--config`` file, or the run's ``config.yaml`` beside the checkpoint.
+
+    :param defaults: the model's flags (their names pick the example).
+    """
+    if "classifier_width" in defaults and "num_channels" not in defaults:
+        example = "--classifier_width 128 --classifier_depth 2"
+    else:
+        example = "--num_channels 128 --num_res_blocks 3"
+    return (f"pass the flags it was trained with on the command line, as upstream's sample scripts take them "
+            f"(e.g. {example}), or in --config FILE.yaml (the run's config.yaml works), or put the run's "
+            "config.yaml beside the checkpoint")
 
 
 def load_checkpoint_model(
@@ -472,6 +681,7 @@ def load_checkpoint_model(
     device: Union[str, torch.device, None] = None,
     flag_map: Optional[Dict[str, str]] = None,
     model_flags: Optional[str] = None,
+    flags_hint: Optional[str] = None,
 ) -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
     """
     Build ``factory(**flags)`` and load ``checkpoint`` into it (strict; errors name keys/shapes).
@@ -483,9 +693,11 @@ def load_checkpoint_model(
     :param factory: e.g. ``create_model_and_diffusion``.
     :param flag_map: script flag -> factory flag, for scripts whose flags are renamed
         (none of upstream's are; kept for callers).
+    :param flags_hint: how the caller's user gives the training flags, for the error of a
+        checkpoint that does not fit (default: ``model_flags_hint(defaults)``, the sample scripts' way).
     :return: ``(model, diffusion, flags)``; the model in eval mode on ``device``.
     """
-    flags, source = resolve_model_flags(checkpoint, model_flags or None, defaults)
+    flags, source = resolve_model_flags(checkpoint, model_flags or None, defaults, flavor=getattr(args, "flavor", None))
     flag_map = flag_map or {}
     for k in given:
         key = flag_map.get(k, k)
@@ -494,7 +706,15 @@ def load_checkpoint_model(
     if "use_checkpoint" in flags:
         flags["use_checkpoint"] = False  # gradient checkpointing only costs time when sampling
     model, diffusion = factory(**flags)
-    load_into(model, load_state_dict_file(checkpoint), checkpoint, source + (" < command line" if given else ""))
+    state = load_state_dict_file(checkpoint)
+    # analysis.load_into's hint names --model_flags, a flag of the analysis scripts (and fid_curve)
+    # that the sample scripts do not have: check here and name what this caller accepts
+    mismatch = state_dict_mismatch(state, model.state_dict())
+    if mismatch:
+        built = source + (" < command line" if given else "")
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model built from {built}: {mismatch} "
+                         f"({flags_hint or model_flags_hint(defaults)})")
+    load_into(model, state, checkpoint, source + (" < command line" if given else ""))
     if flags.get("use_fp16") or flags.get("classifier_use_fp16"):
         model.convert_to_fp16()
     model.to(device if device is not None else dist_util.dev()).eval()
@@ -502,36 +722,100 @@ def load_checkpoint_model(
 
 
 def default_out_dir(checkpoint: str, kind: str = "samples") -> str:
-    """The checkpoint's folder when writable, else ``runs/<kind>-<timestamp>``."""
+    """
+    Where a sample script writes when ``--out_dir`` is not given.
+
+    ``$OPENAI_LOGDIR`` when set: upstream's scripts call ``logger.configure()``, which logs there,
+    and save into ``logger.get_dir()``. Else a folder that names the checkpoint,
+    ``<checkpoint's folder>/<kind>/<checkpoint stem>`` (e.g. ``runs/x/samples/ema_0.9999_000200``:
+    the stem holds the step and EMA rate, so samples of step 100 and step 200 never share a file);
+    ``runs/<kind>-<timestamp>/<stem>`` when the checkpoint's folder is not writable.
+
+    :param checkpoint: the checkpoint sampled from.
+    :param kind: the output's kind (``samples``, ``guided_samples``, ``nll``, ...).
+    """
+    env = os.environ.get("OPENAI_LOGDIR")
+    if env:
+        return os.path.expanduser(env)
     folder = os.path.dirname(os.path.abspath(checkpoint))
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
     if os.access(folder, os.W_OK):
-        return folder
-    return logger.default_log_dir(kind)
+        return os.path.join(folder, kind, stem)
+    return os.path.join(logger.default_log_dir(kind), stem)
 
 
 def setup_sampling(args: argparse.Namespace, checkpoint: str, kind: str = "samples") -> str:
     """
-    Set up the process group, fix ``args.out_dir`` (default ``default_out_dir``) and log to stdout.
+    Set up the process group, fix ``args.out_dir`` (``--out_dir``, else ``default_out_dir``) and
+    log to stdout.
 
     :return: the output folder.
     """
     dist_util.setup_dist()
-    args.out_dir = args.out_dir or default_out_dir(checkpoint, kind)
+    args.out_dir = os.path.expanduser(args.out_dir) if args.out_dir else default_out_dir(checkpoint, kind)
     logger.configure(dir=args.out_dir, format_strs=["stdout"])
     return args.out_dir
+
+
+def _rank0_decides(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (so that all ranks raise, or none, and none waits alone)."""
+    if dist_util.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_samples_file(args: argparse.Namespace, num_samples: int, image_size: int, channels: int = 3) -> str:
+    """
+    The samples file this run will write, ``<--out_dir>/samples_{N}x{H}x{W}x{C}.npz``; refused when
+    it exists and ``--overwrite`` is not True. Call it before sampling: a refusal after hours of
+    sampling would lose them, an overwrite would silently lose the older batch. Rank 0 looks (the
+    only rank that writes) and every rank raises alike.
+
+    :param args: the script's flags (``out_dir`` already set by ``setup_sampling``, ``overwrite``).
+    :param num_samples: N.
+    :param image_size: H = W of a sample.
+    :param channels: C.
+    :return: the path.
+    :raises FileExistsError: naming the file and ``--overwrite True``.
+    """
+    path = os.path.join(args.out_dir, samples_file_name((num_samples, image_size, image_size, channels)))
+    exists = _rank0_decides(os.path.exists(path) if dist_util.get_rank() == 0 else None)
+    if exists and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"{path} exists (samples of an earlier run); pass --overwrite True to replace it, "
+                              "or --out_dir for another folder")
+    return path
+
+
+def _unused_name(folder: str, name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    k = 1
+    while os.path.exists(os.path.join(folder, f"{stem}-{k}{ext}")):
+        k += 1
+    return f"{stem}-{k}{ext}"
 
 
 def write_outputs(args: argparse.Namespace, checkpoint: str, images: np.ndarray,
                   labels: Optional[np.ndarray], kind: str = "samples") -> Optional[str]:
     """
     Rank 0: write the npz to ``--out_dir`` (default ``default_out_dir``) and, with ``--grid``,
-    a PNG grid; print where. Other ranks write nothing.
+    a PNG grid; print where. Other ranks write nothing. A samples file that appeared while
+    sampling (another process; ``check_samples_file`` found none before) is kept: without
+    ``--overwrite True`` this batch goes to ``samples_...-1.npz`` instead, with a warning.
 
     :return: the npz path on rank 0, else None.
     """
     if dist_util.get_rank() != 0:
         return None
-    path = save_samples_npz(args.out_dir or default_out_dir(checkpoint, kind), images, labels)
+    out_dir = args.out_dir or default_out_dir(checkpoint, kind)
+    name = samples_file_name(images)
+    if os.path.exists(os.path.join(out_dir, name)) and not getattr(args, "overwrite", False):
+        new = _unused_name(out_dir, name)
+        logger.warn(f"{os.path.join(out_dir, name)} appeared while sampling; writing {new} instead "
+                    "(--overwrite True replaces it)")
+        name = new
+    path = save_samples_npz(out_dir, images, labels, name=name)
     logger.log(f"saving to {path}")
     print(f"wrote {path}", flush=True)
     if args.grid:
@@ -587,14 +871,18 @@ def finish_sampling(args: argparse.Namespace, checkpoint: str, images: np.ndarra
 
 __all__ = [
     "LABEL_STREAM",
+    "ProgressLog",
     "SampleNoise",
     "SamplingSetup",
+    "check_samples_file",
     "checkpoint_step",
     "default_out_dir",
+    "format_seconds",
     "draw_labels",
     "finish_sampling",
     "generate_samples",
     "load_checkpoint_model",
+    "model_flags_hint",
     "parse_sample_args",
     "resolve_checkpoint",
     "run_ema_rates",

@@ -34,6 +34,7 @@ def diffusion_defaults() -> Dict[str, Any]:
     """Defaults for image and classifier training (guided-diffusion)."""
     return dict(
         learn_sigma=False,
+        sigma_small=False,  # Improved-Diffusion's flag (guided-diffusion's factory has it but no flag)
         diffusion_steps=1000,
         noise_schedule="linear",
         timestep_respacing="",
@@ -142,6 +143,7 @@ def create_model_and_diffusion(
     use_fp16,
     use_new_attention_order,
     num_classes=NUM_CLASSES,
+    sigma_small=False,
 ):
     """
     Build a UNet and its (possibly re-spaced) Gaussian diffusion, as upstream.
@@ -170,6 +172,7 @@ def create_model_and_diffusion(
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
@@ -244,6 +247,7 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    sigma_small=False,
 ):
     """Build the noisy-image classifier and its diffusion, as upstream."""
     classifier = create_classifier(
@@ -259,6 +263,7 @@ def create_classifier_and_diffusion(
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
@@ -335,6 +340,7 @@ def sr_create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
+    sigma_small=False,
 ):
     """Build a ``SuperResModel`` and its diffusion, as upstream."""
     model = sr_create_model(
@@ -358,6 +364,7 @@ def sr_create_model_and_diffusion(
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
         noise_schedule=noise_schedule,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
@@ -488,6 +495,52 @@ def args_to_dict(args, keys: Iterable[str]) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+# --flavor: which upstream codebase's defaults a script starts from. Guided-Diffusion's are this
+# module's; Improved-Diffusion's differ in these keys (its script_util and image_datasets):
+# the network sees t rescaled to 0..1000, the learned-sigma VB term is rescaled, and its loader
+# does not flip images. Values given by a config file or the command line still win.
+FLAVORS: Dict[str, Dict[str, Any]] = {
+    "guided": {},
+    "improved": {"rescale_timesteps": True, "rescale_learned_sigmas": True, "sigma_small": False,
+                 "random_flip": False},
+}
+DEFAULT_FLAVOR = "guided"
+# a defaults dict with these keys builds a diffusion model, so its script takes --flavor
+_MODEL_KEYS = ("rescale_timesteps", "rescale_learned_sigmas")
+
+
+def check_flavor(flavor: Any, source: str = "--flavor") -> str:
+    """Validate a flavour name; the message names ``source`` and the choices."""
+    name = str(flavor).strip().lower()
+    if name not in FLAVORS:
+        raise ValueError(f"{source}: expected one of {', '.join(FLAVORS)}, got {flavor!r}")
+    return name
+
+
+def apply_flavor(defaults: Dict[str, Any], flavor: str) -> Dict[str, Any]:
+    """
+    ``defaults`` with the upstream codebase's own defaults for the keys it has.
+
+    :param flavor: "guided" (unchanged) or "improved" (Improved-Diffusion's defaults).
+    """
+    out = dict(defaults)
+    out.update({k: v for k, v in FLAVORS[check_flavor(flavor)].items() if k in out})
+    if "flavor" in out:
+        out["flavor"] = check_flavor(flavor)
+    return out
+
+
+def _preparse_flavor(argv: Sequence[str], config_values: Dict[str, Any]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--flavor", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.flavor is not None:
+        return check_flavor(known.flavor)
+    if "flavor" in config_values:
+        return check_flavor(config_values["flavor"], "--config: flavor")
+    return DEFAULT_FLAVOR
+
+
 CONFIG_BASE_KEY = "base"
 
 
@@ -583,16 +636,147 @@ def parse_args_with_config(
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
-    parser = parser or argparse.ArgumentParser(description=description)
+    config_values = load_config(known.config) if known.config else {}
+    if any(k in defaults for k in _MODEL_KEYS):
+        # --flavor selects the upstream codebase's defaults; the config and the command line win over them
+        defaults = apply_flavor(dict({"flavor": DEFAULT_FLAVOR}, **defaults),
+                                _preparse_flavor(sys.argv[1:] if argv is None else argv, config_values))
+    parser = with_flag_suggestions(parser or argparse.ArgumentParser(description=description))
     parser.add_argument("--config", default="", help="YAML file of flag values; command-line flags override it")
     add_dict_to_argparser(parser, defaults)
     if known.config:
-        parser.set_defaults(**coerce_config(load_config(known.config), defaults, f"--config {known.config}"))
+        parser.set_defaults(**coerce_config(config_values, defaults, f"--config {known.config}"))
     args = parser.parse_args(argv)
+    if "flavor" in defaults:
+        args.flavor = check_flavor(args.flavor)
     # which flags the command line itself gave (a config file's values are defaults here)
     given = sys.argv[1:] if argv is None else list(argv)
     args.command_line_flags = sorted({a[2:].split("=", 1)[0] for a in given if a.startswith("--")} & set(defaults))
     return args
+
+
+# --------------------------------------------------------------------------------------
+# short argparse errors: an unknown flag names the closest valid ones
+# --------------------------------------------------------------------------------------
+
+_ARGPARSE_PARSE_ARGS = argparse.ArgumentParser.parse_args
+_ARGPARSE_ERROR = argparse.ArgumentParser.error
+
+
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in name.split("_") if w)
+
+
+def suggest_flags(flag: str, valid: Iterable[str], n: int = 3) -> list:
+    """
+    The valid flags closest to an unknown one: near spellings (difflib), the initials of its
+    words (``--learning_rate`` -> ``--lr``, first) and, for names of four letters or more, containment.
+
+    :param flag: the unknown flag as typed (``--lerning_rate``, ``-lr``, ``--save-interval``).
+    :param valid: the parser's option strings; only ``--long`` ones other than ``--help`` are offered.
+    :return: at most ``n`` flags, closest first.
+    """
+    import difflib
+
+    name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
+    names = {v[2:]: v for v in valid if v.startswith("--") and v != "--help"}
+    if name in names:  # "-lr" for "--lr"
+        return [names[name]]
+    out = [c for c in sorted(names)
+           if ("_" in name and _initials(name) == c) or ("_" in c and _initials(c) == name)]
+    out += difflib.get_close_matches(name, list(names), n=n, cutoff=0.7)
+    if len(name) >= 4:
+        out += [c for c in sorted(names, key=len) if len(c) >= 4 and (name in c or c in name)]
+    return [names[c] for c in dict.fromkeys(out)][:n]
+
+
+def _help_hint(parser: argparse.ArgumentParser) -> str:
+    script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if parser.prog == "__main__.py":  # python -m something
+        return "--help lists all"
+    if script.endswith(".py") and Path(script).name == parser.prog:
+        import os
+
+        rel = os.path.relpath(script) if os.path.isabs(script) else script
+        return f"python {script if rel.startswith('..') else rel} --help lists all"
+    return f"{parser.prog} --help lists all"
+
+
+def _short_error(parser: argparse.ArgumentParser, message: str) -> None:
+    if not getattr(parser, "exit_on_error", True):
+        _ARGPARSE_ERROR(parser, message)
+    parser.exit(2, f"{parser.prog}: error: {message} ({_help_hint(parser)})\n")
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    flags = [a for a in extras if a.startswith("-") and a not in ("-", "--") and not _is_number(a)]
+    if not flags:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    valid = list(parser._option_string_actions)
+    named = []
+    for a in flags:
+        name = a.split("=", 1)[0]
+        close = suggest_flags(name, valid)
+        named.append((name, f"did you mean {' or '.join(close)}?" if close else ""))
+    if len(named) == 1:
+        name, hint = named[0]
+        return f"{name}: unknown flag" + (f"; {hint}" if hint else "")
+    return "unknown flags " + ", ".join(f"{name} ({hint})" if hint else name for name, hint in named)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_args_suggesting(self, args=None, namespace=None):
+    if not getattr(self, "exit_on_error", True):
+        return _ARGPARSE_PARSE_ARGS(self, args, namespace)
+    namespace, extras = self.parse_known_args(args, namespace)
+    if extras:
+        _short_error(self, _unknown_flags_message(self, extras))
+    return namespace
+
+
+class FlagSuggestingParser(argparse.ArgumentParser):
+    """
+    An ``ArgumentParser`` whose errors are one line, without the usage: an unknown flag is named
+    with the closest valid flags (``--lerning_rate: unknown flag; did you mean --lr?``), other
+    errors keep argparse's message; both point at ``--help`` and exit with status 2.
+    """
+
+    parse_args = _parse_args_suggesting
+
+    def error(self, message):
+        _short_error(self, message)
+
+
+def with_flag_suggestions(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser``, made a FlagSuggestingParser when it is a plain ArgumentParser (a subclass is left as it is)."""
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = FlagSuggestingParser
+    return parser
+
+
+def _suggesting_error(self, message):
+    _short_error(self, message)
+
+
+class _FlagSuggestions:
+    """While active, every ArgumentParser behaves like a FlagSuggestingParser (see ``run_script``)."""
+
+    def __enter__(self):
+        self.saved = (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error)
+        argparse.ArgumentParser.parse_args = _parse_args_suggesting
+        argparse.ArgumentParser.error = _suggesting_error
+        return self
+
+    def __exit__(self, *exc):
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error = self.saved
+        return False
 
 
 def run_script(
@@ -602,7 +786,8 @@ def run_script(
 ) -> None:
     """
     Run a script's ``main()`` so that a bad flag, file or value ends it with its message instead
-    of a traceback.
+    of a traceback. While it runs, every argparse parser reports a bad flag in one line, naming
+    an unknown flag's closest valid flags (``FlagSuggestingParser``), instead of printing the usage.
 
     :param main: the script's entry point.
     :param errors: bad input: the message and exit status 2.
@@ -611,8 +796,22 @@ def run_script(
     import os
     import sys
 
+    from .train_util import CheckpointWriteError, TrainingInterrupted
+
+    name = os.path.basename(sys.argv[0])
     try:
-        main()
+        with _FlagSuggestions():
+            main()
+    except TrainingInterrupted as e:  # Ctrl-C / SIGTERM after a step: where to resume from, no traceback
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); rerun the same command to resume from the last complete "
+              "checkpoint", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except CheckpointWriteError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except errors + failures as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1 if failures and isinstance(e, failures) else 2)

@@ -32,7 +32,9 @@ import math
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -91,6 +93,19 @@ class ResumeError(ValueError):
     """A checkpoint cannot be resumed with the current flags (names what differs)."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint file could not be written (disk full, read-only folder); names the file and
+    the newest complete set, which is left intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM ended the run cleanly after a step; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 def training_defaults() -> Dict[str, Any]:
     """
     Defaults of the training flags of ``scripts/image_train.py`` (upstream's plus this
@@ -100,6 +115,7 @@ def training_defaults() -> Dict[str, Any]:
     channels_last on CUDA; exact float32 without them on CPU.
     """
     return dict(
+        flavor="guided",  # improved | guided: which upstream codebase's defaults (recorded in config.yaml)
         # upstream image_train.py
         data_dir="",
         schedule_sampler="uniform",
@@ -139,6 +155,8 @@ def training_defaults() -> Dict[str, Any]:
         total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
         lr_compensation=True,
         decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
+        allow_change="",  # run-defining flags that may change on resume (comma-separated)
+        overwrite=False,  # --resume none into a folder with checkpoints: move them aside and start over
         stop_at=0,  # end this process at this step after a checkpoint (job time limits)
         # speed / numerics
         precision="auto",  # auto | fp32 | bf16 | fp16
@@ -496,7 +514,7 @@ class ResumePoint:
         if self.state_path is None:
             return None
         if self._state is None:
-            self._state = _load_state_file(self.state_path)
+            self._state = load_state_file(self.state_path)
         return self._state
 
     def describe(self) -> str:
@@ -584,18 +602,70 @@ def resolve_resume(
     steps = list_complete_checkpoints(log_dir)
     if not steps:
         return None
-    return _point_at(log_dir, steps[-1], ema_rates, "auto")
+    newest_problem = None
+    for step in reversed(steps):
+        point = _point_at(log_dir, step, ema_rates, "auto")
+        problem = unreadable_checkpoint(point)
+        if problem is None:
+            if newest_problem is not None:
+                logger.warn(f"the newest checkpoint set of {log_dir} (step {steps[-1]}) cannot be read: "
+                            f"{newest_problem}; resuming from step {step}, the newest complete set that reads "
+                            f"({point.describe()})")
+            return point
+        newest_problem = newest_problem or problem
+    raise ResumeError(f"{log_dir}: no complete checkpoint set can be read (newest, step {steps[-1]}: "
+                      f"{newest_problem}); start a new run with --resume none --overwrite True or another --log_dir")
 
 
-def _load_state_file(path: str) -> Dict[str, Any]:
-    # Our own file (numpy RNG arrays and the data loader's state inside), hence weights_only=False.
+def unreadable_checkpoint(point: ResumePoint) -> Optional[str]:
+    """
+    Why a checkpoint set cannot be resumed from (a truncated or corrupt file), or None when its
+    state, model, optimizer and EMA files all read (memory-mapped, so cheap for large models).
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if point.state_path:
+            point.load_state()
+        for path in [point.model_path, point.opt_path, *point.ema_paths.values()]:
+            if path:
+                _load_weights(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read makes the set unusable
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _legacy_numpy_globals() -> List[Any]:
+    """
+    The numpy names that state files written before they held only tensors need (the numpy RNG
+    key array): admitted by ``torch.load(weights_only=True)`` and nothing else.
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return names
+
+
+def load_state_file(path: str) -> Dict[str, Any]:
+    """
+    Read a ``stateNNNNNN.pt`` safely: ``torch.load(weights_only=True)`` (tensors, Python
+    containers and scalars), plus the few numpy names older state files contain. A file that
+    would need anything else (e.g. a crafted pickle that runs code) is refused.
+
+    :raises ResumeError: naming the file and why it was refused or could not be read.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"refused to load the state file {path}: it holds objects other than tensors, "
+                          f"Python values and numpy arrays, so loading it could run code ({e}). "
+                          "Use a state file written by this project") from e
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise ResumeError(f"cannot read the state file {path}: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or "step" not in state:
         raise ResumeError(f"{path} is not a training state file of this project (no 'step' entry)")
     return state
+
 
 
 def _load_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -608,7 +678,7 @@ def _load_weights(path: str) -> Dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """The resolved config the checkpoint's run saved: from its state file, else config.yaml beside it."""
     state = point.load_state()
     if state is not None and isinstance(state.get("config"), dict):
@@ -652,7 +722,7 @@ def check_resume_compatible(
                          keys/shapes.
     """
     if config is not None:
-        saved, source = _saved_config(point)
+        saved, source = saved_config(point)
         if saved is not None:
             from .script_util import model_and_diffusion_defaults
 
@@ -744,11 +814,14 @@ def _derive_seed(*parts: int) -> int:
 
 def _numpy_rng_state() -> Dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": keys.copy(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    # a tensor, not an ndarray, so the state file loads with torch.load(weights_only=True)
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
 def _set_numpy_rng_state(s: Dict[str, Any]) -> None:
-    np.random.set_state((s["name"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+    keys = s["keys"].numpy() if isinstance(s["keys"], torch.Tensor) else s["keys"]
+    np.random.set_state((s["name"], np.asarray(keys).astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
 
 
 def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
@@ -1025,6 +1098,11 @@ class TrainLoop:
         self._last_saved_step = point.step if point is not None else -1
         if point is not None:
             logger.log(f"resumed from step {point.step} ({point.describe()})")
+            # rows an interrupted run logged after this checkpoint are logged again from here on
+            dropped = logger.drop_rows_from(point.step, key="step")
+            if dropped:
+                logger.log(f"dropped {dropped} progress row(s) of steps >= {point.step}, logged after the "
+                           "checkpoint by the interrupted run (they are logged again)")
             if point.state_path is None:
                 logger.warn("the checkpoint has no state file: the sampler, data position and RNG streams "
                             "start fresh (the weights and optimizer continue)")
@@ -1150,14 +1228,69 @@ class TrainLoop:
         if self._data_iter is None:
             self._data_iter = iter(self.data)  # before the clock starts: a loader may take a while to set up
         self._t_start = self._t_last = time.perf_counter()
-        while target is None or self.step < target:
-            self.run_iteration(target)
-            if (self.save_interval and self.step % self.save_interval == 0) or self.step == target \
-                    or self.step in self.save_steps:
-                self.save()
-            if self.sample_interval and self.step % self.sample_interval == 0:
-                self._periodic_grid()
+        with self._stop_on_signals():
+            while target is None or self.step < target:
+                self.run_iteration(target)
+                if (self.save_interval and self.step % self.save_interval == 0) or self.step == target \
+                        or self.step in self.save_steps:
+                    self.save()
+                if self.sample_interval and self.step % self.sample_interval == 0:
+                    self._periodic_grid()
+                if self._stop_requested():
+                    self._stop()
         self._check_nonfinite()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """
+        Ctrl-C (SIGINT) and SIGTERM end the run after the current step instead of mid-step (a
+        second Ctrl-C stops at once). Only the main thread can install handlers; elsewhere the
+        default behaviour stays.
+        """
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            self._signal = signum
+            logger.log(f"{signal.Signals(signum).name}: stopping after step {self.step}"
+                       + (" (with a checkpoint)" if signum == signal.SIGTERM else "")
+                       + "; Ctrl-C again stops at once")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def _stop_requested(self) -> bool:
+        """A stop signal reached this process (one process) or any rank (several: agreed at log rows,
+        so every rank stops after the same step without a sync on the others)."""
+        if self.world_size == 1:
+            return self._signal is not None
+        if self.step % self.log_interval:
+            return False
+        flag = torch.tensor([0 if self._signal is None else int(self._signal)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()):
+            self._signal = int(flag.item())
+            return True
+        return False
+
+    def _stop(self) -> None:
+        """Checkpoint at SIGTERM (schedulers send it before preemption), then raise TrainingInterrupted."""
+        signum = int(self._signal)
+        if signum == signal.SIGTERM and self._last_saved_step != self.step:
+            self.save()
+        done = list_complete_checkpoints(self.log_dir)
+        where = (f"the last complete checkpoint is step {done[-1]} ({os.path.join(self.log_dir, f'state{done[-1]:06d}.pt')})"
+                 if done else f"there is no complete checkpoint in {self.log_dir} yet (the run restarts from step 0)")
+        raise TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {self.step}; {where}; "
+                                  "rerun the same command to resume", signum)
 
     def run_iteration(self, target: Optional[int] = None) -> int:
         """
@@ -1473,34 +1606,56 @@ class TrainLoop:
             names = _ckpt_names(step, self.ema_rate)
             d = self.log_dir
             logger.log(f"saving checkpoint set of step {step} to {d}")
-            atomic_torch_save(_cpu_state_dict(self.model), os.path.join(d, names["model"]))
-            for rate, ema in zip(self.ema_rate, self.ema_models):
-                atomic_torch_save(_cpu_state_dict(ema), os.path.join(d, names["ema"][rate]))
-            atomic_torch_save(self.opt.state_dict(), os.path.join(d, names["opt"]))
-            state = {
-                "format": _STATE_FORMAT,
-                "step": step,
-                "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
-                "momentum_decay": {
-                    "step": step, "enabled": self.momentum.enabled, "beta1": self.momentum.beta1,
-                    "beta1_min": self.momentum.beta1_min, "total_steps": self.momentum.total_steps,
-                    "lr_compensation": self.momentum.lr_compensation,
-                    "decay_beta1": self.momentum.decay_beta1,
-                    "next_beta1": self.momentum.beta1_at(step),
-                },
-                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "world_size": self.world_size,
-                "global_batch": self.global_batch,
-                "per_rank": gathered,  # RNG states and data position of every rank
-                "config": self.config,
-                "ema_rates": list(self.ema_rate),
-                "nonfinite": {"total": self._nf_total, "consecutive": self._nf_consec},
-                "gpu_hours": self._gpu_hours(),
-                "seed": self.seed,
-            }
-            atomic_torch_save(state, os.path.join(d, names["state"]))  # last: marks the set complete
+            with self._naming_write_errors(step):
+                self._write_checkpoint_files(step, names, gathered)
         self._last_saved_step = step
         dist_util.barrier()
+
+    @contextlib.contextmanager
+    def _naming_write_errors(self, step: int):
+        """Turn a failed write (disk full, read-only folder) into a message naming the file and the
+        newest complete set, which the atomic writes leave intact."""
+        try:
+            yield
+        except OSError as e:
+            done = [s for s in list_complete_checkpoints(self.log_dir) if s != step]
+            last = (f"the newest complete set, step {done[-1]}, is intact" if done
+                    else "there is no complete checkpoint set yet")
+            raise CheckpointWriteError(
+                f"cannot write {e.filename or 'a checkpoint file'} into {self.log_dir} "
+                f"({e.strerror or e}) while saving the checkpoint set of step {step}; {last}. Free space or "
+                "fix the folder's permissions, then rerun the same command to resume") from e
+
+    def _write_checkpoint_files(self, step: int, names: Dict[str, Any], gathered: List[Any]) -> None:
+        """Model, one EMA per rate, optimizer, then the state file (last: it marks the set complete)."""
+        d = self.log_dir
+        atomic_torch_save(_cpu_state_dict(self.model), os.path.join(d, names["model"]))
+        for rate, ema in zip(self.ema_rate, self.ema_models):
+            atomic_torch_save(_cpu_state_dict(ema), os.path.join(d, names["ema"][rate]))
+        atomic_torch_save(self.opt.state_dict(), os.path.join(d, names["opt"]))
+        state = {
+            "format": _STATE_FORMAT,
+            "step": step,
+            "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
+            "momentum_decay": {
+                "step": step, "enabled": self.momentum.enabled, "beta1": self.momentum.beta1,
+                "beta1_min": self.momentum.beta1_min, "total_steps": self.momentum.total_steps,
+                "lr_compensation": self.momentum.lr_compensation,
+                "decay_beta1": self.momentum.decay_beta1,
+                "next_beta1": self.momentum.beta1_at(step),
+            },
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "per_rank": gathered,  # RNG states and data position of every rank
+            "config": self.config,
+            "ema_rates": list(self.ema_rate),
+            "nonfinite": {"total": self._nf_total, "consecutive": self._nf_consec},
+            "gpu_hours": self._gpu_hours(),
+            "device_type": self.device.type,  # "cuda" or "cpu": what gpu_hours counted hours of
+            "seed": self.seed,
+        }
+        atomic_torch_save(state, os.path.join(d, names["state"]))  # last: marks the set complete
 
     # ------------------------------------------------------------------ sample grids
 
@@ -1572,14 +1727,36 @@ class TrainLoop:
         return path
 
 
+GRID_MIN_TILE = 64  # px: a sample grid's images are shown at least this large ...
+GRID_MIN_WIDTH = 512  # px: ... and the grid at least this wide
+GRID_MAX_SCALE = 8
+
+
+def grid_scale(h: int, w: int, cols: int) -> int:
+    """
+    The whole-number factor sample grids enlarge ``h`` x ``w`` images by (nearest neighbour,
+    so pixels stay sharp): each image at least GRID_MIN_TILE px and the ``cols``-wide grid at
+    least GRID_MIN_WIDTH px, at most GRID_MAX_SCALE; 1 for images that are large already.
+    """
+    need = max(math.ceil(GRID_MIN_TILE / max(min(h, w), 1)), math.ceil(GRID_MIN_WIDTH / max(cols * w, 1)))
+    return int(min(max(need, 1), GRID_MAX_SCALE))
+
+
 def _write_grid(images: torch.Tensor, path: str, pad: int = 2) -> None:
-    """Save [N, C, H, W] images in [-1, 1] as one PNG grid (atomically)."""
+    """
+    Save [N, C, H, W] images in [-1, 1] as one PNG grid (atomically); small images are enlarged
+    by ``grid_scale`` (each pixel becomes a k x k block) so that a 32 px sample is visible.
+    """
     from PIL import Image
 
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     n, c, h, w = x.shape
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
+    scale = grid_scale(h, w, cols)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
     grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
     for k in range(n):
         r, col = divmod(k, cols)

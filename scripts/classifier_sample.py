@@ -4,10 +4,12 @@ more realistic images (classifier guidance, Dhariwal & Nichol 2021).
 
 Upstream's ``scripts/classifier_sample.py`` flags (``--classifier_path``, ``--classifier_scale``,
 model and classifier flags) plus image_sample.py's ``--seed``, ``--run_dir``/``--step``/
-``--ema_rate``, ``--config``, ``--grid``, ``--out_dir``. The guidance gradient is
+``--ema_rate``, ``--config``, ``--grid``, ``--out_dir``, ``--overwrite``. The guidance gradient is
 ``classifier_scale * grad_x log p(y | x_t)``; labels are drawn from the seed (class-conditional
 models also get them as ``y``). Model and classifier flags not given come from the
-``config.yaml`` beside each checkpoint.
+``config.yaml`` beside each checkpoint. Outputs follow image_sample.py's rule, in a folder of their
+own by default (``<run>/guided_samples/<checkpoint stem>/``, so that guided and unguided samples of a
+checkpoint never collide).
 
     python scripts/classifier_sample.py --model_path runs/x/ema_0.9999_100000.pt \
         --classifier_path runs/clf/model050000.pt --classifier_scale 1.0 --num_samples 64
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.sample_util import (
+    check_samples_file,
     finish_sampling,
     generate_samples,
     load_checkpoint_model,
@@ -82,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
 
     args, given, checkpoint, model, diffusion, flags = start_sampling(
         create_argparser_defaults(), model_and_diffusion_defaults(), create_model_and_diffusion, argv,
-        description=__doc__.strip().splitlines()[0], validate=validate)
+        description=" ".join(__doc__.split("\n\n")[0].split()), validate=validate, kind="guided_samples")
+    check_samples_file(args, args.num_samples, flags["image_size"])  # refuse an overwrite before sampling
     logger.log(f"loading classifier from {args.classifier_path}...")
     classifier, _, _ = load_checkpoint_model(
         args.classifier_path, args, given, classifier_and_diffusion_defaults(), create_classifier_and_diffusion)

@@ -17,7 +17,7 @@ import glob
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -36,12 +36,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     :param argv: ``[--data_dir PATH] [--log_dir DIR] [image_train.py flags...]``.
     :return: the run folder.
     """
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     parser.add_argument("--data_dir", default="synthetic",
                         help="'synthetic' (default) or CIFAR-10: a packed .npz, an image folder or a zip")
     parser.add_argument("--log_dir", default="", help="run folder (default runs/demo-<timestamp>)")
+    parser.add_argument("--num_samples", type=int, default=64, help="samples in the final grid and metric")
+    parser.add_argument("--metric_images", type=int, default=500,
+                        help="training images the KID of the samples (and of pure noise) is measured against")
     args, extra = parser.parse_known_args(argv)
-    print(f"demo: training a 32x32 diffusion model with CLTS + MDLRC on "
+    print(f"demo: training a small diffusion model with CLTS + MDLRC on "
           f"{'synthetic images' if args.data_dir == 'synthetic' else args.data_dir} (settings: {DEMO_CONFIG})",
           flush=True)
     t0 = time.time()
@@ -49,12 +52,76 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.log_dir:  # else image_train's default, runs/demo-<timestamp>
         flags += ["--log_dir", args.log_dir]
     run = image_train.main(flags + list(extra))
-    minutes = (time.time() - t0) / 60
-    _report(run, minutes)
+    train_minutes = (time.time() - t0) / 60
+    result = sample_and_measure(run, args.num_samples, args.metric_images)
+    _report(run, (time.time() - t0) / 60, train_minutes, result)
     return run
 
 
-def _report(run: str, minutes: float) -> None:
+def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[str, Any]:
+    """
+    Sample ``num_samples`` images from the run's newest EMA checkpoint (DDIM, 25 steps), write
+    them as an upscaled grid ``demo_samples.png`` next to a grid of training images, and measure
+    the KID of the samples, and of uniform noise images, against ``metric_images`` training
+    images (offline Inception).
+
+    :return: ``{"grid", "data_grid", "kid_samples", "kid_noise", "extractor"}``.
+    """
+    import numpy as np
+
+    from evaluations.evaluator import evaluate
+    from guided_diffusion.analysis import load_diffusion_model
+    from guided_diffusion.image_datasets import load_source, write_npz
+    from guided_diffusion.sample_util import generate_samples
+
+    import yaml
+
+    with open(os.path.join(run, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    emas = sorted(glob.glob(os.path.join(run, "ema_*.pt")))
+    model, diffusion, flags, _ = load_diffusion_model(emas[-1], overrides={"timestep_respacing": "ddim25"})
+    samples, _ = generate_samples(model, diffusion, num_samples=num_samples, batch_size=num_samples,
+                                  image_size=flags["image_size"], use_ddim=True, seed=0, device="cpu")
+    data = load_source(cfg["data_dir"], flags["image_size"]).images
+    pick = np.random.default_rng(0).permutation(len(data))[:metric_images]
+    real = np.asarray(data[np.sort(pick)])
+    ref = os.path.join(run, "demo_reference.npz")
+    write_npz(ref, real)
+    noise = np.random.default_rng(1).integers(0, 256, size=samples.shape, dtype=np.uint8)
+    kid = {}
+    extractor = ""
+    for name, images in (("samples", samples), ("noise", noise)):
+        res = evaluate(ref, images, metrics=("kid",), extractor="auto", batch_size=64, device="cpu",
+                       cache_dir=os.path.join(run, "demo_cache"))
+        kid[name], extractor = res.get("kid"), res.get("extractor", "")
+    grid = os.path.join(run, "demo_samples.png")
+    data_grid = os.path.join(run, "demo_training_images.png")
+    _save_grid(samples, grid)
+    _save_grid(real[:num_samples], data_grid)
+    return {"grid": grid, "data_grid": data_grid, "kid_samples": kid["samples"], "kid_noise": kid["noise"],
+            "extractor": extractor}
+
+
+def _save_grid(images, path: str, min_side: int = 512) -> None:
+    """An 8-wide grid of uint8 NHWC images, upscaled (nearest) so it is at least ``min_side`` px wide."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    pad = 1
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
+    scale = max(1, math.ceil(min_side / canvas.shape[1]))
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def _report(run: str, minutes: float, train_minutes: float, result: Dict[str, Any]) -> None:
     rows: List[dict] = []
     progress = os.path.join(run, "progress.csv")
     if os.path.exists(progress):
@@ -62,22 +129,25 @@ def _report(run: str, minutes: float) -> None:
             rows = list(csv.DictReader(f))
     models = sorted(glob.glob(os.path.join(run, "model*.pt")))
     emas = sorted(glob.glob(os.path.join(run, "ema_*.pt")))
-    grids = sorted(glob.glob(os.path.join(run, "samples_*.png")))
     print("\n" + "=" * 72)
-    print(f"demo finished in {minutes:.1f} min. Everything is in {os.path.abspath(run)}:")
-    print(f"  config.yaml    the resolved flags (re-run: python scripts/image_train.py --config {run}/config.yaml)")
+    print(f"demo finished in {minutes:.1f} min ({train_minutes:.1f} min training). Everything is in "
+          f"{os.path.abspath(run)}:")
+    print("  config.yaml    the resolved flags (describe the run: --config it again for a new run)")
     print(f"  progress.csv   one row per log interval ({len(rows)} rows): loss, loss_q0..q3, lr, beta1, it/s, ...")
     print("  log.txt        the human-readable log")
     print(f"  checkpoints    {', '.join(os.path.basename(m) for m in models)} (+ EMA: "
           f"{', '.join(os.path.basename(e) for e in emas)}; opt*/state* for exact resume)")
-    for g in grids:
-        print(f"  sample grid    {g}")
+    print(f"  samples        {result['grid']} (DDIM 25 steps, EMA)")
+    print(f"  training data  {result['data_grid']}")
     if rows:
         first, last = rows[0], rows[-1]
         print(f"  loss           {float(first['loss']):.4f} at step {first['step']} -> "
               f"{float(last['loss']):.4f} at step {last['step']}")
         print(f"  MDLRC          beta1 {float(first['beta1']):.3f} -> {float(last['beta1']):.3f}, "
               f"lr {float(first['lr']):.2e} -> {float(last['lr']):.2e} (compensated)")
+    ks, kn = result["kid_samples"], result["kid_noise"]
+    print(f"  KID vs training images (x1e3, lower is better): samples {ks * 1e3:.1f}, "
+          f"pure noise {kn * 1e3:.1f}  [{result['extractor']}]")
     print("=" * 72)
 
 

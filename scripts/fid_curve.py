@@ -34,6 +34,12 @@ stopped. A CSV written before the ``protocol`` column existed is rewritten with 
 (blank for its rows) when the first new row is appended. Under ``mpiexec`` every rank samples its
 share and rank 0 evaluates and writes.
 
+Every flag (``--protocol``, ``--extractor``, ``--metrics``, ``--ref``, sizes, ...) is checked before
+the first checkpoint is sampled, and a reference at another resolution than the model's samples, or
+one that looks like a sample batch, is warned about up front. Sampling and feature extraction log
+progress lines (images/s, ETA) also when the output is redirected; the reference's features come
+from the evaluator's cache (``--cache_dir``), which ``evaluations/ref_stats.py`` fills too.
+
     python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --num_samples 10000
     python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --protocol paper --steps 500000
     scripts/launch/fid_curve.sh runs/cifar_clts 8 --ref cifar10_train.npz
@@ -52,13 +58,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 if importlib.util.find_spec("evaluations") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.analysis import resolve_model_flags
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.sample_util import (
+    SAMPLE_PRECISIONS,
     checkpoint_step,
     generate_samples,
     load_checkpoint_model,
@@ -68,7 +74,7 @@ from guided_diffusion.sample_util import (
 )
 from guided_diffusion.script_util import create_model_and_diffusion, load_config, model_and_diffusion_defaults, \
     parse_args_with_config
-from guided_diffusion.train_util import list_complete_checkpoints
+from guided_diffusion.train_util import list_complete_checkpoints, load_state_file
 
 COLUMNS = ["step", "samples_seen", "gpu_hours", "fid", "inception_score", "precision", "recall", "kid", "sfid",
            "sampler", "sampling_steps", "num_samples", "extractor", "ema_rate", "seed", "protocol"]
@@ -115,7 +121,7 @@ def create_argparser_defaults() -> Dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     parser.add_argument("run_dir", help="a training run folder (modelNNNNNN.pt, ema_R_NNNNNN.pt, stateNNNNNN.pt)")
     return parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
 
@@ -143,6 +149,35 @@ def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
         if flag not in given:
             setattr(args, flag, value)
     return args
+
+
+def validate_args(args: argparse.Namespace) -> Tuple[str, ...]:
+    """
+    Check every flag that could otherwise fail only after a checkpoint was sampled (an extractor
+    name typo, an unknown metric, a missing or unreadable REF, sizes), so that a bad invocation
+    costs seconds rather than an hour of sampling. ``--protocol`` is checked by ``apply_protocol``.
+
+    :return: the metrics to compute.
+    :raises ValueError / FileNotFoundError: naming the flag.
+    """
+    from evaluations import evaluator
+
+    evaluator.check_extractor(args.extractor, args.inception_weights or None)
+    metrics = evaluator.parse_metrics(args.metrics)
+    for flag in ("num_samples", "batch_size", "eval_batch_size"):
+        if int(getattr(args, flag)) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.sample_precision not in SAMPLE_PRECISIONS:
+        raise ValueError(f"--sample_precision must be one of {', '.join(SAMPLE_PRECISIONS)}, "
+                         f"got {args.sample_precision!r}")
+    if args.steps:
+        checkpoint_steps(args.run_dir, args.steps)  # parses --steps
+    if not args.ref:
+        raise ValueError("--ref is required: reference images (folder, npz batch, or guided-diffusion reference npz)")
+    if not os.path.exists(args.ref):
+        raise FileNotFoundError(f"--ref: not found: {args.ref}")
+    evaluator.inspect_reference(args.ref)  # an unsupported file, or an npz without images or mu/sigma
+    return metrics
 
 
 def _same_rate(a: str, b: str) -> bool:
@@ -277,7 +312,7 @@ def checkpoint_facts(run_dir: str, step: int) -> Dict[str, Any]:
     state_path = os.path.join(run_dir, f"state{step:06d}.pt")
     state: Dict[str, Any] = {}
     if os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file
+        state = load_state_file(state_path)  # safe: tensors and plain values only
     batch = state.get("global_batch")
     if batch is None and isinstance(state.get("config"), dict):
         batch = state["config"].get("batch_size")
@@ -324,11 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"RUN_DIR: folder not found: {run_dir}")
-    if not args.ref:
-        raise ValueError("--ref is required: reference images (folder, npz batch, or guided-diffusion reference npz)")
-    if not os.path.exists(args.ref):
-        raise FileNotFoundError(f"--ref: not found: {args.ref}")
-    from evaluations.evaluator import evaluate
+    metrics = validate_args(args)
+    from evaluations import evaluator
 
     dist_util.setup_dist()
     rank = dist_util.get_rank()
@@ -353,6 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     run_flags, _ = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
     T = int(run_flags["diffusion_steps"])
     sampling_steps = len(space_timesteps(T, args.timestep_respacing or [T]))
+    if rank == 0:  # once, before any sampling (evaluate would repeat them for every checkpoint)
+        for warning in evaluator.reference_warnings(args.ref, args.num_samples, int(run_flags["image_size"])):
+            logger.warn(f"warning: {warning}")
     todo, error = None, None
     if rank == 0:  # rank 0 decides; every rank gets the list (or the error) so none waits alone
         try:
@@ -370,7 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         checkpoint = resolve_checkpoint("", run_dir, step, ema_rate, args.use_ema)
         model, diffusion, flags = load_checkpoint_model(
             checkpoint, args, {"timestep_respacing"}, model_and_diffusion_defaults(), create_model_and_diffusion,
-            model_flags=args.model_flags)
+            model_flags=args.model_flags,
+            flags_hint="give the training flags with --model_flags \"--num_channels 128 ...\", or put the run's "
+                       "config.yaml in RUN_DIR")
         logger.log(f"step {step}: sampling {args.num_samples} images from {os.path.basename(checkpoint)} "
                    f"({sampler}, {diffusion.num_timesteps} steps, seed {args.seed}, protocol {protocol})")
         images, labels = generate_samples(
@@ -383,10 +420,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         if rank == 0:
             if args.keep_samples:
                 save_samples_npz(os.path.join(run_dir, "fid_curve_samples", f"step{step:06d}"), images, labels)
-            result = evaluate(args.ref, images, metrics=tuple(m for m in args.metrics.split(",") if m),
-                              extractor=args.extractor, inception_weights=args.inception_weights or None,
-                              batch_size=args.eval_batch_size, device=dist_util.dev(),
-                              cache_dir=args.cache_dir or None)
+            result = evaluator.evaluate(args.ref, images, metrics=metrics,
+                                        extractor=args.extractor, inception_weights=args.inception_weights or None,
+                                        batch_size=args.eval_batch_size, device=dist_util.dev(),
+                                        cache_dir=args.cache_dir or None, check_reference=False,
+                                        progress=args.progress)
             row = {"step": step, **checkpoint_facts(run_dir, step),
                    **{k: result.get(k) for k in METRIC_COLUMNS},
                    "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,

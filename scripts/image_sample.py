@@ -4,8 +4,13 @@ Generate a large batch of image samples from a model and save them as a large nu
 
 Upstream's ``scripts/image_sample.py`` flags, plus ``--seed`` (fixes every draw: the same seed
 gives the same images for any batch size or number of ranks), ``--run_dir``/``--step``/
-``--ema_rate``/``--use_ema`` to pick a checkpoint of a run, ``--config``, ``--grid``, ``--out_dir``.
-Model flags not given come from the ``config.yaml`` beside the checkpoint.
+``--ema_rate``/``--use_ema`` to pick a checkpoint of a run, ``--config``, ``--grid``, ``--out_dir``,
+``--overwrite``. Model flags not given come from the ``config.yaml`` beside the checkpoint.
+
+The npz goes to ``--out_dir``, else ``$OPENAI_LOGDIR`` (as upstream, whose ``logger.configure()``
+logs there), else a folder naming the checkpoint: ``<run>/samples/<checkpoint stem>/``, e.g.
+``runs/x/samples/ema_0.9999_100000/samples_64x32x32x3.npz``. An existing samples file is never
+replaced unless ``--overwrite True``: the run stops before sampling and names the file.
 
     python scripts/image_sample.py --model_path runs/x/ema_0.9999_100000.pt --num_samples 64 \
         --use_ddim True --timestep_respacing ddim50 --grid runs/x/grid.png
@@ -22,7 +27,8 @@ if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import logger
-from guided_diffusion.sample_util import finish_sampling, generate_samples, sample_defaults, start_sampling
+from guided_diffusion.sample_util import check_samples_file, finish_sampling, generate_samples, sample_defaults, \
+    start_sampling
 from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -42,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """
     args, _, checkpoint, model, diffusion, flags = start_sampling(
         create_argparser_defaults(), model_and_diffusion_defaults(), create_model_and_diffusion, argv,
-        description=__doc__.strip().splitlines()[0])
+        description=" ".join(__doc__.split("\n\n")[0].split()))
+    check_samples_file(args, args.num_samples, flags["image_size"])  # refuse an overwrite before sampling
     logger.log(f"sampling {args.num_samples} images ({'DDIM' if args.use_ddim else 'DDPM'}, "
                f"{diffusion.num_timesteps} steps, seed {args.seed})...")
     images, labels = generate_samples(

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
+from guided_diffusion.run_folder import RunFolderError, claim_run_folder, prepare_resume
 from guided_diffusion.script_util import (
     args_to_dict,
     create_model_and_diffusion,
@@ -38,11 +39,8 @@ from guided_diffusion.script_util import (
 from guided_diffusion.train_util import (
     NonFiniteLossError,
     TrainLoop,
-    atomic_write_text,
-    check_resume_compatible,
     parse_ema_rates,
     resolve_batch_size,
-    resolve_resume,
     training_defaults,
     validate_training_args,
 )
@@ -93,10 +91,6 @@ def config_yaml(config: Dict[str, Any], source: str) -> str:
     header = (f"# Resolved configuration of this run ({source}).\n"
               "# Re-run or reproduce with: python scripts/image_train.py --config <this file>\n")
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-
-
-def _write_config(path: str, config: Dict[str, Any], source: str) -> None:
-    atomic_write_text(path, config_yaml(config, source))
 
 
 def _load_data(args: argparse.Namespace):
@@ -165,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     :return: the run folder.
     """
     args = parse_args(argv)
+    if args.config and args.log_dir and "log_dir" not in args.command_line_flags:
+        # a config file names no run folder: re-running a run's config.yaml must not write into that run
+        print(f"--config {args.config} names log_dir {args.log_dir}; not used (a config describes a run, "
+              "--log_dir chooses its folder): pass --log_dir to resume or extend that run", flush=True)
+        args.log_dir = ""
     # every check that can fail runs before the run folder is touched
     validate_training_args(vars(args))
     if args.print_config:  # the resolved flags, as config.yaml would hold them; nothing read or written
@@ -191,25 +190,29 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     schedule_sampler, weights = create_schedule(args, diffusion)
 
     config = resolved_config(args)
-    point = resolve_resume(log_dir, args.resume, args.resume_checkpoint, parse_ema_rates(args.ema_rate))
-    if point is not None:
-        check_resume_compatible(point, config, model)
+    point, changes, replace = prepare_resume(
+        log_dir, config, model, resume=args.resume, resume_checkpoint=args.resume_checkpoint,
+        ema_rates=parse_ema_rates(args.ema_rate), allow_change=args.allow_change, overwrite=args.overwrite)
 
     # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
     data = _load_data(args)
 
-    logger.configure(dir=log_dir)
-    if rank == 0:
-        print(f"run folder: {log_dir}", flush=True)
-        source = f"--config {args.config} + command line" if args.config else "command line"
-        _write_config(os.path.join(log_dir, "config.yaml"), config, source)
-    logger.log(f"world size {dist_util.get_world_size()}, device {dist_util.dev()}, "
-               f"global batch {args.batch_size * dist_util.get_world_size()}")
-
-    logger.log(f"data: {data!r}")
-    logger.log("training...")
-    TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
-              loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
+    source = f"--config {args.config} + command line" if args.config else "command line"
+    lock = claim_run_folder(log_dir, config_yaml(config, source), point.step if point else 0, changes,
+                            replace) if rank == 0 else None
+    try:
+        logger.configure(dir=log_dir)
+        if rank == 0:
+            print(f"run folder: {log_dir}", flush=True)
+        logger.log(f"world size {dist_util.get_world_size()}, device {dist_util.dev()}, "
+                   f"global batch {args.batch_size * dist_util.get_world_size()}")
+        logger.log(f"data: {data!r}")
+        logger.log("training...")
+        TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
+                  loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
+    finally:
+        if lock is not None:
+            lock.release()
     if rank == 0:
         print(f"run folder: {log_dir}", flush=True)
     return log_dir
@@ -218,4 +221,4 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 if __name__ == "__main__":
     from guided_diffusion.script_util import run_script
 
-    run_script(main, failures=(NonFiniteLossError,))
+    run_script(main, failures=(NonFiniteLossError, RunFolderError))

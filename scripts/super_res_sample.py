@@ -4,7 +4,8 @@ from a regular model from image_sample.py.
 
 Upstream's ``scripts/super_res_sample.py`` flags (``--base_samples`` npz with ``arr_0`` uint8
 NHWC at ``small_size``, and ``arr_1`` labels for a class-conditional model) plus the sampling
-flags of image_sample.py (``--seed``, ``--run_dir``, ``--config``, ``--grid``, ``--out_dir``).
+flags of image_sample.py (``--seed``, ``--run_dir``, ``--config``, ``--grid``, ``--out_dir``,
+``--overwrite``; outputs follow its rule: ``<run>/samples/<checkpoint stem>/`` by default).
 Sample i is conditioned on base sample ``i % len(base)``; ``--num_samples`` defaults to the
 number of base samples.
 
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.sample_util import finish_sampling, generate_samples, sample_defaults, start_sampling
+from guided_diffusion.sample_util import check_samples_file, finish_sampling, generate_samples, sample_defaults, \
+    start_sampling
 from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
@@ -67,11 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """
     args, given, checkpoint, model, diffusion, flags = start_sampling(
         create_argparser_defaults(), sr_model_and_diffusion_defaults(), sr_create_model_and_diffusion, argv,
-        description=__doc__.strip().splitlines()[0])
+        description=" ".join(__doc__.split("\n\n")[0].split()))
     logger.log("loading data...")
     base, base_labels = load_base_samples(args.base_samples, flags["small_size"], flags["class_cond"])
     num = args.num_samples if "num_samples" in given else len(base)
     labels = base_labels[np.arange(num) % len(base)] if base_labels is not None else None
+    check_samples_file(args, num, flags["large_size"])  # refuse an overwrite before sampling
     device = dist_util.dev()
 
     def low_res(indices: torch.Tensor, _kwargs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.run_folder import RunFolderError, claim_run_folder, prepare_resume
 from guided_diffusion.script_util import (
     run_script,
     args_to_dict,
@@ -37,14 +38,12 @@ from guided_diffusion.script_util import (
 from guided_diffusion.train_util import (
     NonFiniteLossError,
     TrainLoop,
-    check_resume_compatible,
     parse_ema_rates,
     resolve_batch_size,
-    resolve_resume,
     training_defaults,
     validate_training_args,
 )
-from image_train import _write_config, create_schedule, resolve_log_dir, train_loop_kwargs
+from image_train import config_yaml, create_schedule, resolve_log_dir, train_loop_kwargs
 
 
 def create_argparser_defaults() -> Dict[str, Any]:
@@ -105,24 +104,28 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     sampler, weights = create_schedule(args, diffusion)
     config = {k: getattr(args, k) for k in create_argparser_defaults()}
     # a refused resume must leave the run's config.yaml (which sampling trusts) as it was
-    point = resolve_resume(log_dir, args.resume, args.resume_checkpoint, parse_ema_rates(args.ema_rate))
-    if point is not None:
-        check_resume_compatible(point, config, model)
+    point, changes, replace = prepare_resume(
+        log_dir, config, model, resume=args.resume, resume_checkpoint=args.resume_checkpoint,
+        ema_rates=parse_ema_rates(args.ema_rate), allow_change=args.allow_change, overwrite=args.overwrite)
     # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
     data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.large_size,
                      class_cond=args.class_cond, seed=args.seed, skip_corrupt=args.skip_corrupt,
                      random_flip=args.random_flip,
                      device=dist_util.dev() if dist_util.dev().type == "cuda" else None)
-    logger.configure(dir=log_dir)
-    if dist_util.get_rank() == 0:
-        _write_config(os.path.join(log_dir, "config.yaml"), config,
-                      f"--config {args.config} + command line" if args.config else "command line")
-
-    logger.log("training...")
-    TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size), schedule_sampler=sampler,
-              loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
+    source = f"--config {args.config} + command line" if args.config else "command line"
+    lock = claim_run_folder(log_dir, config_yaml(config, source), point.step if point else 0, changes,
+                            replace) if dist_util.get_rank() == 0 else None
+    try:
+        logger.configure(dir=log_dir)
+        logger.log("training...")
+        TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size),
+                  schedule_sampler=sampler, loss_weighting=weights, config=config,
+                  **train_loop_kwargs(args)).run_loop()
+    finally:
+        if lock is not None:
+            lock.release()
     return log_dir
 
 
 if __name__ == "__main__":
-    run_script(main, failures=(NonFiniteLossError,))
+    run_script(main, failures=(NonFiniteLossError, RunFolderError))

@@ -1,5 +1,7 @@
 """
-Plot the timestep distributions and loss weightings of the training methods (DESIGN.md 4, 8):
+Plot the timestep distributions and loss weightings of the training methods (DESIGN.md 4, 8).
+
+What is drawn:
 
 - CLTS's p_i(t) at several training steps (default 0, 25 %, 50 % and 100 % of --clts_target_steps);
 - SpeeD's asymmetric p(t) (with the dual-sampling partner boundary m marked);

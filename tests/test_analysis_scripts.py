@@ -63,8 +63,8 @@ def runs(tmp_path_factory):
     out["x0"] = str(x0_dir / "model000001.pt")
     for s in (1, 2):
         dcgan.main(["--data_dir", "synthetic", "--image_size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8",
-                    "--batch_size", "8", "--total_steps", "20", "--save_interval", "20", "--log_interval", "20",
-                    "--seed", str(s), "--log_dir", str(root / f"gan{s}")])
+                    "--batch_size", "8", "--total_steps", "20", "--save_interval", "20", "--save_steps", "10",
+                    "--log_interval", "20", "--seed", str(s), "--log_dir", str(root / f"gan{s}")])
         out[f"gan{s}"] = str(root / f"gan{s}" / "generator_000020.pt")
     out["root"] = root
     return out
@@ -85,15 +85,22 @@ def test_consistency_diffusion_models(runs, consistency, tmp_path, capsys):
     npz = np.load(out / "samples.npz")
     images = npz["arr_0"]
     assert images.shape == (3, 2, 16, 16, 3) and images.dtype == np.uint8 and list(npz["names"]) == ["s1", "s2", "x0"]
-    # PSNR recomputed directly from the saved images
+    # PSNR recomputed directly from the saved images: pooled (Eq. 1, the headline column) and per image
+    assert list(rows[0])[2] == "pooled_psnr_db"
     for r, (i, j) in zip(rows, [(0, 1), (0, 2), (1, 2)]):
         a, b = images[i].astype(np.float64), images[j].astype(np.float64)
         direct = [10 * np.log10(255.0**2 / ((a[n] - b[n]) ** 2).mean()) for n in range(2)]
+        pooled = 10 * np.log10(255.0**2 / ((a - b) ** 2).mean())
         assert float(r["mean_psnr_db"]) == pytest.approx(np.mean(direct), rel=1e-12)
+        assert float(r["pooled_psnr_db"]) == pytest.approx(pooled, rel=1e-12)
         assert int(r["identical_images"]) == 0
     assert summary["mean_pairwise_psnr_db"] == pytest.approx(np.mean([float(r["mean_psnr_db"]) for r in rows]))
+    assert summary["pooled_psnr_db"] == pytest.approx(np.mean([float(r["pooled_psnr_db"]) for r in rows]))
+    assert [p["pooled_psnr_db"] for p in summary["pairs"]] == pytest.approx([float(r["pooled_psnr_db"]) for r in rows])
     assert json.loads((out / "consistency.json").read_text())["models"][2]["predict_xstart"] is True
-    assert f"mean pairwise PSNR over 3 pair(s) and 2 images: {summary['mean_pairwise_psnr_db']:.2f} dB" in printed
+    over = "over 3 pair(s) and 2 images"
+    assert f"PSNR (Eq. 1: one MSE pooled over all images of a pair) {over}: {summary['pooled_psnr_db']:.2f} dB" in printed
+    assert f"mean of per-image PSNRs {over}: {summary['mean_pairwise_psnr_db']:.2f} dB" in printed
     assert "identical" not in printed
     assert_png(out / "grid.png")
     # each row is that model's own sampling from the shared noise
@@ -115,8 +122,10 @@ def test_consistency_identical_models_are_capped_and_reported(runs, consistency,
     images = np.load(out / "samples.npz")["arr_0"]
     assert np.array_equal(images[0], images[1])
     assert summary["mean_pairwise_psnr_db"] == an.PSNR_CAP_DB and len(summary["identical_pairs"]) == 1
+    assert summary["pooled_psnr_db"] == an.PSNR_CAP_DB
     row = read_csv(out / "consistency_pairs.csv")[0]
     assert float(row["mean_psnr_db"]) == an.PSNR_CAP_DB and row["identical_images"] == "2"
+    assert float(row["pooled_psnr_db"]) == an.PSNR_CAP_DB
     assert "infinite" in printed and "cap 100 dB" in printed
 
 
@@ -165,6 +174,80 @@ def test_loss_landscape_endpoints_are_the_checkpoints_losses(runs, tmp_path):
     assert_png(out / "loss_landscape.png")
     with pytest.raises(ValueError, match="does not fit"):  # another architecture cannot be interpolated
         script.main(["--a", runs["seed1"], "--b", runs["x0"], "--out_dir", str(tmp_path / "bad")])
+
+
+def test_loss_landscape_warns_on_ema_checkpoints(runs, tmp_path, capsys):
+    """The paper interpolates raw weights: an EMA file is accepted with a warning naming the flag."""
+    script = load_script("loss_landscape.py")
+    ema = Path(runs["seed1"]).with_name("ema_0.99_000001.pt")
+    assert ema.is_file()
+    script.main(["--a", str(ema), "--b", runs["seed1"], "--alphas", "0,1", "--batch_size", "2",
+                 "--out_dir", str(tmp_path / "ema")])
+    printed = capsys.readouterr().out
+    assert f"warning: --a {ema} is an EMA checkpoint" in printed and "raw (non-EMA) weights" in printed
+    assert "warning: --b" not in printed
+    script.main(["--a", runs["seed1"], "--b", runs["seed2"], "--alphas", "0", "--batch_size", "2",
+                 "--out_dir", str(tmp_path / "raw")])
+    assert "warning" not in capsys.readouterr().out
+
+
+def _interpolate_by_hand(sd_a, sd_b, alpha):
+    # floats (weights and BatchNorm running statistics) interpolated, integer step counters from A
+    return {k: ((1 - alpha) * a.double() + alpha * sd_b[k].double()).float() if a.is_floating_point() else a
+            for k, a in sd_a.items()}
+
+
+def test_loss_landscape_gan_interpolates_generator_and_discriminator(runs, tmp_path, capsys):
+    """Fig. 4's GAN line: two steps of one DCGAN run, G and D interpolated together."""
+    from guided_diffusion.gan import create_gan, discriminator_path_for, gan_latents
+
+    script = load_script("loss_landscape.py")
+    a, b = str(Path(runs["gan1"]).with_name("generator_000010.pt")), runs["gan1"]
+    out = tmp_path / "llg"
+    rows = script.main(["--a", a, "--b", b, "--alphas", "0,0.5,1", "--batch_size", "4", "--seed", "3",
+                        "--out_dir", str(out)])
+    csv_rows = read_csv(out / "loss_landscape.csv")
+    assert list(csv_rows[0]) == ["alpha", "loss"] and [float(r["loss"]) for r in csv_rows] == [r["loss"] for r in rows]
+    meta = json.loads((out / "loss_landscape.json").read_text())
+    assert meta["kind"] == "gan" and "-log sigmoid(D(alpha)(G(alpha)(z)))" in meta["loss"]
+    assert meta["latent_seeds"] == [3, 6] and "gan:" in capsys.readouterr().out
+    _, _, flags = an.load_gan_model(a, discriminator=True)
+    z = gan_latents([3, 4, 5, 6], flags["nz"])  # the same z for both endpoints and the midpoint
+    for ckpt, r in ((a, csv_rows[0]), (b, csv_rows[2])):
+        g, d, _ = an.load_gan_model(ckpt, discriminator=True)
+        with torch.no_grad():
+            assert float(r["loss"]) == pytest.approx(float(an.gan_generator_loss(g, d, z)), rel=1e-6)
+    assert float(csv_rows[0]["loss"]) != float(csv_rows[2]["loss"])
+    # the midpoint: both networks at their parameter midpoint (BatchNorm statistics too)
+    gen = [an.load_state_dict_file(p) for p in (a, b)]
+    disc = [an.load_state_dict_file(discriminator_path_for(p)) for p in (a, b)]
+    assert any(not v.is_floating_point() and not torch.equal(v, gen[1][k]) for k, v in gen[0].items())
+    g, d = create_gan(**flags)
+    g.load_state_dict(_interpolate_by_hand(*gen, 0.5))
+    d.load_state_dict(_interpolate_by_hand(*disc, 0.5))
+    with torch.no_grad():
+        mid = float(an.gan_generator_loss(g.eval(), d.eval(), z))
+    assert float(csv_rows[1]["loss"]) == pytest.approx(mid, rel=1e-6)
+    assert_png(out / "loss_landscape.png")
+    with pytest.raises(ValueError, match="--a .* is a gan checkpoint but --b"):
+        script.main(["--a", a, "--b", runs["seed1"], "--out_dir", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--data_dir applies to diffusion"):
+        script.main(["--a", a, "--b", b, "--data_dir", "synthetic", "--out_dir", str(tmp_path / "bad")])
+
+
+def test_dcgan_save_steps_writes_exactly_those_steps(tmp_path):
+    dcgan = load_script("baselines/dcgan_train.py")
+    common = ["--data_dir", "synthetic", "--image_size", "8", "--nz", "4", "--ngf", "4", "--ndf", "4",
+              "--batch_size", "2", "--log_interval", "100", "--save_interval", "100"]
+    run = tmp_path / "run"
+    dcgan.main([*common, "--total_steps", "5", "--save_steps", "3,2", "--log_dir", str(run)])
+    for net in ("generator", "discriminator"):
+        # --save_steps, plus the end of training (always saved); no --save_interval step is reached
+        assert sorted(p.name for p in run.glob(f"{net}_*.pt")) == [f"{net}_00000{k}.pt" for k in (2, 3, 5)]
+    with pytest.raises(ValueError, match="--save_steps 9: step\\(s\\) \\[9\\] are beyond --total_steps 5"):
+        dcgan.main([*common, "--total_steps", "5", "--save_steps", "9", "--log_dir", str(tmp_path / "late")])
+    with pytest.raises(ValueError, match="--save_steps must be comma-separated integers"):
+        dcgan.main([*common, "--total_steps", "5", "--save_steps", "two", "--log_dir", str(tmp_path / "bad")])
 
 
 def test_hessian_spectrum_diffusion(runs, tmp_path):

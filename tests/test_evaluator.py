@@ -43,8 +43,9 @@ class _TinyFeatures(FeatureExtractorBase):
 
 
 @pytest.fixture
-def fake_extractor(monkeypatch):
+def fake_extractor(monkeypatch, tmp_path):
     """Replace the Inception network by _TinyFeatures for tests of the plumbing; returns it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache: never the user's
     feats = (POOL, SPATIAL, LOGITS)
     ext = ev.Extractor("fake-net", "none", _TinyFeatures("fake-net", feats), feats, torch.device("cpu"))
     monkeypatch.setattr(ev, "get_extractor", lambda *a, **k: ext)
@@ -322,10 +323,11 @@ def test_ref_stats_file_read_back_by_evaluator(tmp_path, fake_extractor, capsys)
     data = tmp_path / "data.npz"
     np.savez(data, arr_0=images)
     out = tmp_path / "ref" / "stats.npz"
-    ref_stats.main([str(data), "--out", str(out), "--keep_images", "6"])
+    ref_stats.main([str(data), "--out", str(out), "--keep_images", "6", "--cache_dir", str(tmp_path / "c")])
     assert "wrote" in capsys.readouterr().out
     with np.load(out) as f:
-        assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0", "num_images", "extractor"} <= set(f.files)
+        assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0", "num_images", "extractor", "image_shape"} <= set(f.files)
+        assert f["image_shape"].tolist() == [16, 16]
         assert str(f["extractor"]) == "fake-net" and int(f["num_images"]) == 12 and f["arr_0"].shape[0] == 6
         assert np.allclose(f["mu"], _features(images)[0].mean(axis=0))
     res = ev.evaluate(out, images, metrics="fid,sfid,prc", cache_dir=str(tmp_path / "c"))
@@ -340,7 +342,8 @@ def test_ref_stats_file_read_back_by_evaluator(tmp_path, fake_extractor, capsys)
 
 def test_ref_stats_reads_cifar_zip(cifar_dir, tmp_path, fake_extractor):
     out = tmp_path / "cifar10_test_stats.npz"
-    arrays = ref_stats.write_ref_stats(str(cifar_dir / "test.zip"), str(out), max_images=20, keep_images=0)
+    arrays = ref_stats.write_ref_stats(str(cifar_dir / "test.zip"), str(out), max_images=20, keep_images=0,
+                                       cache_dir=str(tmp_path / "cache"))
     assert int(arrays["num_images"]) == 20 and "arr_0" not in arrays
     with np.load(out) as f:
         assert f["mu"].shape == (16,) and f["sigma"].shape == (16, 16)

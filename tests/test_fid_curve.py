@@ -3,6 +3,9 @@ fid_curve.py on a tiny run with the offline Inception extractor (no network): on
 checkpoint with samples_seen/gpu_hours from the state files, nothing added on a second
 invocation, a deleted row measured again (with the same numbers: the seed fixes the samples);
 plot_curves.py: a valid, non-trivial PNG with one or two panels and labels from config.yaml.
+--protocol (with a fake sampler and evaluator): the presets' values, explicit flags over them,
+the protocol column (fast / paper / custom), errors before sampling, and an older CSV without
+the protocol column extended without measuring its rows again.
 """
 import csv
 import shutil
@@ -64,6 +67,7 @@ def test_fid_curve_rows_resume_and_plot(tmp_path):
         assert r["inception_score"] == "" and r["sfid"] == "" and r["precision"] == ""  # not computed
         assert (r["sampler"], r["sampling_steps"], r["num_samples"]) == ("ddim", "3", "4")
         assert r["extractor"] and r["ema_rate"] == "0.99" and r["seed"] == "0"
+        assert r["protocol"] == "custom"  # neither the fast nor the paper settings
 
     before = csv_path.read_text()
     assert fid_curve.main(argv) == []  # everything measured: nothing added

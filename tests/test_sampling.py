@@ -77,19 +77,28 @@ def test_image_sample_ddpm_npz_and_grid(tiny_run, tmp_path):
     assert arrs["arr_0"].dtype == np.uint8 and arrs["arr_0"].shape == (5, 16, 16, 3)
     assert arrs["arr_0"].std() > 0
     img = np.asarray(Image.open(grid))
-    # 5 images -> 3x2 grid of 16px tiles with 2px padding
-    assert img.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
-    np.testing.assert_array_equal(img[2:18, 2:18], arrs["arr_0"][0])
-    np.testing.assert_array_equal(img[20:36, 2:18], arrs["arr_0"][3])
+    # 5 images -> 3x2 grid of 16px tiles (enlarged k times by train_util's grid writer, when it
+    # does: each pixel a k x k block) with 2px padding
+    from guided_diffusion import train_util
+
+    k = getattr(train_util, "grid_scale", lambda h, w, cols: 1)(16, 16, 3)
+    t = 16 * k
+    assert img.shape == (2 * (t + 2) + 2, 3 * (t + 2) + 2, 3)
+    np.testing.assert_array_equal(img[2:2 + t:k, 2:2 + t:k], arrs["arr_0"][0])
+    np.testing.assert_array_equal(img[t + 4:2 * t + 4:k, 2:2 + t:k], arrs["arr_0"][3])
 
 
-def test_image_sample_cli_ddim_defaults_to_checkpoint_folder(tiny_run):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "image_sample.py"), "--model_path",
-                          str(tiny_run / "ema_0.9_000001.pt"), "--num_samples", "3", "--batch_size", "3", *DDIM5],
-                         capture_output=True, text=True, timeout=120, cwd=str(REPO))
+def test_image_sample_cli_ddim_defaults_to_a_folder_naming_the_checkpoint(tiny_run):
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_LOGDIR"}
+    cmd = [sys.executable, str(REPO / "scripts" / "image_sample.py"), "--model_path",
+           str(tiny_run / "ema_0.9_000001.pt"), "--num_samples", "3", "--batch_size", "3", *DDIM5]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
     assert out.returncode == 0, out.stderr
-    path = tiny_run / "samples_3x16x16x3.npz"
+    path = tiny_run / "samples" / "ema_0.9_000001" / "samples_3x16x16x3.npz"
     assert f"wrote {path}" in out.stdout
+    # a second run refuses to replace the file (exit status 2, naming it and --overwrite)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
+    assert again.returncode == 2 and str(path) in again.stderr and "--overwrite True" in again.stderr
     assert read_npz(path)["arr_0"].shape == (3, 16, 16, 3)
     # DDIM with eta 0 is deterministic after x_T: the same images from the same seed in-process
     model, diffusion, _ = load(tiny_run, name="ema_0.9_000001.pt")

@@ -362,7 +362,8 @@ def test_sample_grid_png(tmp_path):
     train(run, "--total_steps", 2, "--save_interval", 2, "--sample_interval", 2, "--learn_sigma", "False",
           "--rescale_learned_sigmas", "False")
     img = Image.open(run / "samples_000002.png")
-    assert img.size == (4 * 18 + 2, 4 * 18 + 2) and img.mode == "RGB"  # 16 images of 16 px, 2 px gaps
+    k = train_util.grid_scale(16, 16, 4)  # 16 images of 16 px, enlarged to a viewable size, 2 px gaps
+    assert k > 1 and img.size == (4 * (16 * k + 2) + 2,) * 2 and img.mode == "RGB"
 
 
 def test_defaults_and_configs():

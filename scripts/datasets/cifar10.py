@@ -48,10 +48,35 @@ TARBALL_HELP = (f"get the official python version ({TARBALL}, 163 MB) from "
 _BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
+class _CifarBatchUnpickler(pickle.Unpickler):
+    """
+    Unpickles what a CIFAR-10 python batch holds (dicts, lists, bytes, numbers and numpy uint8
+    arrays) and refuses every other global, so a crafted file cannot run code.
+    """
+
+    # the official batches (Python 2 pickles) need the first four; pickles of the same content
+    # written by Python 3 (protocol 2 bytes, protocol 5 buffers) need the others
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only "
+                                         "dicts, lists, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _unpickle_batch(data: bytes, name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python batch -> (uint8 [N, 32, 32, 3], int64 [N])."""
+    """One CIFAR python batch -> (uint8 [N, 32, 32, 3], int64 [N]), read with a restricted unpickler."""
+    import io
+
     try:
-        d = pickle.loads(data, encoding="bytes")
+        d = _CifarBatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if "refused global" in str(e):
+            raise ValueError(f"{name}: refused: {e}; this is not the official CIFAR-10 python batch") from e
+        raise ValueError(f"{name}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     except Exception as e:  # truncated or not a pickle
         raise ValueError(f"{name}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     try:

@@ -15,7 +15,8 @@ file names (sorted file-name prefixes). Each image is center-cropped to ``--imag
 upstream's ADM rule (``guided_diffusion.image_datasets.center_crop_arr``) in ``--workers``
 processes and written, in sorted file order, to ``shard_00000.npz``, ``shard_00001.npz``, ... of
 ``--shard_size`` images: ``arr_0`` uint8 [n, S, S, 3], ``arr_1`` int64 labels, ``classes`` (the
-synsets by id). ``load_data(data_dir=OUT)`` reads the folder of shards. Unreadable images are
+synsets by id), uncompressed (zip STORED). ``load_data(data_dir=OUT)`` memory-maps every shard and
+indexes them as one dataset (no concatenated copy; ranks copy only their batches). Unreadable images are
 skipped with a count (``--skip_corrupt False``: stop naming the file); their names go to
 ``OUT/skipped.txt``. The shards are written beside ``--out`` and moved into place at the end.
 

@@ -1,10 +1,13 @@
 """
-Pack an image dataset into one .npz for the fast in-memory loader.
+Pack an image dataset into one .npz that the loader memory-maps.
 
 Reads any source ``load_data`` reads (an image folder, a .zip of images, a packed .npz/.npy,
 a folder of shards, ``synthetic``), center-crops the images to ``--image_size`` with the
 loader's own function and writes ``arr_0`` (uint8 [N, S, S, 3]), ``arr_1`` (int64 labels, when
-the source has labels) and ``classes`` (label names).
+the source has labels) and ``classes`` (label names), uncompressed (zip STORED): every rank of
+``load_data`` maps ``arr_0`` in place and copies only its own batches, so the ranks of a node
+share one copy in the page cache. Packed or sharded sources are streamed into the output in
+chunks. Packing a compressed .npz (``np.savez_compressed``) again makes it mappable.
 
     python scripts/datasets/pack.py --data_dir /path/to/train.zip --image_size 32 --out .data/cifar10_train.npz
     python scripts/image_train.py --data_dir .data/cifar10_train.npz ...

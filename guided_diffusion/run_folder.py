@@ -1,0 +1,345 @@
+"""
+A run folder belongs to one run.
+
+- ``RunLock``: a lock file (``.lock``: pid, host, start time) held while a training writes into
+  the folder; a second training into the same folder is refused, a stale lock left by a killed
+  process on this host is taken over.
+- ``check_resume_flags``: the flags that define a run (its model, schedules, optimizer, batch,
+  seed) cannot change on resume unless ``--allow_change FLAG,...`` names them.
+- ``record_config``: ``config.yaml`` is the run's current resolved configuration; a resume that
+  changed allowed flags first moves the previous one into ``config_history/`` (nothing is
+  overwritten), and a resume with the same flags leaves the file byte-identical.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "LOCK_NAME",
+    "CONFIG_NAME",
+    "HISTORY_DIR",
+    "RUN_DEFINING_TRAINING_FLAGS",
+    "RunFolderError",
+    "RunLock",
+    "run_defining_flags",
+    "parse_allow_change",
+    "check_resume_flags",
+    "record_config",
+    "prepare_resume",
+    "claim_run_folder",
+    "describe_checkpoints",
+]
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.yaml"
+HISTORY_DIR = "config_history"
+
+# Training flags that define what a run computes; changing one mid-run silently makes another run
+# (e.g. --total_steps restarts MDLRC's schedule). Model/diffusion flags are added by
+# ``run_defining_flags``.
+RUN_DEFINING_TRAINING_FLAGS: Tuple[str, ...] = (
+    "total_steps", "lr_anneal_steps", "lr", "weight_decay", "beta1", "beta2", "momentum_decay", "beta1_min",
+    "lr_compensation", "decay_beta1", "batch_size", "global_batch_size", "seed", "schedule_sampler",
+    "clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k", "speed_threshold", "speed_lambda",
+    "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "ema_rate", "grad_clip", "random_flip", "flavor",
+)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used as asked (in use, would be overwritten, a flag would change)."""
+
+
+def run_defining_flags(config: Dict[str, Any]) -> List[str]:
+    """The keys of ``config`` that define the run: model/diffusion flags and the training flags above."""
+    from .script_util import model_and_diffusion_defaults
+    from .train_util import MODEL_FLAGS_IGNORED_ON_RESUME
+
+    model = [k for k in model_and_diffusion_defaults() if k not in MODEL_FLAGS_IGNORED_ON_RESUME]
+    return [k for k in list(model) + list(RUN_DEFINING_TRAINING_FLAGS) if k in config]
+
+
+def parse_allow_change(text: Any) -> List[str]:
+    """``--allow_change "total_steps,lr"`` -> ``["total_steps", "lr"]``."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [str(t).strip() for t in text if str(t).strip()]
+    return [t.strip().lstrip("-") for t in str(text).split(",") if t.strip()]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
+def check_resume_flags(saved: Optional[Dict[str, Any]], config: Dict[str, Any], allow_change: Iterable[str] = (),
+                       source: str = CONFIG_NAME) -> Dict[str, Tuple[Any, Any]]:
+    """
+    Compare this invocation's resolved flags with the run's.
+
+    :param saved: the run's resolved configuration (its state file's or config.yaml), or None.
+    :param config: this invocation's resolved configuration.
+    :param allow_change: flag names that may differ (``--allow_change``).
+    :param source: where ``saved`` came from, for the message.
+    :return: the allowed changes, flag -> (run's value, new value).
+    :raises RunFolderError: naming every run-defining flag that differs and how to allow it.
+    """
+    if not saved:
+        return {}
+    allowed = set(allow_change)
+    unknown = sorted(allowed - set(run_defining_flags(config)))
+    if unknown:
+        raise RunFolderError(f"--allow_change {','.join(sorted(allowed))}: {', '.join(unknown)} "
+                             f"{'is' if len(unknown) == 1 else 'are'} not run-defining flags (those are: "
+                             f"{', '.join(run_defining_flags(config))}); other flags may change freely")
+    changed, refused = {}, []
+    for key in run_defining_flags(config):
+        if key not in saved or _same(saved[key], config[key]):
+            continue
+        if key in allowed:
+            changed[key] = (saved[key], config[key])
+        else:
+            refused.append(f"--{key}: run {saved[key]!r}, now {config[key]!r}")
+    if refused:
+        names = ",".join(r.split(":")[0][2:] for r in refused)
+        raise RunFolderError(
+            f"resuming would change flags that define this run ({source}): " + "; ".join(refused)
+            + f". Resume with the run's values, start a new run (another --log_dir), or, to change them "
+            f"mid-run on purpose, add --allow_change {names} (the change is logged and the previous "
+            f"configuration kept in {HISTORY_DIR}/)."
+        )
+    return changed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """
+    An exclusive lock on a run folder: the file ``<folder>/.lock`` holds the owner's pid, host and
+    start time. ``acquire`` refuses a folder locked by a live process (or by another host, which
+    cannot be checked) and takes over a lock whose process on this host is gone (a killed run).
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.held = False
+        self.took_over: Optional[Dict[str, Any]] = None
+
+    def owner(self) -> Optional[Dict[str, Any]]:
+        """The current lock's content, or None when unlocked (an unreadable lock counts as stale)."""
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"pid": -1, "host": socket.gethostname(), "unreadable": True}
+
+    def _is_stale(self, owner: Dict[str, Any]) -> bool:
+        if owner.get("unreadable"):
+            return True
+        if owner.get("host") != socket.gethostname():
+            return False  # cannot tell: assume alive
+        pid = int(owner.get("pid", -1))
+        # our own pid: left by an earlier training in this process that did not get to release it
+        return pid == os.getpid() or not _pid_alive(pid)
+
+    def acquire(self) -> "RunLock":
+        """
+        Take the lock.
+
+        :raises RunFolderError: when a live process (or another host) holds it.
+        """
+        os.makedirs(self.folder, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue  # released meanwhile
+                if not self._is_stale(owner):
+                    where = "this host" if owner.get("host") == socket.gethostname() else f"host {owner.get('host')}"
+                    raise RunFolderError(
+                        f"run folder {self.folder} is in use by pid {owner.get('pid')} on {where} (since "
+                        f"{owner.get('since')}): two trainings in one folder would mix their checkpoints and "
+                        f"logs. Wait for it, stop it, or use another --log_dir (if that process is gone, "
+                        f"delete {self.path})")
+                self.took_over = owner
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunFolderError(f"could not lock {self.folder}: {self.path} keeps reappearing")
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        if not self.held:
+            return
+        owner = self.owner()
+        if owner and owner.get("pid") == os.getpid():
+            try:
+                os.unlink(self.path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def record_config(folder: str, text: str, step: int, changes: Dict[str, Tuple[Any, Any]]) -> Optional[str]:
+    """
+    Make ``<folder>/config.yaml`` hold ``text`` without losing the previous configuration.
+
+    - no config.yaml yet: write it;
+    - the same text: leave the file as it is (byte-identical);
+    - different text: move the old file to ``config_history/config-step<step>-<n>.yaml`` first.
+
+    :param changes: the allowed run-defining changes (logged into the new file's header).
+    :return: the history file written, or None.
+    """
+    from .train_util import atomic_write_text
+
+    path = os.path.join(folder, CONFIG_NAME)
+    if changes:
+        note = "".join(f"# --allow_change at step {step}: {k} {old!r} -> {new!r}\n" for k, (old, new) in changes.items())
+        text = note + text
+    if not os.path.isfile(path):
+        atomic_write_text(path, text)
+        return None
+    with open(path, encoding="utf-8") as f:
+        old = f.read()
+    if _strip_header(old) == _strip_header(text) and not changes:
+        return None
+    history = os.path.join(folder, HISTORY_DIR)
+    os.makedirs(history, exist_ok=True)
+    n = len([x for x in os.listdir(history) if x.endswith(".yaml")])
+    kept = os.path.join(history, f"config-{n:03d}-before-step{step:06d}.yaml")
+    atomic_write_text(kept, old)
+    atomic_write_text(path, text)
+    return kept
+
+
+def _strip_header(text: str) -> str:
+    # the header names the command line that wrote the file; the flags are what matter
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
+def describe_checkpoints(folder: str, steps: Sequence[int]) -> str:
+    """'the last complete checkpoint is step N (<folder>/state...)' or 'no complete checkpoint yet'."""
+    if not steps:
+        return f"no complete checkpoint in {folder} yet"
+    return f"the last complete checkpoint is step {steps[-1]} ({os.path.join(folder, f'state{steps[-1]:06d}.pt')})"
+
+
+def prepare_resume(
+    log_dir: str,
+    config: Dict[str, Any],
+    model: Any = None,
+    *,
+    resume: str = "auto",
+    resume_checkpoint: str = "",
+    ema_rates: Sequence[float] = (0.9999,),
+    allow_change: Any = "",
+    overwrite: bool = False,
+):
+    """
+    Decide what a training resumes from and refuse what would mix up the run folder, before
+    anything is written: ``--resume none`` into a folder that holds another run's checkpoints
+    (unless ``overwrite``), a model that does not match the checkpoint, run-defining flags that
+    differ from the run's (unless ``--allow_change`` names them).
+
+    :return: ``(point, changes, replace)``: the ResumePoint (or None), the allowed changes
+             (flag -> (old, new)), and whether the folder's old checkpoints are to be moved aside
+             (``claim_run_folder`` does it, under the lock).
+    :raises RunFolderError / ResumeError: naming the folder, the flags and what to do.
+    """
+    from .train_util import check_resume_compatible, list_complete_checkpoints, resolve_resume, saved_config
+
+    point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rates)
+    replace = False
+    if point is None and str(resume).strip().lower() == "none":
+        existing = list_complete_checkpoints(log_dir)
+        if existing and not overwrite:
+            raise RunFolderError(
+                f"--resume none: {log_dir} already holds a run (complete checkpoints up to step {existing[-1]}); "
+                "a new run there would later resume from the old run's checkpoints. Use another --log_dir, "
+                "resume it (--resume auto), or pass --overwrite True to move the old run's files into "
+                f"{log_dir}/replaced-<time>/ and start over")
+        replace = bool(existing)
+    changes: Dict[str, Tuple[Any, Any]] = {}
+    if point is not None:
+        check_resume_compatible(point, config, model)
+        saved, source = saved_config(point)
+        changes = check_resume_flags(saved, config, parse_allow_change(allow_change), source or CONFIG_NAME)
+    return point, changes, replace
+
+
+def _move_run_aside(folder: str) -> str:
+    """Move every file of ``folder`` except the lock into ``folder/replaced-<time>/``."""
+    target = os.path.join(folder, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(target)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == LOCK_NAME or name.startswith("replaced-") or not os.path.isfile(path):
+            continue
+        os.replace(path, os.path.join(target, name))
+    return target
+
+
+def claim_run_folder(folder: str, config_text: str, step: int, changes: Dict[str, Tuple[Any, Any]],
+                     replace: bool = False, log: Any = print) -> RunLock:
+    """
+    Lock ``folder`` for this training and record its configuration (``record_config``); with
+    ``replace``, first move the old run's files aside. Call on the writing rank only.
+
+    :return: the held lock (release it when the training ends).
+    :raises RunFolderError: the folder is in use, or cannot be written (named with the reason).
+    """
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+        if lock.took_over:
+            log(f"warning: {folder}: took over the lock of pid {lock.took_over.get('pid')} "
+                f"(since {lock.took_over.get('since')}), which is no longer running")
+        if replace:
+            log(f"--overwrite: moved the previous run's files to {_move_run_aside(folder)}")
+        for key, (old, new) in changes.items():
+            log(f"--allow_change: {key} changes from {old!r} to {new!r} at step {step}")
+        kept = record_config(folder, config_text, step, changes)
+        if kept:
+            log(f"the previous configuration is kept in {kept}")
+    except OSError as e:
+        lock.release()
+        raise RunFolderError(f"cannot write into the run folder {folder}: {e.strerror or e} "
+                             f"({getattr(e, 'filename', None) or folder}); choose a writable --log_dir") from e
+    except BaseException:
+        lock.release()
+        raise
+    return lock
