@@ -59,6 +59,7 @@ from PIL import Image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageDataset",
     "SYNTHETIC_CLASSES",
     "CorruptImageError",
     "CorruptImageWarning",
@@ -1187,3 +1188,77 @@ def load_data(
     return ImageBatches(source, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
                         deterministic=deterministic, random_crop=random_crop, random_flip=random_flip,
                         seed=int(seed), rank=rank, world_size=world_size, device=dev, drop_last=drop_last)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """
+    Upstream's map-style dataset over a list of image files (``load_data`` does not use it: it
+    decodes once into memory; this class is for code that builds its own ``DataLoader``).
+
+    Item ``i`` is read from ``local_images[i]`` (``image_paths[shard::num_shards]``), decoded to
+    RGB, cropped to ``resolution`` (``center_crop_arr``, or ``random_crop_arr`` when
+    ``random_crop``), flipped left-right with probability 1/2 when ``random_flip`` (Python's
+    ``random``, as upstream, so ``random.seed`` makes it repeatable), and returned as
+    ``(float32 CHW array in [-1, 1], {"y": int64 array} when classes are given, else {})``.
+
+    :param resolution: output side in pixels.
+    :param image_paths: image files (local paths or blobfile URLs).
+    :param classes: one integer label per path, or None.
+    :param shard: this process's index among ``num_shards``.
+    :param num_shards: how many processes share the paths.
+    :param random_crop: upstream's random-scale crop instead of the center crop.
+    :param random_flip: random left-right flips.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        image_paths: Sequence[str],
+        classes: Optional[Sequence[int]] = None,
+        shard: int = 0,
+        num_shards: int = 1,
+        random_crop: bool = False,
+        random_flip: bool = True,
+    ):
+        super().__init__()
+        if classes is not None and len(classes) != len(image_paths):
+            raise ValueError(f"ImageDataset: {len(classes)} classes for {len(image_paths)} image paths")
+        if num_shards < 1 or not 0 <= shard < num_shards:
+            raise ValueError(f"ImageDataset: shard {shard} / num_shards {num_shards}: expected 0 <= shard < num_shards")
+        self.resolution = int(resolution)
+        self.local_images = list(image_paths)[shard:][::num_shards]
+        self.local_classes = None if classes is None else list(classes)[shard:][::num_shards]
+        self.random_crop = bool(random_crop)
+        self.random_flip = bool(random_flip)
+
+    def __len__(self) -> int:
+        return len(self.local_images)
+
+    def _read(self, path: str) -> Image.Image:
+        if "://" in path:
+            import blobfile as bf
+
+            with bf.BlobFile(path, "rb") as f:
+                data = f.read()
+            fileobj: Any = io.BytesIO(data)
+        else:
+            fileobj = path
+        with Image.open(fileobj) as img:
+            img.load()
+            return img.convert("RGB")
+
+    def __getitem__(self, idx: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        import random
+
+        pil_image = self._read(self.local_images[idx])
+        if self.random_crop:
+            arr = random_crop_arr(pil_image, self.resolution, rng=np.random.default_rng(random.getrandbits(64)))
+        else:
+            arr = center_crop_arr(pil_image, self.resolution)
+        if self.random_flip and random.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr.astype(np.float32) / 127.5 - 1
+        out_dict: Dict[str, np.ndarray] = {}
+        if self.local_classes is not None:
+            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
+        return np.ascontiguousarray(np.transpose(arr, [2, 0, 1])), out_dict

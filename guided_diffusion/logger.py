@@ -406,3 +406,85 @@ def profile_kv(scopename: str):
         yield
     finally:
         get_current().name2val["wait_" + scopename] += time.time() - t0
+
+
+def profile(n: str):
+    """
+    Decorator: add the wall-clock seconds of every call of the function to ``wait_<n>`` (as
+    ``profile_kv(n)`` around the call).
+
+    Usage::
+
+        @profile("load")
+        def load_batch(): ...
+    """
+    import functools
+
+    def decorator_with_name(func):
+        @functools.wraps(func)
+        def func_wrapper(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return func_wrapper
+
+    return decorator_with_name
+
+
+def set_comm(comm) -> None:
+    """Store ``comm`` on the current logger (upstream's MPI communicator; averaging over ranks at
+    ``dumpkvs`` uses torch.distributed here, whatever is stored)."""
+    get_current().comm = comm
+
+
+def reset() -> None:
+    """Close the current logger; logging goes to stdout only until the next ``configure``."""
+    if Logger.CURRENT is not None:
+        Logger.CURRENT.close()
+        Logger.CURRENT = None
+    log("Reset logger")
+
+
+@contextmanager
+def scoped_configure(dir: Optional[str] = None, format_strs: Optional[List[str]] = None, comm=None):
+    """
+    Context manager: log into ``dir`` (``configure(dir, format_strs, comm)``) inside the block,
+    then close that logger and restore the previous one, whose files stay open.
+    """
+    prev_logger = Logger.CURRENT
+    Logger.CURRENT = None  # so configure() does not close the previous logger
+    try:
+        configure(dir=dir, format_strs=format_strs, comm=comm)
+        yield
+    finally:
+        if Logger.CURRENT is not None:
+            Logger.CURRENT.close()
+        Logger.CURRENT = prev_logger
+
+
+def mpi_weighted_mean(comm, local_name2valcount: Dict[str, Any]) -> Dict[str, float]:
+    """
+    Count-weighted means over the ranks of an MPI communicator (upstream's helper).
+
+    :param comm: an mpi4py communicator (anything with ``gather`` and ``rank``).
+    :param local_name2valcount: {name: (value, count)} of this rank.
+    :return: on rank 0 {name: sum(value * count) / sum(count)}; on the other ranks {}.
+        Values that are not numbers are skipped with a warning.
+    """
+    gathered = comm.gather(local_name2valcount)
+    if comm.rank != 0:
+        return {}
+    sums: Dict[str, float] = defaultdict(float)
+    counts: Dict[str, float] = defaultdict(float)
+    for name2valcount in gathered:
+        for name, (val, count) in name2valcount.items():
+            try:
+                val = float(val)
+            except (TypeError, ValueError):
+                import warnings
+
+                warnings.warn(f"mpi_weighted_mean: {name}={val!r} is not a number; skipped")
+                continue
+            sums[name] += val * count
+            counts[name] += count
+    return {name: sums[name] / counts[name] for name in sums}

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["create_optimizer", "MomentumDecay"]
+__all__ = ["create_optimizer", "MomentumDecay", "set_hparam"]
 
 
 def _real(value: Any, flag: str, what: str, ok) -> float:
@@ -86,7 +86,7 @@ def create_optimizer(
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, **kwargs)
 
 
-def _set_hparam(group: Dict[str, Any], key: str, value: Any) -> None:
+def set_hparam(group: Dict[str, Any], key: str, value: Any) -> None:
     """Set ``group[key]``; tensors (capturable / compiled optimizers) are updated in place."""
     old = group.get(key)
     if isinstance(old, torch.Tensor):
@@ -187,7 +187,7 @@ class MomentumDecay:
         lr = self.lr_at(step, base_lr)
         b_i = self.beta1_at(step) if self.decay_beta1 else self.beta1
         for group in optimizer.param_groups:
-            _set_hparam(group, "lr", lr)
+            set_hparam(group, "lr", lr)
             betas = group.get("betas")
             if betas is None:
                 raise KeyError(f"MomentumDecay.apply: {type(optimizer).__name__} param groups have no 'betas'")

@@ -18,9 +18,8 @@ host-to-device copy per returned tensor, so ``sample()`` never waits for the GPU
 
 from __future__ import annotations
 
-import math
-import numbers
 from abc import ABC, abstractmethod
+import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,6 +41,10 @@ __all__ = [
     "create_named_schedule_sampler",
     "speed_convergence_start",
     "SPEED_THRESHOLD",
+    "register_sampler",
+    "sampler_option_defaults",
+    "canonical_name",
+    "COMMON_SAMPLER_FLAGS",
     "LossWeighting",
     "UniformWeighting",
     "MinSNRWeighting",
@@ -53,73 +56,19 @@ __all__ = [
 ]
 
 
-class UnknownNameError(NotImplementedError, ValueError):
-    """An unknown sampler / weighting name (catchable as NotImplementedError, as upstream, or ValueError)."""
+from .checks import (  # noqa: E402,F401
+    UnknownNameError,
+    alphas_cumprod_of,
+    canonical_name,
+    check_integer,
+    check_number,
+    lookup_registered,
+    num_timesteps_of,
+    reject_unknown_options,
+)
 
-
-# ---------------------------------------------------------------------------------------------
-# Validation helpers: every message names the command-line flag.
-# ---------------------------------------------------------------------------------------------
-
-
-def _number(value: Any, flag: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
-            lo_open: bool = False, hi_open: bool = False, what: Optional[str] = None) -> float:
-    """Return ``value`` as a float after checking it is a real number inside the given range."""
-    lo_b = "(" if lo_open else "["
-    hi_b = ")" if hi_open else "]"
-    if what is None:
-        if lo is not None and hi is not None:
-            what = f"a number in {lo_b}{lo:g}, {hi:g}{hi_b}"
-        elif lo is not None:
-            what = f"a number {'>' if lo_open else '>='} {lo:g}"
-        elif hi is not None:
-            what = f"a number {'<' if hi_open else '<='} {hi:g}"
-        else:
-            what = "a finite number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"--{flag} must be {what}, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        raise ValueError(f"--{flag} must be {what}, got {value!r}")
-    return v
-
-
-def _integer(value: Any, flag: str, *, lo: int) -> int:
-    """Return ``value`` as an int after checking it is an integer (or integral float) >= lo."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        v: Optional[int] = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        v = int(value)
-    else:
-        v = None
-    if v is None or v < lo:
-        raise ValueError(f"--{flag} must be an integer >= {lo}, got {value!r}")
-    return v
-
-
-def _num_timesteps(diffusion: Any) -> int:
-    try:
-        n = int(diffusion.num_timesteps)
-    except AttributeError:
-        raise TypeError(f"the diffusion object ({type(diffusion).__name__}) has no num_timesteps") from None
-    if n < 1:
-        raise ValueError(f"diffusion.num_timesteps must be >= 1, got {n}")
-    return n
-
-
-def _alphas_cumprod(diffusion: Any) -> np.ndarray:
-    try:
-        ac = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
-    except AttributeError:
-        raise TypeError(f"the diffusion object ({type(diffusion).__name__}) has no alphas_cumprod") from None
-    if ac.ndim != 1 or len(ac) < 1:
-        raise ValueError(f"diffusion.alphas_cumprod must be a non-empty 1-D array, got shape {ac.shape}")
-    return ac
+_number, _integer = check_number, check_integer
+_num_timesteps, _alphas_cumprod = num_timesteps_of, alphas_cumprod_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,29 +547,65 @@ class SpeeDSampler(ScheduleSampler):
         return idx.astype(np.int64), np.ones(batch_size, dtype=np.float64)
 
 
-# Options each sampler accepts (named as the command-line flags).
-_COMMON_SAMPLER_FLAGS = ("seed", "rank")
-SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = {
-    "uniform": _COMMON_SAMPLER_FLAGS,
-    "loss-second-moment": ("history_per_term", "uniform_prob") + _COMMON_SAMPLER_FLAGS,
-    "clts": ("clts_mean", "clts_std", "clts_target_steps") + _COMMON_SAMPLER_FLAGS,
-    "speed": ("speed_tau", "speed_k", "speed_dual", "speed_threshold") + _COMMON_SAMPLER_FLAGS,
-}
-SAMPLER_NAMES: Tuple[str, ...] = tuple(SAMPLER_FLAGS)
-_SAMPLER_CLASSES = {
-    "uniform": UniformSampler,
-    "loss-second-moment": LossSecondMomentResampler,
-    "clts": CLTSSampler,
-    "speed": SpeeDSampler,
-}
+COMMON_SAMPLER_FLAGS = ("seed", "rank")
+_SAMPLER_CLASSES: Dict[str, type] = {}
+
+
+def register_sampler(cls: type) -> type:
+    """
+    Add a ``ScheduleSampler`` subclass to the registry under ``cls.name``. Its constructor's
+    keyword parameters (after ``diffusion``; ``seed``/``rank`` aside) are its options: they are
+    the command-line flags of ``--schedule_sampler cls.name``, with the constructor's defaults
+    as the flags' defaults (``sampler_option_defaults``). Adding a sampler is this one class.
+    """
+    _SAMPLER_CLASSES[canonical_name(cls.name)] = cls
+    _refresh_tables()
+    return cls
+
+
+def _constructor_options(cls: type, skip: Sequence[str] = ("self", "diffusion", "seed", "rank")) -> Dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items()
+            if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def known_method_options() -> set:
+    """Every option name of every registered sampler and weighting (a caller may pass them all)."""
+    from .weighting import weighting_option_defaults
+
+    return set(sampler_option_defaults()) | set(COMMON_SAMPLER_FLAGS) | set(weighting_option_defaults())
+
+
+def sampler_option_defaults() -> Dict[str, Any]:
+    """Every registered sampler's options (flag name -> default), in registration order."""
+    out: Dict[str, Any] = {}
+    for cls in _SAMPLER_CLASSES.values():
+        out.update(_constructor_options(cls))
+    return out
+
+
+SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = {}
+SAMPLER_NAMES: Tuple[str, ...] = ()
+
+
+def _refresh_tables() -> None:
+    global SAMPLER_NAMES
+    SAMPLER_FLAGS.clear()
+    for key, cls in _SAMPLER_CLASSES.items():
+        SAMPLER_FLAGS[cls.name] = tuple(_constructor_options(cls)) + COMMON_SAMPLER_FLAGS
+    SAMPLER_NAMES = tuple(SAMPLER_FLAGS)
+
+
+for _cls in (UniformSampler, LossSecondMomentResampler, CLTSSampler, SpeeDSampler):
+    register_sampler(_cls)
 
 
 def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> ScheduleSampler:
     """
-    Create a ScheduleSampler from a library of pre-defined samplers.
+    Create a ScheduleSampler from the registry (upstream's function).
 
-    :param name: "uniform", "loss-second-moment", "clts" or "speed" (underscores and hyphens
-                 are interchangeable).
+    :param name: "uniform", "loss-second-moment", "clts" or "speed" (or any registered name;
+                 case, underscores and hyphens do not matter).
     :param diffusion: the diffusion object to sample for.
     :param options: sampler options named as the flags (``clts_mean=``, ``speed_k=``, ``seed=``,
                     ``rank=``, ...).  Options that belong to another sampler or to a loss
@@ -628,203 +613,23 @@ def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> 
                     an error.
     :return: the sampler.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in _SAMPLER_CLASSES:
-        raise UnknownNameError(f"unknown schedule sampler: {name!r} (--schedule_sampler must be one of "
-                               f"{', '.join(SAMPLER_NAMES)})")
-    known = set().union(*SAMPLER_FLAGS.values(), *WEIGHTING_FLAGS.values())
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown schedule sampler option(s) {unknown} for --schedule_sampler {key}; "
-                         f"it accepts {list(SAMPLER_FLAGS[key])}")
-    kwargs = {k: v for k, v in options.items() if k in SAMPLER_FLAGS[key]}
-    return _SAMPLER_CLASSES[key](diffusion, **kwargs)
+    cls = lookup_registered(_SAMPLER_CLASSES, name, "schedule sampler", "schedule_sampler", SAMPLER_NAMES)
+    reject_unknown_options(options, known_method_options(), "schedule_sampler", cls.name, SAMPLER_FLAGS[cls.name])
+    kwargs = {k: v for k, v in options.items() if k in SAMPLER_FLAGS[cls.name]}
+    return cls(diffusion, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss weightings (multiply the per-sample loss like the sampler's importance weights)
-# ---------------------------------------------------------------------------------------------
-
-
-def snr(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) (float64; inf where abar_t = 1)."""
-    ac = np.asarray(alphas_cumprod, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return ac / (1.0 - ac)
-
-
-class LossWeighting(ABC):
-    """A per-timestep loss weighting: ``weighting(alphas_cumprod) -> float64 array of length T``."""
-
-    name: str = "custom"
-
-    @abstractmethod
-    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
-        """
-        :param alphas_cumprod: float64 array abar_t of the (possibly respaced) diffusion.
-        :return: float64 array of weights, one per timestep.
-        """
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-
-class UniformWeighting(LossWeighting):
-    """w(t) = 1 (no weighting)."""
-
-    name = "none"
-
-    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
-        return np.ones(len(np.asarray(alphas_cumprod)), dtype=np.float64)
-
-
-class MinSNRWeighting(LossWeighting):
-    """
-    Min-SNR-gamma (Hang et al. 2023): w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction,
-    min(SNR(t), gamma) for x_0 prediction.
-    """
-
-    name = "min_snr"
-
-    def __init__(self, gamma: float = 5.0, predict_xstart: bool = False):
-        """
-        :param gamma: the SNR clamp gamma (--min_snr_gamma), > 0.
-        :param predict_xstart: the model predicts x_0 (the weight is then min(SNR, gamma)).
-        """
-        self.gamma = _number(gamma, "min_snr_gamma", lo=0.0, lo_open=True)
-        self.predict_xstart = bool(predict_xstart)
-
-    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
-        s = snr(alphas_cumprod)
-        if self.predict_xstart:
-            return np.minimum(s, self.gamma)
-        # min(SNR, g)/SNR == min(1, g/SNR): finite also where SNR is 0 (weight 1) or inf (weight 0)
-        with np.errstate(divide="ignore"):
-            return np.minimum(1.0, self.gamma / s)
-
-
-class P2Weighting(LossWeighting):
-    """P2 weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
-
-    name = "p2"
-
-    def __init__(self, k: float = 1.0, gamma: float = 1.0):
-        """
-        :param k: offset k (--p2_k), > 0 so the weight stays finite where SNR -> 0.
-        :param gamma: exponent gamma (--p2_gamma), >= 0.
-        """
-        self.k = _number(k, "p2_k", lo=0.0, lo_open=True)
-        self.gamma = _number(gamma, "p2_gamma", lo=0.0)
-
-    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
-        return 1.0 / (self.k + snr(alphas_cumprod)) ** self.gamma
-
-
-class SpeeDWeighting(LossWeighting):
-    """
-    SpeeD's change-aware weighting:
-        w(t) = (1 - lambda) + (2 lambda - 1) * norm(d(1 - abar_t)/dt)   for t < tau*T,
-        w(t) = 1                                                         for t >= tau*T,
-    with norm the min-max scaling to [0, 1] over the whole schedule (t = 0..T-1, as SpeeD
-    normalises the derivative before cutting at tau).  The derivative is the forward difference
-    (1 - abar_{t+1}) - (1 - abar_t) = abar_t - abar_{t+1}, with the backward difference at
-    t = T-1.  If the derivative is constant, norm is taken as 0.  The weights multiply the MSE
-    term of the loss only (TrainLoop.weighted_objective).
-    """
-
-    name = "speed"
-
-    def __init__(self, lam: float = 0.6, tau: float = 0.7):
-        """
-        :param lam: lambda (--speed_lambda), in [0, 1].
-        :param tau: tau (--speed_tau), the boundary as a fraction of T, in (0, 1].
-        """
-        self.lam = _number(lam, "speed_lambda", lo=0.0, hi=1.0)
-        self.tau = _number(tau, "speed_tau", lo=0.0, hi=1.0, lo_open=True,
-                           what="a number in (0, 1] (a fraction of T)")
-
-    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
-        ac = np.asarray(alphas_cumprod, dtype=np.float64)
-        T = len(ac)
-        w = np.ones(T, dtype=np.float64)
-        if T < 2:
-            return w
-        d = np.empty(T, dtype=np.float64)
-        d[:-1] = ac[:-1] - ac[1:]
-        d[-1] = ac[-2] - ac[-1]
-        region = np.arange(T) < self.tau * T
-        if not region.any():
-            return w
-        span = d.max() - d.min()
-        norm = (d - d.min()) / span if span > 0 else np.zeros_like(d)
-        w[region] = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * norm[region]
-        return w
-
-
-WEIGHTING_FLAGS: Dict[str, Tuple[str, ...]] = {
-    "none": (),
-    "uniform": (),
-    "min_snr": ("min_snr_gamma", "predict_xstart"),
-    "p2": ("p2_k", "p2_gamma"),
-    "speed": ("speed_lambda", "speed_tau"),
-}
-WEIGHTING_NAMES: Tuple[str, ...] = tuple(WEIGHTING_FLAGS)
-
-
-def _predict_xstart_of(diffusion: Any) -> bool:
-    mean_type = getattr(diffusion, "model_mean_type", None)
-    return getattr(mean_type, "name", None) == "START_X"
-
-
-def create_loss_weighting(name: Optional[str], diffusion: Any = None, **options: Any) -> LossWeighting:
-    """
-    Build the callable loss weighting named ``name``.
-
-    :param name: "none"/"uniform", "min_snr", "p2" or "speed" (None means "none"; hyphens and
-                 underscores are interchangeable).
-    :param diffusion: optional; for "min_snr" without an explicit ``predict_xstart`` option the
-                      diffusion's ``model_mean_type`` decides (START_X -> x_0 prediction).
-    :param options: weighting options named as the flags (``min_snr_gamma``, ``predict_xstart``,
-                    ``p2_k``, ``p2_gamma``, ``speed_lambda``, ``speed_tau``); options of samplers or
-                    other weightings are ignored, anything else is an error.
-    :return: a ``LossWeighting``.
-    """
-    key = "none" if name is None else str(name).strip().lower().replace("-", "_")
-    if key not in WEIGHTING_FLAGS:
-        raise UnknownNameError(f"unknown loss weighting: {name!r} (--loss_weighting must be one of "
-                               f"{', '.join(WEIGHTING_NAMES)})")
-    known = set().union(*SAMPLER_FLAGS.values(), *WEIGHTING_FLAGS.values())
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown loss weighting option(s) {unknown} for --loss_weighting {key}; "
-                         f"it accepts {list(WEIGHTING_FLAGS[key])}")
-    if key in ("none", "uniform"):
-        return UniformWeighting()
-    if key == "min_snr":
-        pred_x0 = options.get("predict_xstart")
-        if pred_x0 is None:
-            pred_x0 = _predict_xstart_of(diffusion)
-        return MinSNRWeighting(options.get("min_snr_gamma", 5.0), predict_xstart=pred_x0)
-    if key == "p2":
-        return P2Weighting(options.get("p2_k", 1.0), options.get("p2_gamma", 1.0))
-    return SpeeDWeighting(options.get("speed_lambda", 0.6), options.get("speed_tau", 0.7))
-
-
-def loss_weighting(name: Optional[str], diffusion: Any, **options: Any) -> np.ndarray:
-    """
-    The per-timestep loss weights of a named weighting for ``diffusion`` (with a SpacedDiffusion
-    these are over its respaced ``alphas_cumprod``).
-
-    :param name: "none"/"uniform", "min_snr", "p2" or "speed".
-    :param diffusion: an object with ``num_timesteps`` and float64 ``alphas_cumprod``.
-    :param options: as for ``create_loss_weighting``.
-    :return: float64 numpy array of length T (multiply the per-sample loss at t by w[t]).
-    """
-    weighting = create_loss_weighting(name, diffusion, **options)
-    ac = _alphas_cumprod(diffusion)
-    T = _num_timesteps(diffusion)
-    if len(ac) != T:
-        raise ValueError(f"diffusion.alphas_cumprod has length {len(ac)} but num_timesteps is {T}")
-    w = np.asarray(weighting(ac), dtype=np.float64)
-    return w
+# Loss weightings live in ``weighting.py``; their names stay importable from here.
+from .weighting import (  # noqa: E402,F401  (re-exported)
+    WEIGHTING_FLAGS,
+    WEIGHTING_NAMES,
+    LossWeighting,
+    MinSNRWeighting,
+    P2Weighting,
+    SpeeDWeighting,
+    UniformWeighting,
+    create_loss_weighting,
+    loss_weighting,
+    register_weighting,
+    snr,
+)

@@ -57,7 +57,7 @@ class RunFolderError(RuntimeError):
 def run_defining_flags(config: Dict[str, Any]) -> List[str]:
     """The keys of ``config`` that define the run: model/diffusion flags and the training flags above."""
     from .script_util import model_and_diffusion_defaults
-    from .train_util import MODEL_FLAGS_IGNORED_ON_RESUME
+    from .checkpoint import MODEL_FLAGS_IGNORED_ON_RESUME
 
     model = [k for k in model_and_diffusion_defaults() if k not in MODEL_FLAGS_IGNORED_ON_RESUME]
     return [k for k in list(model) + list(RUN_DEFINING_TRAINING_FLAGS) if k in config]
@@ -224,7 +224,7 @@ def record_config(folder: str, text: str, step: int, changes: Dict[str, Tuple[An
     :param changes: the allowed run-defining changes (logged into the new file's header).
     :return: the history file written, or None.
     """
-    from .train_util import atomic_write_text
+    from .checkpoint import atomic_write_text
 
     path = os.path.join(folder, CONFIG_NAME)
     if changes:
@@ -280,7 +280,7 @@ def prepare_resume(
              (``claim_run_folder`` does it, under the lock).
     :raises RunFolderError / ResumeError: naming the folder, the flags and what to do.
     """
-    from .train_util import check_resume_compatible, list_complete_checkpoints, resolve_resume, saved_config
+    from .checkpoint import check_resume_compatible, list_complete_checkpoints, resolve_resume, saved_config
 
     point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rates)
     replace = False

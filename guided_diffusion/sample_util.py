@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import dist_util, logger
-from .analysis import load_into, load_state_dict_file, resolve_model_flags
+from .checkpoint import load_into, load_state_dict_file, resolve_model_flags
 from .dist_util import state_dict_mismatch
 from .script_util import NUM_CLASSES, coerce_config, load_config, parse_args_with_config
 
@@ -394,7 +394,7 @@ def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, label
     :param name: the file name (default ``samples_file_name(images)``).
     :return: the file's path.
     """
-    from .train_util import _atomic_write
+    from .checkpoint import atomic_write
 
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -404,7 +404,7 @@ def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, label
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(str(out_dir), name or samples_file_name(images))
     arrays = [images] if labels is None else [images, np.asarray(labels)]
-    _atomic_write(path, lambda f: np.savez(f, *arrays))
+    atomic_write(path, lambda f: np.savez(f, *arrays))
     return path
 
 
@@ -414,13 +414,13 @@ def save_grid(images: np.ndarray, path: Union[str, os.PathLike], max_images: int
 
     :return: the PNG path.
     """
-    from .train_util import _write_grid
+    from .image_io import write_grid
 
     x = torch.from_numpy(np.asarray(images)[:max_images]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     folder = os.path.dirname(str(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    _write_grid(x, str(path))
+    write_grid(x, str(path))
     return str(path)
 
 
@@ -550,7 +550,7 @@ def _same_rate(a: str, b: str) -> bool:
         return str(a) == str(b)
 
 
-def _step_list(steps: Sequence[int], near: Optional[int] = None, show: int = 20) -> str:
+def step_list(steps: Sequence[int], near: Optional[int] = None, show: int = 20) -> str:
     """
     Steps for a message: all of them when few, else the first and last few and the ones either
     side of ``near`` (the step asked for), so that a run with hundreds of checkpoints stays readable.
@@ -619,7 +619,7 @@ def resolve_checkpoint(
         path = os.path.join(run_dir, f"model{step:06d}.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: {os.path.basename(path)} not found; "
-                                    f"steps with a model file: {_step_list(steps, step)}")
+                                    f"steps with a model file: {step_list(steps, step)}")
         return path
     run_rates = run_ema_rates(run_dir)
     if ema_rate:
@@ -640,9 +640,9 @@ def resolve_checkpoint(
         what = f"an EMA {ema_rate} checkpoint" if ema_rate else "an EMA checkpoint"
         more = f" (the run's EMA rates: {rates_text})" if ema_rate and not of_rate else ""
         if not of_rate and steps:
-            more += f"; steps with a model file (--use_ema False): {_step_list(steps, step)}"
+            more += f"; steps with a model file (--use_ema False): {step_list(steps, step)}"
         raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: the run has no checkpoint of step {step}; "
-                                f"steps with {what}: {_step_list(of_rate, step)}{more}")
+                                f"steps with {what}: {step_list(of_rate, step)}{more}")
     at_step = [r for r, v in ema_steps.items() if step in v]
     if set(at_step) == set(run_rates):
         at_step = []  # every rate is there: nothing to add
@@ -653,7 +653,7 @@ def resolve_checkpoint(
                                 f"{f' (at step {step}: ' + ', '.join(at_step) + ')' if at_step else ''}. "
                                 f"Pass --ema_rate with one of them{raw}")
     raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: no EMA checkpoint {wanted} (the run's EMA rates: "
-                            f"{rates_text}; steps with an EMA checkpoint: {_step_list(of_rate, step)}){raw}")
+                            f"{rates_text}; steps with an EMA checkpoint: {step_list(of_rate, step)}){raw}")
 
 
 def model_flags_hint(defaults: Dict[str, Any]) -> str:
@@ -870,6 +870,7 @@ def finish_sampling(args: argparse.Namespace, checkpoint: str, images: np.ndarra
 
 
 __all__ = [
+    "step_list",
     "LABEL_STREAM",
     "ProgressLog",
     "SampleNoise",

@@ -31,12 +31,9 @@ import functools
 import math
 import os
 import random
-import re
 import signal
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -45,9 +42,41 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier users import them from here)
+    MODEL_FLAGS_IGNORED_ON_RESUME,
+    CheckpointWriteError,
+    ResumeError,
+    ResumePoint,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
+    check_resume_compatible,
+    checkpoint_names,
+    find_ema_checkpoint,
+    find_resume_checkpoint,
+    get_blob_logdir,
+    list_complete_checkpoints,
+    load_state_file,
+    load_weights,
+    parse_resume_step_from_filename,
+    resolve_resume,
+    saved_config,
+    unreadable_checkpoint,
+)
+from .fp16_util import INITIAL_LOG_LOSS_SCALE  # noqa: F401  (upstream's name, re-exported)
+from .image_io import grid_scale, write_grid  # noqa: F401  (re-exported)
 from .nn import update_ema
 from .optim import MomentumDecay, create_optimizer
 from .resample import LossAwareSampler, UniformSampler
+from .options import (  # noqa: F401  (re-exported)
+    PRECISIONS,
+    parse_ema_rates,
+    parse_save_steps,
+    resolve_batch_size,
+    resolve_fast_path,
+    training_defaults,
+    validate_training_args,
+)
 from .resample import loss_weighting as named_loss_weighting
 
 __all__ = [
@@ -72,16 +101,11 @@ __all__ = [
     "MODEL_FLAGS_IGNORED_ON_RESUME",
 ]
 
-# Upstream's fp16 trainer started at a loss scale of 2**20 and moved its log2 by
-# fp16_scale_growth per good step (doubling every 1/fp16_scale_growth steps).
-INITIAL_LOG_LOSS_SCALE = 20.0
 # Periodic EMA sample grid: number of images and DDIM steps.
 SAMPLE_GRID_SIZE = 16
 SAMPLE_GRID_DDIM_STEPS = 50
 # Flags of model_and_diffusion_defaults() that change how, not what, is computed; a resumed run
 # may change them freely (params stay float32 whatever use_fp16 says: autocast does the rest).
-MODEL_FLAGS_IGNORED_ON_RESUME = frozenset({"use_fp16", "use_checkpoint"})
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _STATE_FORMAT = 1
 
 
@@ -89,13 +113,6 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after ``--max_nonfinite`` non-finite steps in a row."""
 
 
-class ResumeError(ValueError):
-    """A checkpoint cannot be resumed with the current flags (names what differs)."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint file could not be written (disk full, read-only folder); names the file and
-    the newest complete set, which is left intact."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -104,701 +121,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = int(signum)
-
-
-def training_defaults() -> Dict[str, Any]:
-    """
-    Defaults of the training flags of ``scripts/image_train.py`` (upstream's plus this
-    project's); merge with ``script_util.model_and_diffusion_defaults()``.
-
-    ``precision``/``compile``/``channels_last`` "auto" mean: bf16 autocast, torch.compile and
-    channels_last on CUDA; exact float32 without them on CPU.
-    """
-    return dict(
-        flavor="guided",  # improved | guided: which upstream codebase's defaults (recorded in config.yaml)
-        # upstream image_train.py
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
-        global_batch_size=0,  # > 0: the batch over all processes (per process = this / world size)
-        random_flip=True,  # left-right flips of training images (guided-diffusion; improved-diffusion: False)
-        save_steps="",  # comma-separated extra steps at which a checkpoint set is saved (e.g. epoch ends)
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA rates
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        # CLTS (fractions of T; the target is a step count)
-        clts_mean=0.3,
-        clts_std=1.0,
-        clts_target_steps=100000,
-        # SpeeD
-        speed_tau=0.7,
-        speed_k=5.0,
-        speed_threshold=0.1,  # defines m: d sqrt(1 - abar)/d(t/T) threshold (1e-4 per step at T = 1000)
-        speed_lambda=0.6,
-        # loss weighting: none | min_snr | p2 | speed
-        loss_weighting="none",
-        min_snr_gamma=5.0,
-        p2_k=1.0,
-        p2_gamma=1.0,
-        # optimizer and MDLRC
-        beta1=0.9,
-        beta2=0.999,
-        momentum_decay=False,
-        beta1_min=0.5,
-        total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
-        lr_compensation=True,
-        decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
-        allow_change="",  # run-defining flags that may change on resume (comma-separated)
-        overwrite=False,  # --resume none into a folder with checkpoints: move them aside and start over
-        stop_at=0,  # end this process at this step after a checkpoint (job time limits)
-        # speed / numerics
-        precision="auto",  # auto | fp32 | bf16 | fp16
-        compile="auto",  # auto | True | False
-        channels_last="auto",  # auto | True | False
-        fused_optimizer="auto",  # auto | True | False (fused AdamW; auto: on CUDA)
-        compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-        grad_clip=0.0,  # max global gradient norm; 0 = off
-        sample_interval=0,  # steps between EMA sample grids; 0 = off
-        # run bookkeeping
-        log_dir="",
-        seed=0,
-        resume="auto",  # auto | none | PATH
-        max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
-        skip_corrupt=True,  # corrupt/unreadable images in --data_dir: skip and count (False: error)
-        deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Flag validation (every message names the flag)
-# ---------------------------------------------------------------------------------------------
-
-
-def _auto_bool(value: Any, flag: str, auto: bool) -> bool:
-    """Resolve a flag that takes True/False/"auto"."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text == "auto":
-        return auto
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise ValueError(f"--{flag} must be auto, True or False, got {value!r}")
-
-
-def _resolve_precision(precision: str, use_fp16: bool, device: torch.device) -> str:
-    """Map --precision (and upstream's --use_fp16) to one of fp32 | bf16 | fp16."""
-    p = str(precision).strip().lower()
-    if p not in _PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-    if use_fp16:
-        if p not in ("auto", "fp16"):
-            raise ValueError(f"--use_fp16 True asks for fp16 but --precision is {precision!r}; "
-                             "drop one of them (--use_fp16 True is the same as --precision fp16)")
-        return "fp16"
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
-
-
-def resolve_fast_path(
-    device: Union[str, torch.device],
-    precision: str = "auto",
-    use_fp16: bool = False,
-    compile: Union[bool, str] = "auto",
-    channels_last: Union[bool, str] = "auto",
-    fused_optimizer: Union[bool, str] = "auto",
-) -> Dict[str, Any]:
-    """
-    Resolve the speed flags for ``device`` as TrainLoop does: "auto" turns every lever on on
-    CUDA (bf16 autocast, torch.compile, channels_last, fused AdamW) and off elsewhere (exact
-    float32 on the CPU).
-
-    :param device: the device the model trains on.
-    :param precision: --precision (auto | fp32 | bf16 | fp16).
-    :param use_fp16: upstream's --use_fp16 (the same as --precision fp16).
-    :param compile: --compile (auto | True | False).
-    :param channels_last: --channels_last (auto | True | False).
-    :param fused_optimizer: fused AdamW kernel (auto | True | False); auto: when on CUDA.
-    :return: dict with precision ("fp32" | "bf16" | "fp16"), compile, channels_last and
-             fused_optimizer (bools).
-    :raises ValueError: naming the flag whose value is not understood.
-    """
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    return dict(
-        precision=_resolve_precision(precision, bool(use_fp16), device),
-        compile=_auto_bool(compile, "compile", on_cuda),
-        channels_last=_auto_bool(channels_last, "channels_last", on_cuda),
-        fused_optimizer=_auto_bool(fused_optimizer, "fused_optimizer", on_cuda),
-    )
-
-
-def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]:
-    """
-    Parse ``--ema_rate`` ("0.9999" or "0.9999,0.999", or numbers) into a list of floats.
-
-    :raises ValueError: naming --ema_rate when a rate is not a number in (0, 1).
-    """
-    if isinstance(ema_rate, (int, float)) and not isinstance(ema_rate, bool):
-        items: List[Any] = [ema_rate]
-    elif isinstance(ema_rate, str):
-        items = [x for x in ema_rate.split(",") if x.strip()]
-    else:
-        items = list(ema_rate)
-    rates = []
-    for x in items:
-        try:
-            r = float(x)
-        except (TypeError, ValueError):
-            raise ValueError(f"--ema_rate must be comma-separated numbers in (0, 1), got {ema_rate!r}") from None
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"--ema_rate: every rate must be in (0, 1), got {r!r} in {ema_rate!r}")
-        rates.append(r)
-    if not rates:
-        raise ValueError(f"--ema_rate needs at least one rate, got {ema_rate!r}")
-    return rates
-
-
-def _int_flag(args: Dict[str, Any], flag: str, lo: int) -> None:
-    v = args.get(flag)
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise ValueError(f"--{flag} must be an integer >= {lo}, got {v!r}")
-
-
-def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
-              lo_open: bool = False, hi_open: bool = False) -> None:
-    v = args.get(flag)
-    if v is None:
-        return
-    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(float(v))
-    if ok:
-        x = float(v)
-        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"--{flag} must be a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
-
-
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def resolve_batch_size(batch_size: int, global_batch_size: int, world_size: int,
-                       batch_size_given: bool = False) -> int:
-    """
-    The per-process batch: ``--global_batch_size`` / processes when it is set, else ``--batch_size``
-    (upstream's per-process semantics).
-
-    :param batch_size: --batch_size (per process).
-    :param global_batch_size: --global_batch_size (0: off).
-    :param world_size: number of processes.
-    :param batch_size_given: --batch_size was given on the command line; with --global_batch_size
-                             it must then agree (batch_size x processes == global_batch_size).
-    :raises ValueError: naming both flags when they conflict or the global batch does not divide.
-    """
-    if not global_batch_size:
-        return int(batch_size)
-    g, n = int(global_batch_size), int(world_size)
-    if g < 1:
-        raise ValueError(f"--global_batch_size must be an integer >= 0 (0: use --batch_size), got {global_batch_size!r}")
-    if g % n:
-        raise ValueError(f"--global_batch_size {g} does not divide over {n} processes; use a multiple of {n} "
-                         "(or --global_batch_size 0 with a per-process --batch_size)")
-    per_rank = g // n
-    if batch_size_given and int(batch_size) != per_rank:
-        raise ValueError(f"--batch_size {batch_size} (per process) and --global_batch_size {g} ({n} processes -> "
-                         f"{per_rank} per process) disagree; give one of them (--global_batch_size 0 switches "
-                         "the global batch off)")
-    return per_rank
-
-
-def parse_save_steps(save_steps: Union[str, Sequence[int], None]) -> List[int]:
-    """
-    ``--save_steps`` ("3906,39062") -> sorted list of steps at which a checkpoint set is saved in
-    addition to every ``--save_interval``.
-
-    :raises ValueError: naming --save_steps when an entry is not an integer >= 1.
-    """
-    if save_steps is None or (isinstance(save_steps, str) and not save_steps.strip()):
-        return []
-    items = save_steps.split(",") if isinstance(save_steps, str) else list(save_steps)
-    out = []
-    for x in items:
-        try:
-            v = int(str(x).strip())
-        except ValueError:
-            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}") from None
-        if v < 1:
-            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}")
-        out.append(v)
-    return sorted(set(out))
-
-
-def validate_training_args(args: Dict[str, Any]) -> None:
-    """
-    Check the training flags before anything is built or written.
-
-    :param args: flag name -> value (e.g. ``vars(argparse_namespace)``); keys that are absent
-                 are not checked.
-    :raises ValueError: naming the flag, the value and what was expected.
-    """
-    for flag in ("batch_size", "log_interval"):
-        _int_flag(args, flag, 1)
-    for flag in ("save_interval", "lr_anneal_steps", "total_steps", "stop_at", "sample_interval",
-                 "max_nonfinite", "seed"):
-        _int_flag(args, flag, 0)
-    _int_flag(args, "clts_target_steps", 1)
-    mb = args.get("microbatch")
-    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, np.integer)) or (mb < 1 and mb not in (0, -1))):
-        raise ValueError(f"--microbatch must be -1 (off) or an integer >= 1, got {mb!r}")
-    _num_flag(args, "lr", 0.0, lo_open=True)
-    _num_flag(args, "weight_decay", 0.0)
-    _num_flag(args, "grad_clip", 0.0)
-    _num_flag(args, "fp16_scale_growth", 0.0, 1.0, lo_open=True)
-    _num_flag(args, "beta1", 0.0, 1.0, hi_open=True)
-    _num_flag(args, "beta2", 0.0, 1.0, hi_open=True)
-    _num_flag(args, "beta1_min", 0.0, 1.0, hi_open=True)
-    if "ema_rate" in args:
-        parse_ema_rates(args["ema_rate"])
-    _int_flag(args, "global_batch_size", 0)
-    if "save_steps" in args:
-        parse_save_steps(args["save_steps"])
-    if "precision" in args:
-        _resolve_precision(args["precision"], bool(args.get("use_fp16", False)), torch.device("cpu"))
-    for flag in ("compile", "channels_last", "fused_optimizer"):
-        if flag in args:
-            _auto_bool(args[flag], flag, False)
-    mode = args.get("compile_mode")
-    if mode is not None and str(mode) not in _COMPILE_MODES:
-        raise ValueError(f"--compile_mode must be one of {', '.join(_COMPILE_MODES)}, got {mode!r}")
-    if args.get("momentum_decay"):
-        if not args.get("total_steps"):
-            raise ValueError("--momentum_decay True needs --total_steps (the run's total number of training "
-                             "steps I: beta1 decays over i/I); got --total_steps "
-                             f"{args.get('total_steps')!r}")
-        b1, b1min = args.get("beta1", 0.9), args.get("beta1_min", 0.5)
-        if b1min > b1:
-            raise ValueError(f"--beta1_min ({b1min:g}) must not exceed --beta1 ({b1:g}): momentum decay "
-                             "only lowers beta1 from --beta1 down to --beta1_min")
-    sampler = str(args.get("schedule_sampler", "")).strip().lower().replace("_", "-")
-    if sampler == "clts":
-        _num_flag(args, "clts_mean", 0.0, 1.0)
-        _num_flag(args, "clts_std", 0.0, lo_open=True)
-    total, stop_at = args.get("total_steps") or 0, args.get("stop_at") or 0
-    if total and stop_at and stop_at > total:
-        raise ValueError(f"--stop_at {stop_at} is past --total_steps {total}: the run ends at --total_steps; "
-                         "use a --stop_at below it (or 0)")
-    resume = args.get("resume")
-    if resume is not None and not str(resume).strip():
-        raise ValueError("--resume must be auto, none or a checkpoint path, got an empty value")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files and resume
-# ---------------------------------------------------------------------------------------------
-
-_MODEL_RE = re.compile(r"^model(\d+)\.pt$")
-_STATE_RE = re.compile(r"^state(\d+)\.pt$")
-
-
-def parse_resume_step_from_filename(filename: str) -> int:
-    """
-    Parse filenames of the form path/to/modelNNNNNN.pt (or stateNNNNNN.pt), where NNNNNN is
-    the checkpoint's number of steps (upstream's helper).
-
-    :return: the step, or 0 when the name has no such number (as upstream).
-    """
-    base = os.path.basename(str(filename))
-    for pattern in (_MODEL_RE, _STATE_RE):
-        m = pattern.match(base)
-        if m:
-            return int(m.group(1))
-    split = base.split("model")
-    if len(split) < 2:
-        return 0
-    digits = split[-1].split(".")[0]
-    try:
-        return int(digits)
-    except ValueError:
-        return 0
-
-
-def get_blob_logdir() -> Optional[str]:
-    """The folder checkpoints go to: the logger's run folder (as upstream)."""
-    return logger.get_dir()
-
-
-def _ckpt_names(step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
-    return {
-        "model": f"model{step:06d}.pt",
-        "opt": f"opt{step:06d}.pt",
-        "state": f"state{step:06d}.pt",
-        "ema": {rate: f"ema_{rate}_{step:06d}.pt" for rate in ema_rates},
-    }
-
-
-def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
-    """The EMA file of ``rate`` beside ``main_checkpoint`` at ``step``, or None (upstream's helper)."""
-    if not main_checkpoint:
-        return None
-    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
-    return path if os.path.exists(path) else None
-
-
-def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
-    """
-    Steps of the complete checkpoint sets in ``log_dir``, oldest first.
-
-    A set is complete when ``state{N}.pt`` (written last) exists together with ``model{N}.pt``
-    and ``opt{N}.pt``; half-written temporary files never carry these names.
-    """
-    if not log_dir or not os.path.isdir(log_dir):
-        return []
-    names = set(os.listdir(log_dir))
-    steps = []
-    for name in names:
-        m = _STATE_RE.match(name)
-        if m:
-            step = int(m.group(1))
-            if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
-                steps.append(step)
-    return sorted(steps)
-
-
-def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:
-    """
-    The model file of the newest complete checkpoint set in ``log_dir`` (default: the logger's
-    run folder), or None. Upstream left this as a stub to override.
-    """
-    log_dir = log_dir or get_blob_logdir()
-    steps = list_complete_checkpoints(log_dir)
-    if not steps:
-        return None
-    return os.path.join(log_dir, f"model{steps[-1]:06d}.pt")
-
-
-@dataclass
-class ResumePoint:
-    """
-    What a run resumes from.
-
-    :param step: completed steps of the checkpoint.
-    :param model_path: the model weights.
-    :param opt_path: the optimizer state, if present.
-    :param state_path: this project's state file (sampler, RNG, data position, ...), if present.
-    :param ema_paths: EMA rate -> file, for the rates present.
-    :param how: "auto" (newest complete set of the run folder) or the flag that named it.
-    """
-
-    step: int
-    model_path: str
-    opt_path: Optional[str] = None
-    state_path: Optional[str] = None
-    ema_paths: Dict[float, str] = field(default_factory=dict)
-    how: str = "auto"
-    _state: Any = field(default=None, repr=False)
-
-    def load_state(self) -> Optional[Dict[str, Any]]:
-        """The state file's dict (cached), or None when there is none."""
-        if self.state_path is None:
-            return None
-        if self._state is None:
-            self._state = load_state_file(self.state_path)
-        return self._state
-
-    def describe(self) -> str:
-        folder = os.path.dirname(self.model_path) or "."
-        parts = [os.path.basename(self.model_path)]
-        if self.opt_path:
-            parts.append(os.path.basename(self.opt_path))
-        parts += [os.path.basename(p) for p in self.ema_paths.values()]
-        if self.state_path:
-            parts.append(os.path.basename(self.state_path))
-        return f"{folder}/{{{', '.join(parts)}}}"
-
-
-def _point_at(folder: str, step: int, ema_rates: Sequence[float], how: str,
-              model_path: Optional[str] = None) -> ResumePoint:
-    names = _ckpt_names(step, ema_rates)
-
-    def existing(name: str) -> Optional[str]:
-        path = os.path.join(folder, name)
-        return path if os.path.exists(path) else None
-
-    ema_paths = {}
-    for rate, name in names["ema"].items():
-        path = existing(name)
-        if path:
-            ema_paths[rate] = path
-    return ResumePoint(
-        step=step,
-        model_path=model_path or os.path.join(folder, names["model"]),
-        opt_path=existing(names["opt"]),
-        state_path=existing(names["state"]),
-        ema_paths=ema_paths,
-        how=how,
-    )
-
-
-def resolve_resume(
-    log_dir: Optional[str],
-    resume: str = "auto",
-    resume_checkpoint: str = "",
-    ema_rates: Sequence[float] = (0.9999,),
-) -> Optional[ResumePoint]:
-    """
-    Decide what a run resumes from.
-
-    :param log_dir: the run folder ("auto" looks there).
-    :param resume: "auto" (newest complete set in ``log_dir``, none if there is none), "none",
-                   or a path: a ``modelNNNNNN.pt``/``stateNNNNNN.pt`` file or a run folder.
-    :param resume_checkpoint: upstream's flag, a ``modelNNNNNN.pt`` path; wins over "auto".
-    :param ema_rates: the EMA rates whose files are looked for.
-    :return: a ResumePoint, or None for a fresh start.
-    :raises FileNotFoundError / ValueError: naming the flag when a named checkpoint is unusable.
-    """
-    resume = str(resume if resume is not None else "auto").strip()
-    explicit = resume.lower() not in ("auto", "none")
-    if resume_checkpoint and explicit and os.path.abspath(resume) != os.path.abspath(resume_checkpoint):
-        raise ValueError(f"--resume {resume!r} and --resume_checkpoint {resume_checkpoint!r} name different "
-                         "checkpoints; give only one")
-    if resume_checkpoint or explicit:
-        flag = "--resume_checkpoint" if resume_checkpoint else "--resume"
-        path = resume_checkpoint or resume
-        if os.path.isdir(path):
-            steps = list_complete_checkpoints(path)
-            if not steps:
-                raise FileNotFoundError(f"{flag} {path}: no complete checkpoint set (stateNNNNNN.pt with "
-                                        "modelNNNNNN.pt and optNNNNNN.pt) in this folder")
-            return _point_at(path, steps[-1], ema_rates, flag)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag}: checkpoint file not found: {path}")
-        base = os.path.basename(path)
-        folder = os.path.dirname(path) or "."
-        m = _STATE_RE.match(base)
-        if m:
-            step = int(m.group(1))
-            point = _point_at(folder, step, ema_rates, flag)
-            if not os.path.exists(point.model_path):
-                raise FileNotFoundError(f"{flag} {path}: the model file {point.model_path} of this state is missing")
-            return point
-        step = parse_resume_step_from_filename(path)
-        if not _MODEL_RE.match(base):
-            logger.warn(f"{flag} {path}: not named modelNNNNNN.pt; resuming its weights at step {step}")
-        return _point_at(folder, step, ema_rates, flag, model_path=path)
-    if resume.lower() == "none":
-        return None
-    steps = list_complete_checkpoints(log_dir)
-    if not steps:
-        return None
-    newest_problem = None
-    for step in reversed(steps):
-        point = _point_at(log_dir, step, ema_rates, "auto")
-        problem = unreadable_checkpoint(point)
-        if problem is None:
-            if newest_problem is not None:
-                logger.warn(f"the newest checkpoint set of {log_dir} (step {steps[-1]}) cannot be read: "
-                            f"{newest_problem}; resuming from step {step}, the newest complete set that reads "
-                            f"({point.describe()})")
-            return point
-        newest_problem = newest_problem or problem
-    raise ResumeError(f"{log_dir}: no complete checkpoint set can be read (newest, step {steps[-1]}: "
-                      f"{newest_problem}); start a new run with --resume none --overwrite True or another --log_dir")
-
-
-def unreadable_checkpoint(point: ResumePoint) -> Optional[str]:
-    """
-    Why a checkpoint set cannot be resumed from (a truncated or corrupt file), or None when its
-    state, model, optimizer and EMA files all read (memory-mapped, so cheap for large models).
-    """
-    try:
-        if point.state_path:
-            point.load_state()
-        for path in [point.model_path, point.opt_path, *point.ema_paths.values()]:
-            if path:
-                _load_weights(path)
-    except Exception as e:  # noqa: BLE001 - any failure to read makes the set unusable
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _legacy_numpy_globals() -> List[Any]:
-    """
-    The numpy names that state files written before they held only tensors need (the numpy RNG
-    key array): admitted by ``torch.load(weights_only=True)`` and nothing else.
-    """
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-    names = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    return names
-
-
-def load_state_file(path: str) -> Dict[str, Any]:
-    """
-    Read a ``stateNNNNNN.pt`` safely: ``torch.load(weights_only=True)`` (tensors, Python
-    containers and scalars), plus the few numpy names older state files contain. A file that
-    would need anything else (e.g. a crafted pickle that runs code) is refused.
-
-    :raises ResumeError: naming the file and why it was refused or could not be read.
-    """
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ResumeError(f"refused to load the state file {path}: it holds objects other than tensors, "
-                          f"Python values and numpy arrays, so loading it could run code ({e}). "
-                          "Use a state file written by this project") from e
-    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-        raise ResumeError(f"cannot read the state file {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise ResumeError(f"{path} is not a training state file of this project (no 'step' entry)")
-    return state
-
-
-
-def _load_weights(path: str) -> Dict[str, torch.Tensor]:
-    """A checkpoint's tensors on the CPU (memory-mapped when possible, so a check is cheap)."""
-    if "://" in path:
-        return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """The resolved config the checkpoint's run saved: from its state file, else config.yaml beside it."""
-    state = point.load_state()
-    if state is not None and isinstance(state.get("config"), dict):
-        return state["config"], point.state_path
-    cfg_path = os.path.join(os.path.dirname(point.model_path) or ".", "config.yaml")
-    if os.path.isfile(cfg_path):
-        try:
-            import yaml
-
-            with open(cfg_path) as f:
-                cfg = yaml.safe_load(f)
-            if isinstance(cfg, dict):
-                return cfg, cfg_path
-        except Exception:  # noqa: BLE001 - an unreadable side file only skips the flag check
-            return None, None
-    return None, None
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if a == b:
-        return True
-    return str(a).strip().lower() == str(b).strip().lower()
-
-
-def check_resume_compatible(
-    point: ResumePoint,
-    config: Optional[Dict[str, Any]],
-    model: Optional[torch.nn.Module] = None,
-) -> None:
-    """
-    Refuse a resume that would change the model.
-
-    1. Every key of ``model_and_diffusion_defaults()`` (except ``MODEL_FLAGS_IGNORED_ON_RESUME``)
-       must equal the value in the checkpoint's saved configuration.
-    2. The checkpoint's tensors must have the model's keys and shapes.
-
-    :param point: the checkpoint.
-    :param config: this run's resolved configuration (None skips check 1).
-    :param model: the freshly built model (None skips check 2).
-    :raises ResumeError: naming the differing flags with both values, or the mismatched
-                         keys/shapes.
-    """
-    if config is not None:
-        saved, source = saved_config(point)
-        if saved is not None:
-            from .script_util import model_and_diffusion_defaults
-
-            diffs = []
-            for key in model_and_diffusion_defaults():
-                if key in MODEL_FLAGS_IGNORED_ON_RESUME or key not in saved or key not in config:
-                    continue
-                if not _same_value(saved[key], config[key]):
-                    diffs.append(f"--{key}: checkpoint {saved[key]!r}, now {config[key]!r}")
-            if diffs:
-                raise ResumeError(
-                    f"cannot resume from {point.describe()} (step {point.step}): these model/diffusion flags "
-                    f"differ from the run that wrote it ({source}): " + "; ".join(diffs)
-                    + ". Resume with the checkpoint's values, or start a new run (--resume none, or another "
-                    "--log_dir)."
-                )
-    if model is not None:
-        try:
-            ckpt = _load_weights(point.model_path)
-        except Exception as e:  # noqa: BLE001
-            raise ResumeError(f"cannot read the model checkpoint {point.model_path}: {type(e).__name__}: {e}") from e
-        _check_state_dict_matches(ckpt, model.state_dict(), point.model_path)
-
-
-def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Tensor], path: str) -> None:
-    if not isinstance(ckpt, dict):
-        raise ResumeError(f"{path} does not hold a state_dict (got {type(ckpt).__name__})")
-    mismatch = dist_util.state_dict_mismatch(ckpt, expected)
-    if mismatch:
-        raise ResumeError(f"the checkpoint {path} was made for another model configuration: {mismatch}. "
-                          "Use the flags it was trained with (see config.yaml in its run folder).")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """
-    ``torch.save`` that never leaves a half-written ``path``: write a temporary file in the
-    same folder, flush + fsync it, then ``os.replace`` it over ``path``.
-    """
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once: os.umask can only be read by setting it
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, as ``atomic_torch_save``."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -846,6 +168,27 @@ class TrainLoop:
     Train a diffusion model (upstream's ``TrainLoop``, same keyword arguments, plus the new
     ones below). ``run_loop()`` trains until ``total_steps``/``lr_anneal_steps``/``stop_at``.
 
+    Upstream's surface: ``mp_trainer`` (a ``fp16_util.GradScalerTrainer``: upstream's
+    ``MixedPrecisionTrainer`` interface over this loop's float32 parameters and loss scaler;
+    its master params are the model params), ``opt``, ``ema_params``, ``use_ddp``, ``ddp_model``
+    (the DDP wrapper when ``use_ddp``, else the model itself), ``step``/``resume_step``,
+    ``global_batch``, and the per-step hooks ``_anneal_lr()``, ``_update_ema()`` and
+    ``log_step()``, which ``optimize()`` calls in this order::
+
+        _anneal_lr()                      # lr (and MDLRC's beta1) of the update of step i
+        took_step = mp_trainer.optimize(opt)
+        if took_step: _update_ema()
+        log_step()
+
+    ``step`` is the *global* step (upstream's ``step + resume_step``). Unlike upstream, which
+    anneals after the update (so its update i used lr(i - 1)), ``_anneal_lr()`` runs before the
+    update and sets the lr of that very update, lr(i). It is the only thing that sets the
+    optimizer's lr and betas each step: the lr schedule (``lr_schedule``, default from ``lr``
+    and ``lr_anneal_steps``) with MDLRC on top (``schedules.WithMomentumDecay``). A subclass
+    that overrides ``_anneal_lr`` therefore decides the lr of the step (it wins); one that calls
+    ``super()._anneal_lr()`` first and then changes ``param_group["lr"]`` composes with the
+    schedule and MDLRC. The logged ``lr``/``beta1`` are read back from the optimizer after it.
+
     :param model: the model (float32 parameters; mixed precision is autocast).
     :param diffusion: the (possibly respaced) GaussianDiffusion.
     :param data: an iterable of ``(images NCHW in [-1, 1], {"y": labels} or {})``; with
@@ -863,7 +206,8 @@ class TrainLoop:
     :param fp16_scale_growth: log2 loss-scale growth per good fp16 step (upstream's meaning).
     :param schedule_sampler: timestep sampler (default: uniform, seeded with ``seed``).
     :param weight_decay: AdamW's decoupled weight decay.
-    :param lr_anneal_steps: anneal the lr linearly to 0 over this many steps; the run ends there.
+    :param lr_anneal_steps: anneal the lr linearly to 0 over this many steps; the run ends there
+                            (``schedules.LinearDecayLR``).
     :param total_steps: the run's length I (ends there; MDLRC's horizon). 0: no end.
     :param stop_at: end this process at this step after a checkpoint (0: off).
     :param loss_weighting: per-timestep loss weights: a name ("none", "min_snr", "p2",
@@ -893,6 +237,11 @@ class TrainLoop:
     :param deterministic: torch deterministic algorithms (cuDNN benchmark off).
     :param config: the run's resolved configuration (saved in the state file; used to refuse
                    resuming with other model flags and to build the sample-grid diffusion).
+    :param lr_schedule: the base-lr schedule, any object with ``lr_at(step)`` (e.g. a
+                        ``schedules.LRSchedule`` subclass such as a warm-up); MDLRC multiplies
+                        it. Default: ``LinearDecayLR(lr, lr_anneal_steps)`` or ``ConstantLR(lr)``.
+                        It replaces ``lr_anneal_steps`` (set ``total_steps`` for the run's end)
+                        and its ``lr`` attribute, when it has one, must equal ``lr``.
     """
 
     def __init__(
@@ -937,6 +286,7 @@ class TrainLoop:
         max_nonfinite: int = 20,
         deterministic: bool = False,
         config: Optional[Dict[str, Any]] = None,
+        lr_schedule: Any = None,
     ):
         validate_training_args(dict(
             batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
@@ -1002,6 +352,22 @@ class TrainLoop:
             beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
             lr_compensation=lr_compensation, enabled=bool(momentum_decay), decay_beta1=bool(decay_beta1),
         )
+        from .schedules import WithMomentumDecay, lr_schedule_from_flags
+
+        if lr_schedule is None:
+            lr_schedule = lr_schedule_from_flags(self.lr, self.lr_anneal_steps)
+        else:
+            if not callable(getattr(lr_schedule, "lr_at", None)):
+                raise TypeError(f"lr_schedule needs an lr_at(step) method, got {lr_schedule!r}")
+            if self.lr_anneal_steps:
+                raise ValueError("lr_schedule replaces --lr_anneal_steps' linear decay: pass one or the other "
+                                 "(set total_steps to end the run at a given step)")
+            own_lr = getattr(lr_schedule, "lr", None)
+            if own_lr is not None and float(own_lr) != self.lr:
+                raise ValueError(f"lr_schedule's lr ({float(own_lr):g}) differs from lr ({self.lr:g})")
+        self.lr_schedule = lr_schedule
+        # the lr and beta1 of every step: the base schedule, with MDLRC multiplying its lr
+        self.opt_schedule = WithMomentumDecay(self.lr_schedule, self.momentum)
         self.beta2 = float(beta2)
 
         self.step = 0
@@ -1020,7 +386,7 @@ class TrainLoop:
                         f"{list_complete_checkpoints(self.log_dir)[-1]}; they are overwritten as the run reaches them")
         self.model.to(self.device)
         if point is not None:
-            self.model.load_state_dict(_load_weights(point.model_path))
+            self.model.load_state_dict(load_weights(point.model_path))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model_params = list(self.model.parameters())
@@ -1029,7 +395,7 @@ class TrainLoop:
         for rate in self.ema_rate:
             ema = copy.deepcopy(self.model)
             if point is not None and rate in point.ema_paths:
-                ema.load_state_dict(_load_weights(point.ema_paths[rate]))
+                ema.load_state_dict(load_weights(point.ema_paths[rate]))
             elif point is not None:
                 logger.warn(f"no EMA checkpoint for rate {rate} at step {point.step}: starting it from the model")
             ema.eval().requires_grad_(False)
@@ -1050,10 +416,20 @@ class TrainLoop:
             )
         if point is not None:
             self._load_checkpoint(point)
+        from .fp16_util import GradScalerTrainer
 
-        self.ddp_model: Optional[DDP] = None
+        self._ema_keep: Optional[torch.Tensor] = None  # set by each step: None, or "not skipped" on the device
+        self.mp_trainer = GradScalerTrainer(
+            model=self.model, model_params=self.model_params, scaler=self.scaler, use_fp16=self.use_fp16,
+            fp16_scale_growth=self.fp16_scale_growth, step_fn=self._step_optimizer,
+        )
+        self.sync_cuda = on_cuda
+
+        # upstream: ddp_model is the DDP wrapper when distributed, else the model itself
+        self.use_ddp = self.world_size > 1
+        self.ddp_model: torch.nn.Module = self.model
         forward_model: torch.nn.Module = self.model
-        if self.world_size > 1:
+        if self.use_ddp:
             dist_util.sync_params(self.model.parameters())
             self.ddp_model = DDP(
                 self.model,
@@ -1138,7 +514,7 @@ class TrainLoop:
         self.step = self.resume_step = int(point.step)
         if point.opt_path:
             fresh = [dict(g) for g in self.opt.param_groups]
-            self.opt.load_state_dict(_load_weights(point.opt_path))
+            self.opt.load_state_dict(load_weights(point.opt_path))
             for group, new in zip(self.opt.param_groups, fresh):
                 # the flags of this run win (MDLRC sets lr/beta1 every step); keep this run's kernel choice
                 for key in ("fused", "foreach", "capturable", "differentiable", "weight_decay"):
@@ -1381,7 +757,7 @@ class TrainLoop:
             micro, t, weights = batch[i:j], t_all[i:j], w_all[i:j]
             micro_cond = {k: v[i:j] for k, v in cond.items()}
             last = j >= B
-            sync_ctx = self.ddp_model.no_sync() if (self.ddp_model is not None and not last) else contextlib.nullcontext()
+            sync_ctx = self.ddp_model.no_sync() if (self.use_ddp and not last) else contextlib.nullcontext()
             with sync_ctx:
                 with self._autocast():
                     losses = self.diffusion.training_losses(
@@ -1420,18 +796,58 @@ class TrainLoop:
 
     def optimize(self) -> bool:
         """
-        Set lr/beta1 for this step (anneal, then MDLRC), skip the update if a gradient is not
-        finite, step AdamW and the EMAs.
+        The update of step ``self.step``: ``_anneal_lr()`` (lr and beta1 of this step), then
+        ``mp_trainer.optimize(opt)`` (unscale, clip, skip a step whose gradients are not finite,
+        step AdamW), ``_update_ema()`` when the step was taken, and ``log_step()``.
 
         :return: False when the step was skipped and the host knows it (CPU / unfused optimizer);
                  True otherwise (a device-side skip is counted and reported at the next log row).
         """
-        base_lr = self.lr * (1.0 - self.step / self.lr_anneal_steps) if self.lr_anneal_steps else self.lr
-        self._cur_lr, self._cur_beta1 = self.momentum.apply(self.opt, self.step, base_lr)
+        self._anneal_lr()
+        self._read_back_hparams()
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self.log_step()
+        return took_step
 
+    def _anneal_lr(self) -> None:
+        """
+        Set the optimizer's lr and beta1 for the update of step ``self.step`` (upstream's hook):
+        ``opt_schedule.apply`` = the base lr schedule with MDLRC on top,
+        lr(i) = momentum.lr_at(i, lr_schedule.lr_at(i)), beta1(i) = momentum.beta1_at(i).
+
+        Runs at the start of ``optimize()``, before the update, and nothing after it sets the lr
+        or betas: an override decides them (call ``super()._anneal_lr()`` first to adjust the
+        scheduled values instead). ``self.step`` is the global step (upstream's
+        ``step + resume_step``).
+        """
+        self._cur_lr, self._cur_beta1 = self.opt_schedule.apply(self.opt, self.step)
+
+    def _read_back_hparams(self) -> None:
+        """Log the lr and beta1 the optimizer will really use (whatever ``_anneal_lr`` did).
+        Tensor-valued hyperparameters (capturable optimizers) are not read: that would sync."""
+        group = self.opt.param_groups[0]
+        lr = group.get("lr")
+        if lr is not None and not torch.is_tensor(lr):
+            self._cur_lr = float(lr)
+        betas = group.get("betas")
+        if betas is not None and not torch.is_tensor(betas[0]):
+            self._cur_beta1 = float(betas[0])
+
+    def _step_optimizer(self, opt: torch.optim.Optimizer) -> bool:
+        """
+        ``mp_trainer.optimize(opt)``: unscale the gradients, record their norm, clip them, and
+        step ``opt`` unless a gradient is not finite (decided on the device with a fused
+        optimizer, on the host otherwise); count skipped steps. Sets ``_ema_keep`` for
+        ``_update_ema()``.
+
+        :return: False when the step was skipped and the host knows it; True otherwise.
+        """
+        fused = self._fused_opt if opt is self.opt else bool(getattr(opt, "defaults", {}).get("fused"))
         grads = [p.grad for p in self.model_params if p.grad is not None]
         if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
+            self.scaler.unscale_(opt)
         if grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
         else:
@@ -1442,32 +858,39 @@ class TrainLoop:
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
 
-        if self._fused_opt:
+        if fused:
             # skipped on the device: no host sync
             if self.scaler is not None:
-                self.scaler.step(self.opt)
+                self.scaler.step(opt)
                 self.scaler.update()
             else:
-                self.opt.found_inf = found_inf.float()
-                self.opt.grad_scale = None
+                opt.found_inf = found_inf.float()
+                opt.grad_scale = None
                 try:
-                    self.opt.step()
+                    opt.step()
                 finally:
-                    del self.opt.found_inf, self.opt.grad_scale
-            self._ema_update(keep=~found_inf)
+                    del opt.found_inf, opt.grad_scale
+            self._ema_keep = ~found_inf  # the EMAs stay put on a skipped step, decided on the device
             self._count_nonfinite_device(found_inf)
             return True
 
         skipped = bool(found_inf)  # host sync: free on the CPU, where this path runs
         if self.scaler is not None:
-            self.scaler.step(self.opt)  # skips by itself on overflow
+            self.scaler.step(opt)  # skips by itself on overflow
             self.scaler.update()
         elif not skipped:
-            self.opt.step()
-        if not skipped:
-            self._ema_update(keep=None)
+            opt.step()
+        self._ema_keep = None
         self._count_nonfinite_host(skipped)
         return not skipped
+
+    def _update_ema(self) -> None:
+        """
+        Upstream's hook: move every EMA toward the parameters at its rate,
+        ema <- rate * ema + (1 - rate) * param. After a step that the fused optimizer skipped on
+        the device, the EMAs stay unchanged (decided on the device too).
+        """
+        self._ema_update(keep=self._ema_keep)
 
     def _ema_update(self, keep: Optional[torch.Tensor]) -> None:
         for rate, ema in zip(self.ema_rate, self.ema_models):
@@ -1528,6 +951,15 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ logging
 
+    def log_step(self) -> None:
+        """
+        Upstream's per-step log keys: ``step`` (the step being done, global) and ``samples``
+        (images seen once it is done, over all ranks). Called by ``optimize()`` every step; the
+        log row of the step writes the same two values.
+        """
+        logger.logkv("step", self.step)
+        logger.logkv("samples", (self.step + 1) * self.global_batch)
+
     def _dump_logs(self, index: int) -> None:
         """Write the log row of step ``index`` (one host sync for everything)."""
         self._sync_nonfinite()
@@ -1545,6 +977,7 @@ class TrainLoop:
         elapsed = max(now - (self._t_last or now), 1e-9)
         its = self._steps_since_log / elapsed
 
+        # the row's own step (log_step wrote the same while the step ran; a subclass may skip it)
         logger.logkv("step", index)
         logger.logkv("samples", (index + 1) * self.global_batch)
         logger.logkv("global_batch", self.global_batch)
@@ -1603,7 +1036,7 @@ class TrainLoop:
         else:
             gathered = [per_rank]
         if self.rank == 0:
-            names = _ckpt_names(step, self.ema_rate)
+            names = checkpoint_names(step, self.ema_rate)
             d = self.log_dir
             logger.log(f"saving checkpoint set of step {step} to {d}")
             with self._naming_write_errors(step):
@@ -1722,46 +1155,6 @@ class TrainLoop:
             images = diffusion.ddim_sample_loop(ema, noise.shape, noise=noise, clip_denoised=True,
                                                 model_kwargs=model_kwargs, device=self.device)
         path = os.path.join(self.log_dir, f"samples_{self.step:06d}.png")
-        _write_grid(images.float().cpu(), path)
+        write_grid(images.float().cpu(), path)
         logger.log(f"wrote sample grid {path}")
         return path
-
-
-GRID_MIN_TILE = 64  # px: a sample grid's images are shown at least this large ...
-GRID_MIN_WIDTH = 512  # px: ... and the grid at least this wide
-GRID_MAX_SCALE = 8
-
-
-def grid_scale(h: int, w: int, cols: int) -> int:
-    """
-    The whole-number factor sample grids enlarge ``h`` x ``w`` images by (nearest neighbour,
-    so pixels stay sharp): each image at least GRID_MIN_TILE px and the ``cols``-wide grid at
-    least GRID_MIN_WIDTH px, at most GRID_MAX_SCALE; 1 for images that are large already.
-    """
-    need = max(math.ceil(GRID_MIN_TILE / max(min(h, w), 1)), math.ceil(GRID_MIN_WIDTH / max(cols * w, 1)))
-    return int(min(max(need, 1), GRID_MAX_SCALE))
-
-
-def _write_grid(images: torch.Tensor, path: str, pad: int = 2) -> None:
-    """
-    Save [N, C, H, W] images in [-1, 1] as one PNG grid (atomically); small images are enlarged
-    by ``grid_scale`` (each pixel becomes a k x k block) so that a 32 px sample is visible.
-    """
-    from PIL import Image
-
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    n, c, h, w = x.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    scale = grid_scale(h, w, cols)
-    if scale > 1:
-        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-        h, w = h * scale, w * scale
-    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    for k in range(n):
-        r, col = divmod(k, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[k]
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
-    _atomic_write(path, lambda f: img.save(f, format="PNG"))

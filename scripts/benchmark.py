@@ -33,14 +33,13 @@ import time
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # image_train's flag set is reused
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(HERE))
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import image_train  # noqa: E402
+from guided_diffusion import training  # noqa: E402
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     args_to_dict,
@@ -75,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="time DDIM sampling (images/s) instead of training")
     parser.add_argument("--flops_only", nargs="?", const=True, default=False, type=str2bool,
                         help="only count parameters and FLOPs per step (meta device, no timing)")
-    defaults = image_train.create_argparser_defaults()
+    defaults = training.create_argparser_defaults()
     defaults.update(benchmark_defaults())
     args = parse_args_with_config(defaults, argv, parser=parser)
     mode = "sampling" if args.sampling else "train"
@@ -247,11 +246,11 @@ def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: s
             setattr(args, flag, needed)
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_args)
-    sampler, weights = image_train.create_schedule(args, diffusion)
+    sampler, weights = training.create_schedule(args, diffusion)
     data = synthetic_batches(args.batch_size, args.image_size, args.num_classes if args.class_cond else None,
                              device, seed=args.seed)
     loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, loss_weighting=weights,
-                     **image_train.train_loop_kwargs(args, save_interval=0, sample_interval=0, log_dir=log_dir,
+                     **training.train_loop_kwargs(args, save_interval=0, sample_interval=0, log_dir=log_dir,
                                                      resume="none"))
     flops, n_params = count_flops(model_args, args.batch_size)
 

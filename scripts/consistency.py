@@ -16,8 +16,15 @@ the checkpoint > defaults. DCGAN generator checkpoints (``scripts/baselines/dcga
 recognised by the ``gan_config.yaml`` beside them, or ``--kind gan``) get the same latent z
 per seed.
 
-    python scripts/consistency.py --models runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
+    python scripts/consistency.py --model_path runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
         runs/cifar10-baseline-seed2/ema_0.9999_500000.pt --num_samples 32 --out_dir runs/table1-cifar10
+    python scripts/consistency.py --run_dir runs/cifar10-baseline-seed1 runs/cifar10-baseline-seed2 \
+        --step 500000 --ema_rate 0.9999 --num_samples 32 --out_dir runs/table1-cifar10
+
+The checkpoints are given as to the sample scripts: ``--model_path A B ...`` (``--models`` is the
+same flag), or ``--run_dir D1 D2 ...`` with ``--step`` (one step for every run, default each run's
+newest, or one per run: ``--step 500000,400000``), ``--ema_rate`` (default: each run's first) and
+``--use_ema`` (False: the raw ``modelNNNNNN.pt``); a DCGAN run folder gives ``generator_NNNNNN.pt``.
 
 Writes to --out_dir (default runs/consistency-<timestamp>): consistency_pairs.csv (one row per
 pair: pooled_psnr_db first, then mean/min/max per-image PSNR), consistency.json (the summary),
@@ -33,13 +40,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
-from guided_diffusion import analysis as an
+from experiments import analysis as an
 from guided_diffusion.script_util import str2bool
 
 
@@ -47,7 +54,7 @@ def create_argparser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="two or more checkpoints (.pt)")
+    an.add_checkpoint_args(p, "many", model_path_aliases=["--models"])
     p.add_argument("--model_flags", nargs="*", default=[],
                    help="upstream flag string(s) for the diffusion models: one for all, or one per model "
                         "('' = use the config.yaml beside that checkpoint)")
@@ -67,6 +74,11 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="auto")
     p.add_argument("--out_dir", type=str, default="", help="default runs/consistency-<timestamp>")
     return p
+
+
+def resolve_checkpoints(args: argparse.Namespace) -> List[str]:
+    """The files of ``--model_path`` / ``--models``, or of ``--run_dir`` + ``--step`` + ``--ema_rate``."""
+    return an.resolve_checkpoint_args(args, "many")
 
 
 def _model_flags_per_model(flags: Sequence[str], n: int) -> List[Optional[str]]:
@@ -89,10 +101,10 @@ def load_models(args: argparse.Namespace) -> Dict[str, Any]:
     Load every model on the CPU first, so a wrong checkpoint or a mismatch between the models
     (image size, number of sampling steps) stops the run before any sampling.
     """
-    paths = list(args.models)
+    paths = list(args.model_path)
     kinds = {an.checkpoint_kind(p, args.kind) for p in paths}
     if len(kinds) != 1:
-        raise ValueError(f"--models mixes GAN and diffusion checkpoints ({', '.join(paths)}): they do not take the "
+        raise ValueError(f"--model_path mixes GAN and diffusion checkpoints ({', '.join(paths)}): they do not take the "
                          "same noise; compare each kind separately")
     kind = kinds.pop()
     loaded, meta = [], []
@@ -117,7 +129,8 @@ def load_models(args: argparse.Namespace) -> Dict[str, Any]:
                      "num_channels": flags["num_channels"]})
     shapes = {x[2] for x in loaded}
     if len(shapes) > 1:
-        raise ValueError(f"--models make images of different shapes {sorted(shapes)}: PSNR needs images of one size")
+        raise ValueError(f"--model_path: the models make images of different shapes {sorted(shapes)}: PSNR needs "
+                         "images of one size")
     return {"kind": kind, "loaded": loaded, "models": meta}
 
 
@@ -126,7 +139,7 @@ def generate(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     models = load_models(args)
     seeds = list(range(args.seed, args.seed + args.num_samples))
     images = []
-    for path, (model, diffusion, shape, num_classes) in zip(args.models, models.pop("loaded")):
+    for path, (model, diffusion, shape, num_classes) in zip(args.model_path, models.pop("loaded")):
         model.to(device)
         if models["kind"] == "gan":
             x = an.gan_sample_images(model, seeds, batch_size=args.batch_size, device=device)
@@ -148,16 +161,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     :return: the summary written to consistency.json.
     """
     args = create_argparser().parse_args(argv)
-    if len(args.models) < 2:
-        raise ValueError(f"--models: need at least two checkpoints, got {len(args.models)}")
+    args.model_path = resolve_checkpoints(args)
+    if len(args.model_path) < 2:
+        raise ValueError(f"--model_path: need at least two checkpoints (or --run_dir D1 D2, or --run_dir DIR "
+                         f"--step A,B), got {len(args.model_path)}: {', '.join(args.model_path)}")
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-    names = [s.strip() for s in args.names.split(",")] if args.names else _default_names(args.models)
-    if len(names) != len(args.models):
-        raise ValueError(f"--names: {len(names)} names for {len(args.models)} models")
-    for p in args.models:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"--models: checkpoint not found: {p}")
+    names = [s.strip() for s in args.names.split(",")] if args.names else _default_names(args.model_path)
+    if len(names) != len(args.model_path):
+        raise ValueError(f"--names: {len(names)} names for {len(args.model_path)} models")
     device = an.pick_device(args.device)
     out_dir = Path(args.out_dir) if args.out_dir else an.default_out_dir("consistency")
 

@@ -20,11 +20,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-import image_train  # noqa: E402  (scripts/image_train.py)
+from guided_diffusion import training  # noqa: E402
 
 DEMO_CONFIG = os.path.join(ROOT, "configs", "smoke", "demo.yaml")
 
@@ -51,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     flags = ["--config", DEMO_CONFIG, "--data_dir", args.data_dir]
     if args.log_dir:  # else image_train's default, runs/demo-<timestamp>
         flags += ["--log_dir", args.log_dir]
-    run = image_train.main(flags + list(extra))
+    run = training.train(flags + list(extra))
     train_minutes = (time.time() - t0) / 60
     result = sample_and_measure(run, args.num_samples, args.metric_images)
     _report(run, (time.time() - t0) / 60, train_minutes, result)
@@ -70,7 +69,7 @@ def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[s
     import numpy as np
 
     from evaluations.evaluator import evaluate
-    from guided_diffusion.analysis import load_diffusion_model
+    from guided_diffusion.checkpoint import load_diffusion_model
     from guided_diffusion.image_datasets import load_source, write_npz
     from guided_diffusion.sample_util import generate_samples
 
@@ -102,23 +101,13 @@ def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[s
             "extractor": extractor}
 
 
-def _save_grid(images, path: str, min_side: int = 512) -> None:
-    """An 8-wide grid of uint8 NHWC images, upscaled (nearest) so it is at least ``min_side`` px wide."""
-    import math
+def _save_grid(images, path: str) -> None:
+    """uint8 NHWC images as an enlarged PNG grid (the library's grid writer)."""
+    import torch
 
-    import numpy as np
-    from PIL import Image
+    from guided_diffusion.image_io import write_grid
 
-    n, h, w, c = images.shape
-    cols = min(8, n)
-    rows = math.ceil(n / cols)
-    pad = 1
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
-    scale = max(1, math.ceil(min_side / canvas.shape[1]))
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    write_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, path)
 
 
 def _report(run: str, minutes: float, train_minutes: float, result: Dict[str, Any]) -> None:

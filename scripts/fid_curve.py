@@ -42,6 +42,7 @@ from the evaluator's cache (``--cache_dir``), which ``evaluations/ref_stats.py``
 
     python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --num_samples 10000
     python scripts/fid_curve.py runs/cifar_clts --ref cifar10_train.npz --protocol paper --steps 500000
+    python scripts/fid_curve.py --run_dir runs/cifar_clts --ref cifar10_train.npz   # RUN_DIR as a flag
     scripts/launch/fid_curve.sh runs/cifar_clts 8 --ref cifar10_train.npz
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ if importlib.util.find_spec("evaluations") is None:  # a checkout without `pip i
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.analysis import resolve_model_flags
+from guided_diffusion.checkpoint import resolve_model_flags
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.sample_util import (
     SAMPLE_PRECISIONS,
@@ -122,8 +123,19 @@ def create_argparser_defaults() -> Dict[str, Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
-    parser.add_argument("run_dir", help="a training run folder (modelNNNNNN.pt, ema_R_NNNNNN.pt, stateNNNNNN.pt)")
-    return parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
+    parser.add_argument("run_dir_arg", nargs="?", default=None, metavar="RUN_DIR",
+                        help="a training run folder (modelNNNNNN.pt, ema_R_NNNNNN.pt, stateNNNNNN.pt)")
+    parser.add_argument("--run_dir", default=None, metavar="DIR",
+                        help="the run folder as the other scripts take it: the same as RUN_DIR")
+    args = parse_args_with_config(create_argparser_defaults(), argv, parser=parser)
+    positional, flag = args.run_dir_arg, args.run_dir
+    del args.run_dir_arg
+    if positional and flag and os.path.normpath(positional) != os.path.normpath(flag):
+        raise ValueError(f"RUN_DIR {positional} and --run_dir {flag} differ: give the run folder once")
+    if not (positional or flag):
+        raise ValueError("RUN_DIR (or --run_dir DIR) is required: the training run folder to measure")
+    args.run_dir = positional or flag
+    return args
 
 
 def explicit_flags(args: argparse.Namespace) -> List[str]:

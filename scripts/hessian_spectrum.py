@@ -8,8 +8,15 @@ Diffusion checkpoints: the diffusion loss on a fixed batch with fixed noise and 
 the non-saturating generator loss -log σ(D(G(z))) on fixed latents, against the discriminator
 saved at the same step.
 
-    python scripts/hessian_spectrum.py --ckpt runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
+    python scripts/hessian_spectrum.py --model_path runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
         --batch_size 64 --out_dir runs/fig3-baseline
+    python scripts/hessian_spectrum.py --run_dir runs/cifar10-baseline-seed1 --step 500000 --ema_rate 0.9999 \
+        --batch_size 64 --out_dir runs/fig3-baseline
+
+The checkpoint is given as to the sample scripts: ``--model_path FILE`` (``--ckpt`` is the same
+flag), or ``--run_dir DIR`` with ``--step`` (default: the newest), ``--ema_rate`` (default: the
+run's first) and ``--use_ema`` (False: the raw ``modelNNNNNN.pt``); a DCGAN run folder gives its
+``generator_NNNNNN.pt``.
 
 Writes to --out_dir (default runs/hessian-<timestamp>): hessian_eigenvalues.csv (method, rank,
 eigenvalue), hessian_density.csv (eigenvalue grid, density), hessian_summary.json (loss,
@@ -25,22 +32,23 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
-from guided_diffusion import analysis as an
+from experiments import analysis as an
 
 
 def create_argparser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a diffusion checkpoint, or a DCGAN generator_*.pt")
+    an.add_checkpoint_args(p, "one", model_path_aliases=["--ckpt"])
     p.add_argument("--kind", type=str, default="auto", help="auto, diffusion or gan")
-    p.add_argument("--model_flags", type=str, default=None, help="upstream flags (default: config.yaml beside --ckpt)")
+    p.add_argument("--model_flags", type=str, default=None,
+                   help="upstream flags (default: the config.yaml beside the checkpoint)")
     p.add_argument("--data_dir", type=str, default=None, help="default: the data_dir of the run's config.yaml")
     p.add_argument("--batch_size", type=int, default=64, help="images (or GAN latents) in the fixed batch")
     p.add_argument("--timesteps", type=str, default="stratified", help="stratified or random (seeded)")
@@ -59,19 +67,24 @@ def create_argparser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_checkpoint(args: argparse.Namespace) -> str:
+    """The checkpoint file of ``--model_path`` / ``--ckpt``, or of ``--run_dir`` + ``--step`` + ``--ema_rate``."""
+    return an.resolve_checkpoint_args(args, "one")[0]
+
+
 def build_loss(args: argparse.Namespace, device: torch.device):
     """The model's parameters and a closure computing its loss on the fixed batch."""
-    kind = an.checkpoint_kind(args.ckpt, args.kind)
+    kind = an.checkpoint_kind(args.model_path, args.kind)
     if kind == "gan":
-        from guided_diffusion.gan import gan_latents
+        from experiments.gan import gan_latents
 
-        g, d, flags = an.load_gan_model(args.ckpt, device, discriminator=True)
+        g, d, flags = an.load_gan_model(args.model_path, device, discriminator=True)
         for q in d.parameters():
             q.requires_grad_(False)
         z = gan_latents(list(range(args.seed, args.seed + args.batch_size)), flags["nz"]).to(device)
         return kind, list(g.parameters()), (lambda: an.gan_generator_loss(g, d, z)), {"gan_flags": flags}
-    model, diffusion, flags, source = an.load_diffusion_model(args.ckpt, args.model_flags, device=device)
-    data_dir = args.data_dir or an.config_data_dir(args.ckpt)
+    model, diffusion, flags, source = an.load_diffusion_model(args.model_path, args.model_flags, device=device)
+    data_dir = args.data_dir or an.config_data_dir(args.model_path)
     batch = an.load_fixed_batch(data_dir, args.batch_size, flags["image_size"], diffusion.num_timesteps,
                                 class_cond=flags["class_cond"], seed=args.seed, timesteps=args.timesteps).to(device)
     return kind, [q for q in model.parameters() if q.requires_grad], \
@@ -112,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     :return: the summary written to hessian_summary.json.
     """
     args = create_argparser().parse_args(argv)
+    args.model_path = resolve_checkpoint(args)
     if args.batch_size < 1 or args.top_k < 0:
         raise ValueError(f"--batch_size must be >= 1 and --top_k >= 0, got {args.batch_size}, {args.top_k}")
     if args.density_sigma <= 0:
@@ -144,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                         for x, y in zip(grid, dens)])
     trace = res["trace"]
     summary = {
-        "checkpoint": args.ckpt, "kind": kind, "loss": res["loss"], "num_parameters": res["dim"],
+        "checkpoint": args.model_path, "kind": kind, "loss": res["loss"], "num_parameters": res["dim"],
         "top_eigenvalues_power": None if res["power"] is None else res["power"].eigenvalues,
         "top_eigenvalues_lanczos": None if res["lanczos"] is None else [float(v) for v in res["lanczos"]],
         "trace_hutchinson": None if trace is None else trace.estimate,
@@ -154,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     }
     (out_dir / "hessian_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plot(res, grid, dens, out_dir / "hessian_spectrum.png",
-         f"Hessian of the {kind} loss: {args.ckpt}\n{res['dim']} parameters, batch {args.batch_size}"
+         f"Hessian of the {kind} loss: {args.model_path}\n{res['dim']} parameters, batch {args.batch_size}"
          + ("" if trace is None else f", trace ≈ {trace.estimate:.4g}"))
     print(f"loss {res['loss']:.6f}, {res['dim']} parameters, {res['num_products']} Hessian-vector products")
     if res["power"] is not None:

@@ -14,16 +14,20 @@ the same architecture. The paper takes A and B after 10 and 100 epochs of the sa
   mode. The loss plotted is the non-saturating generator loss -log σ(D(α)(G(α)(z))) on
   --batch_size fixed latents z (seeds --seed ... --seed + batch_size - 1, as hessian_spectrum.py).
 
-CIFAR-10 at batch 128 has 390.6 steps per epoch, so epochs 10 and 100 end at steps 3906 and 39062:
+The checkpoints are given as to the sample scripts: ``--run_dir DIR --step A,B`` (two steps of one
+run; ``--use_ema False`` for the raw ``modelNNNNNN.pt``, else ``--ema_rate`` picks the EMA file; a
+DCGAN run folder gives ``generator_NNNNNN.pt``), or ``--model_path A B`` (two files; ``--a A
+--b B`` is the older spelling of the same). CIFAR-10 at batch 128 has 390.6 steps per epoch, so
+epochs 10 and 100 end at steps 3906 and 39062:
 
     python scripts/image_train.py --config configs/cifar10/baseline.yaml --save_steps 3906,39062 \
         --log_dir runs/cifar10-baseline
-    python scripts/loss_landscape.py --a runs/cifar10-baseline/model003906.pt \
-        --b runs/cifar10-baseline/model039062.pt --alphas=-0.5:1.5:41 --out_dir runs/fig4-diffusion
+    python scripts/loss_landscape.py --run_dir runs/cifar10-baseline --step 3906,39062 --use_ema False \
+        --alphas=-0.5:1.5:41 --out_dir runs/fig4-diffusion
     python scripts/baselines/dcgan_train.py --data_dir .data/cifar10_train.npz --save_steps 3906,39062 \
         --total_steps 39062 --log_dir runs/cifar10-dcgan
-    python scripts/loss_landscape.py --a runs/cifar10-dcgan/generator_003906.pt \
-        --b runs/cifar10-dcgan/generator_039062.pt --alphas=-0.5:1.5:41 --out_dir runs/fig4-gan
+    python scripts/loss_landscape.py --run_dir runs/cifar10-dcgan --step 3906,39062 \
+        --alphas=-0.5:1.5:41 --out_dir runs/fig4-gan
 
 Writes to --out_dir (default runs/loss_landscape-<timestamp>): loss_landscape.csv (alpha, loss;
 for diffusion also every loss term: mse, vb), loss_landscape.png and loss_landscape.json
@@ -39,10 +43,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import analysis as an
+from experiments import analysis as an
 
 DIFFUSION_LOSS = "diffusion training loss (training_losses()['loss'], mean over the fixed batch)"
 
@@ -51,15 +55,16 @@ def create_argparser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", required=True, help="checkpoint at alpha = 0 (a GAN's generator_*.pt)")
-    p.add_argument("--b", required=True, help="checkpoint at alpha = 1 (a GAN's generator_*.pt)")
+    an.add_checkpoint_args(p, "two")
+    p.add_argument("--a", type=str, default=None, help="the same as the first --model_path (alpha = 0)")
+    p.add_argument("--b", type=str, default=None, help="the same as the second --model_path (alpha = 1)")
     p.add_argument("--kind", type=str, default="auto",
-                   help="auto (gan when gan_config.yaml is beside --a), diffusion or gan")
+                   help="auto (gan when gan_config.yaml is beside checkpoint A), diffusion or gan")
     p.add_argument("--model_flags", type=str, default=None,
-                   help="diffusion only: upstream flags of both checkpoints (default: the config.yaml beside --a)")
+                   help="diffusion only: upstream flags of both checkpoints (default: the config.yaml beside A)")
     p.add_argument("--alphas", type=str, default="-0.5:1.5:41", help="START:STOP:COUNT or a comma list")
     p.add_argument("--data_dir", type=str, default=None,
-                   help="diffusion only; default: the data_dir of --a's config.yaml")
+                   help="diffusion only; default: the data_dir of A's config.yaml")
     p.add_argument("--batch_size", type=int, default=64, help="images in the fixed batch (GAN: latents)")
     p.add_argument("--timesteps", type=str, default="stratified",
                    help="diffusion only: stratified or random (seeded)")
@@ -94,17 +99,38 @@ def plot(rows: List[Dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def warn_if_ema(paths: Sequence[str]) -> None:
+def resolve_checkpoints(args: argparse.Namespace) -> List[str]:
+    """
+    Checkpoints A and B: ``--model_path A B``, or ``--run_dir DIR --step A,B`` (``--use_ema`` /
+    ``--ema_rate`` as for the sample scripts), or the older ``--a A --b B``. Sets ``args.labels``,
+    how messages name the two (the flags ``--a``/``--b`` when they were used).
+    """
+    args.labels = ("A", "B")
+    if args.a is None and args.b is None:
+        return an.resolve_checkpoint_args(args, "two")
+    if args.a is None or args.b is None:
+        raise ValueError("--a and --b go together (or give --model_path A B, or --run_dir DIR --step A,B)")
+    if args.model_path or args.run_dir:
+        raise ValueError("give --a/--b (the older spelling of --model_path A B) or --model_path / --run_dir, not both")
+    for flag, path in (("--a", args.a), ("--b", args.b)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: checkpoint not found: {path}")
+    args.labels = ("--a", "--b")
+    return [args.a, args.b]
+
+
+def warn_if_ema(paths: Sequence[str], labels: Sequence[str] = ("A", "B"), run_dir: bool = False) -> None:
     """Print a warning for each EMA checkpoint: the paper's Fig. 4 interpolates raw weights."""
-    for flag, path in zip(("--a", "--b"), paths):
+    for label, path in zip(labels, paths):
         if Path(path).name.startswith("ema_"):
-            print(f"warning: {flag} {path} is an EMA checkpoint; the paper's Fig. 4 interpolates the raw "
-                  "(non-EMA) weights modelNNNNNN.pt of one run after 10 and 100 epochs", flush=True)
+            print(f"warning: {label} {path} is an EMA checkpoint; the paper's Fig. 4 interpolates the raw "
+                  "(non-EMA) weights modelNNNNNN.pt of one run after 10 and 100 epochs"
+                  + (" (--use_ema False picks them)" if run_dir else ""), flush=True)
 
 
 def diffusion_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
     """The diffusion loss along the line; returns the rows and the settings for the JSON."""
-    warn_if_ema([args.a, args.b])
+    warn_if_ema([args.a, args.b], args.labels, run_dir=bool(args.run_dir))
     # model_flags apply to both; B's own config.yaml must agree on the architecture (checked by shapes)
     model, diffusion, flags, source = an.load_diffusion_model(args.a, args.model_flags, device=device)
     sd_a = an.load_state_dict_file(args.a)  # a copy: the model's own tensors are overwritten below
@@ -123,7 +149,7 @@ def diffusion_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
 
 def gan_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
     """The GAN generator loss along the line (G and D interpolated together)."""
-    from guided_diffusion.gan import discriminator_path_for, gan_latents
+    from experiments.gan import discriminator_path_for, gan_latents
 
     if args.model_flags:
         raise ValueError("--model_flags applies to diffusion checkpoints; a GAN's flags come from gan_config.yaml")
@@ -134,8 +160,9 @@ def gan_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
     gen_a, disc_a = an.load_state_dict_file(args.a), an.load_state_dict_file(discriminator_path_for(args.a))
     gen_b, disc_b = an.load_state_dict_file(args.b), an.load_state_dict_file(discriminator_path_for(args.b))
     # same architecture as A, or an error naming B's file
-    an.load_into(g, gen_b, args.b, f"--a's gan_config.yaml ({args.a})")
-    an.load_into(d, disc_b, discriminator_path_for(args.b), f"--a's gan_config.yaml ({args.a})")
+    source = f"{args.labels[0]}'s gan_config.yaml ({args.a})"
+    an.load_into(g, gen_b, args.b, source)
+    an.load_into(d, disc_b, discriminator_path_for(args.b), source)
     seeds = list(range(args.seed, args.seed + args.batch_size))
     z = gan_latents(seeds, flags["nz"])
     rows = an.gan_loss_along_line(g, d, gen_a, gen_b, disc_a, disc_b, alphas, z, device)
@@ -154,16 +181,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     :return: the CSV rows (alpha, loss and, for diffusion, mse, vb, ...).
     """
     args = create_argparser().parse_args(argv)
+    args.a, args.b = resolve_checkpoints(args)
     alphas = an.parse_alphas(args.alphas)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    for flag, path in (("--a", args.a), ("--b", args.b)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{flag}: checkpoint not found: {path}")
     kind = an.checkpoint_kind(args.a, args.kind)
     if args.kind == "auto" and an.checkpoint_kind(args.b) != kind:
-        raise ValueError(f"--a {args.a} is a {kind} checkpoint but --b {args.b} is not (a GAN checkpoint has "
-                         "gan_config.yaml beside it): interpolate two checkpoints of one run")
+        raise ValueError(f"{args.labels[0]} {args.a} is a {kind} checkpoint but {args.labels[1]} {args.b} is not "
+                         "(a GAN checkpoint has gan_config.yaml beside it): interpolate two checkpoints of one run")
     device = an.pick_device(args.device)
     line = gan_line(args, alphas, device) if kind == "gan" else diffusion_line(args, alphas, device)
     rows = line["rows"]

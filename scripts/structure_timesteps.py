@@ -4,8 +4,13 @@ few noises once and show the model's predicted x_0 at evenly spaced timesteps, w
 of every step's predicted x_0 against the final sample: once that PSNR is high, the image's
 layout is fixed and later steps only add detail.
 
-    python scripts/structure_timesteps.py --ckpt runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
+    python scripts/structure_timesteps.py --model_path runs/cifar10-baseline-seed1/ema_0.9999_500000.pt \
         --num_noises 4 --num_columns 10 --out_dir runs/fig9
+    python scripts/structure_timesteps.py --run_dir runs/cifar10-baseline-seed1 --ema_rate 0.9999 --out_dir runs/fig9
+
+The checkpoint is given as to the sample scripts: ``--model_path FILE`` (``--ckpt`` is the same
+flag), or ``--run_dir DIR`` with ``--step`` (default: the newest), ``--ema_rate`` (default: the
+run's first) and ``--use_ema`` (False: the raw ``modelNNNNNN.pt``).
 
 Writes to --out_dir (default runs/structure_timesteps-<timestamp>): structure_timesteps.png
 (rows = noises, columns = predicted x_0 at decreasing t, last column = final sample),
@@ -22,12 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from guided_diffusion import analysis as an
+from experiments import analysis as an
 from guided_diffusion.script_util import str2bool
 
 
@@ -35,8 +40,10 @@ def create_argparser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a diffusion checkpoint (.pt)")
-    p.add_argument("--model_flags", type=str, default=None, help="upstream flags (default: config.yaml beside --ckpt)")
+    an.add_checkpoint_args(p, "one", model_path_aliases=["--ckpt"],
+                           model_path_help="a diffusion checkpoint file: modelNNNNNN.pt or ema_R_NNNNNN.pt")
+    p.add_argument("--model_flags", type=str, default=None,
+                   help="upstream flags (default: the config.yaml beside the checkpoint)")
     p.add_argument("--num_noises", type=int, default=4, help="rows: one noise seed each")
     p.add_argument("--num_columns", type=int, default=10, help="timesteps shown per row")
     p.add_argument("--seed", type=int, default=0, help="row r uses seed --seed + r")
@@ -51,6 +58,11 @@ def create_argparser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_checkpoint(args: argparse.Namespace) -> str:
+    """The checkpoint file of ``--model_path`` / ``--ckpt``, or of ``--run_dir`` + ``--step`` + ``--ema_rate``."""
+    return an.resolve_checkpoint_args(args, "one")[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """
     Sample and write the figure.
@@ -58,11 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     :return: the CSV rows.
     """
     args = create_argparser().parse_args(argv)
+    args.model_path = resolve_checkpoint(args)
     if args.num_noises < 1 or args.num_columns < 1:
         raise ValueError(f"--num_noises and --num_columns must be >= 1, got {args.num_noises}, {args.num_columns}")
     device = an.pick_device(args.device)
     overrides = {} if args.timestep_respacing is None else {"timestep_respacing": args.timestep_respacing}
-    model, diffusion, flags, _ = an.load_diffusion_model(args.ckpt, args.model_flags, overrides, device)
+    model, diffusion, flags, _ = an.load_diffusion_model(args.model_path, args.model_flags, overrides, device)
     seeds = list(range(args.seed, args.seed + args.num_noises))
     noise = an.SharedNoise(seeds, (3, flags["image_size"], flags["image_size"]))
     kw = {"y": an.seed_labels(seeds, flags["num_classes"]).to(device)} if flags["class_cond"] else {}
@@ -88,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     formed = next((r for r in rows if r["psnr_mean_db"] >= args.psnr_threshold), None)
     an.save_grid_png(list(shown), out_dir / "structure_timesteps.png", row_labels=[f"seed {s}" for s in seeds],
                      col_labels=[f"t={k['t_train']}" for k in kept] + ["final"],
-                     title=f"predicted x_0 along the reverse process: {args.ckpt}"
+                     title=f"predicted x_0 along the reverse process: {args.model_path}"
                      + ("" if formed is None else f"\nmean PSNR to the final image >= {args.psnr_threshold:g} dB "
                         f"from t = {formed['t_train']}"))
     for k in keep:

@@ -19,7 +19,6 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # image_train.py beside this file
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from guided_diffusion.train_util import (
     training_defaults,
     validate_training_args,
 )
-from image_train import config_yaml, create_schedule, resolve_log_dir, train_loop_kwargs
+from guided_diffusion.training import config_yaml, create_schedule, resolve_log_dir, train_loop_kwargs
 
 
 def create_argparser_defaults() -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""guided_diffusion.analysis / gan: PSNR, shared sampling noise, Hessian spectra, interpolation, flags."""
+"""experiments.analysis / gan: PSNR, shared sampling noise, Hessian spectra, interpolation, flags."""
 import copy
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import analysis as an
-from guided_diffusion import gan
+from experiments import analysis as an
+from experiments import gan
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",

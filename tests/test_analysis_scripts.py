@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from guided_diffusion import analysis as an
+from experiments import analysis as an
 from guided_diffusion.script_util import create_model_and_diffusion
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -199,7 +199,7 @@ def _interpolate_by_hand(sd_a, sd_b, alpha):
 
 def test_loss_landscape_gan_interpolates_generator_and_discriminator(runs, tmp_path, capsys):
     """Fig. 4's GAN line: two steps of one DCGAN run, G and D interpolated together."""
-    from guided_diffusion.gan import create_gan, discriminator_path_for, gan_latents
+    from experiments.gan import create_gan, discriminator_path_for, gan_latents
 
     script = load_script("loss_landscape.py")
     a, b = str(Path(runs["gan1"]).with_name("generator_000010.pt")), runs["gan1"]
@@ -280,7 +280,7 @@ def test_hessian_spectrum_gan_generator(runs, tmp_path):
                            "--out_dir", str(out)])
     assert summary["kind"] == "gan"
     g, d, flags = an.load_gan_model(runs["gan1"], discriminator=True)
-    from guided_diffusion.gan import gan_latents
+    from experiments.gan import gan_latents
 
     with torch.no_grad():
         direct = float(an.gan_generator_loss(g, d, gan_latents([0, 1, 2, 3], flags["nz"])))
@@ -304,3 +304,94 @@ def test_structure_timesteps(runs, tmp_path):
     npz = np.load(out / "structure_timesteps.npz")
     assert npz["arr_0"].shape == (2, 4, 16, 16, 3) and list(npz["t_train"]) == [99, 50, 0]
     assert_png(out / "structure_timesteps.png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint flags every script shares: --model_path, or --run_dir with --step / --ema_rate / --use_ema
+# (tests/test_checkpoint_flags.py checks the resolution on folders of empty files); the old spellings
+# (--ckpt, --models, --a/--b) give the same numbers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_step_run(runs):
+    """One diffusion run folder with checkpoints at steps 1 and 2 (the seed1 and seed2 models), raw and EMA."""
+    d = Path(runs["root"]) / "two_step"
+    if not d.is_dir():
+        d.mkdir()
+        shutil.copy(Path(runs["seed1"]).parent / "config.yaml", d / "config.yaml")
+        for step, name in ((1, "seed1"), (2, "seed2")):
+            src = Path(runs[name]).parent
+            shutil.copy(src / "model000001.pt", d / f"model{step:06d}.pt")
+            for rate in ("0.99", "0.9"):
+                shutil.copy(src / f"ema_{rate}_000001.pt", d / f"ema_{rate}_{step:06d}.pt")
+    return d
+
+
+def test_loss_landscape_run_dir_two_steps_of_one_run(two_step_run, tmp_path, capsys):
+    """Fig. 4's spelling, --run_dir DIR --step A,B --use_ema False: the same line as --a/--b and --model_path."""
+    script = load_script("loss_landscape.py")
+    common = ["--alphas", "0,0.5,1", "--batch_size", "2"]
+    a, b = str(two_step_run / "model000001.pt"), str(two_step_run / "model000002.pt")
+    new = script.main(["--run_dir", str(two_step_run), "--step", "1,2", "--use_ema", "False", *common,
+                       "--out_dir", str(tmp_path / "new")])
+    assert "warning" not in capsys.readouterr().out
+    meta = json.loads((tmp_path / "new" / "loss_landscape.json").read_text())
+    assert (meta["a"], meta["b"]) == (a, b)
+    old = script.main(["--a", a, "--b", b, *common, "--out_dir", str(tmp_path / "old")])
+    paths = script.main(["--model_path", a, b, *common, "--out_dir", str(tmp_path / "paths")])
+    assert new == old == paths and new[0]["loss"] != new[2]["loss"]
+    # without --use_ema False the run's first EMA rate is taken, and the script says Fig. 4 wants raw weights
+    script.main(["--run_dir", str(two_step_run), "--step", "1,2", "--alphas", "0", "--batch_size", "2",
+                 "--out_dir", str(tmp_path / "ema")])
+    printed = capsys.readouterr().out
+    assert f"warning: A {two_step_run / 'ema_0.99_000001.pt'} is an EMA checkpoint" in printed
+    assert "(--use_ema False picks them)" in printed
+    with pytest.raises(FileNotFoundError, match=r"--step 5: model000005.pt not found; steps with a model file: 1, 2"):
+        script.main(["--run_dir", str(two_step_run), "--step", "1,5", "--use_ema", "False",
+                     "--out_dir", str(tmp_path / "bad")])
+
+
+def test_loss_landscape_run_dir_of_a_gan_run(runs, tmp_path):
+    """--run_dir of a DCGAN run with --step A,B finds generator_{step:06d}.pt."""
+    script = load_script("loss_landscape.py")
+    gan_dir = Path(runs["gan1"]).parent
+    common = ["--alphas", "0,1", "--batch_size", "2"]
+    new = script.main(["--run_dir", str(gan_dir), "--step", "10,20", *common, "--out_dir", str(tmp_path / "new")])
+    old = script.main(["--a", str(gan_dir / "generator_000010.pt"), "--b", runs["gan1"], *common,
+                       "--out_dir", str(tmp_path / "old")])
+    assert new == old
+    with pytest.raises(FileNotFoundError, match="steps with a generator file: 10, 20"):
+        script.main(["--run_dir", str(gan_dir), "--step", "10,30", "--out_dir", str(tmp_path / "bad")])
+
+
+def test_hessian_and_structure_run_dir_is_the_same_checkpoint(runs, tmp_path):
+    seed1_dir = str(Path(runs["seed1"]).parent)
+    hessian = load_script("hessian_spectrum.py")
+    cheap = ["--batch_size", "1", "--top_k", "1", "--power_iters", "1", "--lanczos_steps", "0", "--trace_samples", "0",
+             "--slq_probes", "0"]
+    old = hessian.main(["--ckpt", runs["seed1"], *cheap, "--out_dir", str(tmp_path / "h_old")])
+    new = hessian.main(["--run_dir", seed1_dir, "--step", "1", "--use_ema", "False", *cheap,
+                        "--out_dir", str(tmp_path / "h_new")])
+    assert new["checkpoint"] == runs["seed1"] and new["loss"] == old["loss"]
+    assert new["top_eigenvalues_power"] == old["top_eigenvalues_power"]
+
+    structure = load_script("structure_timesteps.py")
+    cheap = ["--num_noises", "1", "--num_columns", "2", "--timestep_respacing", "2"]
+    old = structure.main(["--ckpt", runs["seed1"], *cheap, "--out_dir", str(tmp_path / "s_old")])
+    new = structure.main(["--run_dir", seed1_dir, "--use_ema", "False", *cheap, "--out_dir", str(tmp_path / "s_new")])
+    assert new == old
+    with pytest.raises(FileNotFoundError, match=r"--step 7: .*steps with a model file: 1\b"):
+        structure.main(["--run_dir", seed1_dir, "--step", "7", "--use_ema", "False", *cheap])
+
+
+def test_consistency_run_dirs_are_the_same_checkpoints(runs, consistency, tmp_path):
+    dirs = [str(Path(runs[n]).parent) for n in ("seed1", "seed2")]
+    cheap = ["--num_samples", "1", "--timestep_respacing", "2"]
+    old = consistency.main(["--models", runs["seed1"], runs["seed2"], *cheap, "--out_dir", str(tmp_path / "old")])
+    new = consistency.main(["--run_dir", *dirs, "--step", "1", "--use_ema", "False", *cheap,
+                            "--out_dir", str(tmp_path / "new")])
+    assert [m["checkpoint"] for m in new["models"]] == [runs["seed1"], runs["seed2"]]
+    assert new["pooled_psnr_db"] == old["pooled_psnr_db"] and new["names"] == old["names"]
+    assert np.array_equal(np.load(tmp_path / "old" / "samples.npz")["arr_0"],
+                          np.load(tmp_path / "new" / "samples.npz")["arr_0"])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import image_train  # noqa: E402
 import plot_curves  # noqa: E402
-from guided_diffusion import logger, script_util, train_util  # noqa: E402
+from guided_diffusion import image_io, logger, script_util, train_util  # noqa: E402
 
 SMOKE = REPO / "configs" / "smoke" / "tiny.yaml"  # 6 steps, checkpoints at 3 and 6, a log row every step
 
@@ -268,7 +268,7 @@ def test_sample_grid_is_large_enough_to_see(tmp_path):
 
     images = torch.rand(16, 3, 16, 16) * 2 - 1
     path = tmp_path / "grid.png"
-    train_util._write_grid(images, str(path))
+    image_io.write_grid(images, str(path))
     img = np.asarray(Image.open(path))
     assert img.shape[1] >= 512 and img.shape[0] >= 512  # was 74 x 74
     scale = (img.shape[1] - 2) // 4 - 2
@@ -277,7 +277,7 @@ def test_sample_grid_is_large_enough_to_see(tmp_path):
     first = ((images[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(img[2:2 + scale, 2:2 + scale], first.repeat(k, 0).repeat(k, 1))  # nearest
     # large images are left as they are
-    train_util._write_grid(torch.zeros(4, 3, 256, 256), str(path))
+    image_io.write_grid(torch.zeros(4, 3, 256, 256), str(path))
     assert Image.open(path).size == (2 * 258 + 2, 2 * 258 + 2)
     # image_sample.py --grid (uint8 NHWC) goes through the same writer
     batch = (np.random.default_rng(0).random((5, 32, 32, 3)) * 255).astype(np.uint8)

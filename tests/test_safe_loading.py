@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "scripts" / "datasets"))
 
 import cifar10  # noqa: E402  (scripts/datasets/cifar10.py)
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.analysis import load_state_dict_file  # noqa: E402
+from guided_diffusion.checkpoint import load_state_dict_file  # noqa: E402
 from guided_diffusion.train_util import ResumeError, load_state_file  # noqa: E402
 
 

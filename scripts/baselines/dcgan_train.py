@@ -24,15 +24,15 @@ import os
 import sys
 from typing import Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
+if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 import torch.nn.functional as F
 
 from guided_diffusion import logger
-from guided_diffusion.analysis import pick_device
-from guided_diffusion.gan import GAN_CONFIG_NAME, create_gan, gan_defaults
+from experiments.analysis import pick_device
+from experiments.gan import GAN_CONFIG_NAME, create_gan, gan_defaults
 from guided_diffusion.script_util import add_dict_to_argparser
 from guided_diffusion.train_util import parse_save_steps
 

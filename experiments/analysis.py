@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from guided_diffusion.fp16_util import unflatten_like
+
 PSNR_CAP_DB = 100.0  # what an infinite PSNR (identical images) is reported as, in dB
 
 # ======================================================================================
@@ -319,7 +321,7 @@ def gan_sample_images(
 
     :return: float images [len(seeds), C, H, W] in [-1, 1] on the CPU.
     """
-    from .gan import gan_latents
+    from experiments.gan import gan_latents
 
     out = []
     with torch.no_grad():
@@ -471,15 +473,8 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Split a flat vector into tensors shaped like ``like``."""
-    out, k = [], 0
-    for p in like:
-        n = p.numel()
-        out.append(vector[k : k + n].view_as(p))
-        k += n
-    if k != vector.numel():
-        raise ValueError(f"unflatten: vector has {vector.numel()} entries, the tensors {k}")
-    return out
+    """Split a flat vector into tensors shaped like ``like`` (views)."""
+    return unflatten_like(vector, like)
 
 
 class HessianVectorProduct:
@@ -907,132 +902,17 @@ def diffusion_loss(model: torch.nn.Module, diffusion, batch: FixedBatch, terms: 
 
 
 # ======================================================================================
-# Checkpoints: flags and models
+# Checkpoints: flags and models (the library's loaders; re-exported for the scripts)
 # ======================================================================================
 
-# Flags that change nothing for analysis but would get in the way of it.
-ANALYSIS_OVERRIDES = {"use_fp16": False, "use_checkpoint": False}
-
-
-def parse_model_flags(text: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """
-    Parse a ``--model_flags`` string in upstream flag syntax ("--num_channels 64 --learn_sigma
-    True ...") against ``defaults``; return only the flags it sets.
-
-    :raises ValueError: naming an unknown flag or a bad value.
-    """
-    from .script_util import add_dict_to_argparser
-
-    parser = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
-    add_dict_to_argparser(parser, {k: None for k in defaults})  # None defaults: see what was set
-    typed = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
-    add_dict_to_argparser(typed, defaults)
-    tokens = shlex.split(text)
-    try:
-        raw, unknown = parser.parse_known_args(tokens)
-        if unknown:
-            raise ValueError(f"--model_flags: unknown flag(s) {unknown}; valid: {', '.join(sorted(defaults))}")
-        given = [k for k, v in vars(raw).items() if v is not None]
-        parsed = typed.parse_args(tokens)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise ValueError(f"--model_flags {text!r}: {e}") from None
-    return {k: getattr(parsed, k) for k in given}
-
-
-def resolve_model_flags(
-    checkpoint: Union[str, Path],
-    model_flags: Optional[str] = None,
-    defaults: Optional[Dict[str, Any]] = None,
-    flavor: Optional[str] = None,
-) -> Tuple[Dict[str, Any], str]:
-    """
-    The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
-    ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
-    in the checkpoint's folder when there is one (training-only keys ignored), overridden by
-    ``model_flags``.
-
-    The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
-    etc.) is the one in ``model_flags``, else the run's ``config.yaml``, else ``flavor``, else
-    guided. It matters for a bare upstream checkpoint: our runs' config.yaml spells every flag.
-
-    :param checkpoint: the ``.pt`` file.
-    :param model_flags: a string of upstream flags (may include ``--flavor``), or None.
-    :param flavor: the script's ``--flavor``, or None.
-    :return: ``(flags, source)``; ``source`` says where they came from, for messages.
-    """
-    from .script_util import DEFAULT_FLAVOR, apply_flavor, check_flavor, coerce_config, load_config, \
-        model_and_diffusion_defaults
-
-    defaults = dict(defaults or model_and_diffusion_defaults())
-    cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
-    cfg = load_config(cfg_path) if cfg_path.is_file() else {}
-    given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
-    chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
-    chosen = check_flavor(chosen, "flavor")
-    flags = apply_flavor(defaults, chosen)
-    sources = ["defaults" if chosen == DEFAULT_FLAVOR else f"{chosen} defaults"]
-    if cfg:
-        cfg = {k: v for k, v in cfg.items() if k in defaults}
-        flags.update(coerce_config(cfg, defaults, str(cfg_path)))
-        sources.append(str(cfg_path))
-    if model_flags:
-        flags.update(given)
-        sources.append(f"--model_flags {model_flags!r}")
-    return flags, " < ".join(sources)
-
-
-def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read a plain state_dict checkpoint on the CPU, with a clear error for a missing/bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - say which file could not be read
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch state_dict ({e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint {path}: expected a plain state_dict (name -> tensor)")
-    return sd
-
-
-def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path, source: str = "") -> None:
-    """``model.load_state_dict(strict=True)`` with an error naming the mismatched keys/shapes."""
-    from .dist_util import state_dict_mismatch
-
-    mismatch = state_dict_mismatch(state_dict, model.state_dict())
-    if mismatch:
-        raise ValueError(f"checkpoint {path} does not fit the model built from {source or 'the given flags'}: "
-                         f"{mismatch} (give the training flags with --model_flags, or put the run's config.yaml "
-                         "beside the checkpoint)")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_diffusion_model(
-    checkpoint: Union[str, Path],
-    model_flags: Optional[str] = None,
-    overrides: Optional[Dict[str, Any]] = None,
-    device: Union[str, torch.device] = "cpu",
-):
-    """
-    Build the model and diffusion a checkpoint was trained with and load its weights
-    (fp32, eval mode, no gradient checkpointing).
-
-    :param checkpoint: a ``model*.pt`` / ``ema_*.pt`` state_dict.
-    :param model_flags: upstream flag string for this checkpoint (see ``resolve_model_flags``).
-    :param overrides: flags set last, e.g. ``{"timestep_respacing": "ddim50"}``.
-    :return: ``(model, diffusion, flags, source)``.
-    """
-    from .script_util import create_model_and_diffusion
-
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    flags, source = resolve_model_flags(checkpoint, model_flags)
-    flags.update(ANALYSIS_OVERRIDES)
-    flags.update(overrides or {})
-    model, diffusion = create_model_and_diffusion(**flags)
-    load_into(model, load_state_dict_file(checkpoint), checkpoint, source)
-    model.to(device).eval()
-    return model, diffusion, flags, source
+from guided_diffusion.checkpoint import (  # noqa: E402,F401
+    ANALYSIS_OVERRIDES,
+    load_diffusion_model,
+    load_into,
+    load_state_dict_file,
+    parse_model_flags,
+    resolve_model_flags,
+)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -1050,14 +930,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def default_out_dir(kind: str) -> Path:
     """``runs/<kind>-<timestamp>`` under the working directory (never /tmp)."""
-    from .logger import default_log_dir
+    from guided_diffusion.logger import default_log_dir
 
     return Path(default_log_dir(kind))
 
 
 def config_data_dir(checkpoint: Union[str, Path]) -> str:
     """The ``data_dir`` of the run's ``config.yaml`` beside ``checkpoint`` ("" when there is none)."""
-    from .script_util import load_config
+    from guided_diffusion.script_util import load_config
 
     cfg = Path(checkpoint).resolve().parent / "config.yaml"
     return str(load_config(cfg).get("data_dir", "") or "") if cfg.is_file() else ""
@@ -1236,7 +1116,7 @@ def checkpoint_kind(checkpoint: Union[str, Path], kind: str = "auto") -> str:
     ``--kind``: "diffusion" or "gan" as given; "auto": "gan" when the DCGAN training script's
     ``gan_config.yaml`` sits beside the checkpoint, else "diffusion".
     """
-    from .gan import find_gan_config
+    from experiments.gan import find_gan_config
 
     if kind not in ("auto", "diffusion", "gan"):
         raise ValueError(f"--kind: expected auto, diffusion or gan, got {kind!r}")
@@ -1254,7 +1134,7 @@ def load_gan_model(
 
     :return: ``(generator, flags)`` or ``(generator, discriminator, flags)``.
     """
-    from .gan import GAN_CONFIG_NAME, create_gan, discriminator_path_for, load_gan_flags
+    from experiments.gan import GAN_CONFIG_NAME, create_gan, discriminator_path_for, load_gan_flags
 
     flags = load_gan_flags(checkpoint)
     g, d = create_gan(**flags)
@@ -1290,7 +1170,7 @@ def load_fixed_batch(
 
     :param data_dir: anything ``image_datasets.load_data`` reads ("synthetic" included).
     """
-    from .image_datasets import load_data
+    from guided_diffusion.image_datasets import load_data
 
     if not data_dir:
         raise ValueError("--data_dir is required (not in the checkpoint's config.yaml): an image folder, "
@@ -1352,3 +1232,138 @@ def save_grid_png(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ======================================================================================
+# Which checkpoint(s): --model_path FILE, or --run_dir DIR with --step / --ema_rate / --use_ema
+# ======================================================================================
+
+CHECKPOINT_COUNTS = ("one", "two", "many")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, count: str = "one",
+                        model_path_aliases: Sequence[str] = (), model_path_help: str = "") -> argparse.ArgumentParser:
+    """
+    The checkpoint flags of the analysis scripts, spelled as the sample scripts spell them:
+    ``--model_path`` (a checkpoint file), or ``--run_dir`` (a training run folder) with ``--step``
+    (default: the newest), ``--ema_rate`` (default: the run's first rate) and ``--use_ema``
+    (default True; False: the raw ``modelNNNNNN.pt``). A DCGAN run folder (``gan_config.yaml``)
+    gives ``generator_NNNNNN.pt``. ``resolve_checkpoint_args`` turns them into files.
+
+    :param count: "one" (``--model_path FILE``, ``--run_dir DIR``, ``--step N``), "two" or
+        "many" (``--model_path A B ...``, ``--run_dir D1 [D2 ...]``, ``--step N`` or ``--step A,B,...``).
+    :param model_path_aliases: older spellings of ``--model_path`` (``--ckpt``, ``--models``).
+    :param model_path_help: what ``--model_path`` takes, for ``--help`` (default: any checkpoint file).
+    """
+    from guided_diffusion.script_util import str2bool
+
+    one = count == "one"
+    if count not in CHECKPOINT_COUNTS:
+        raise ValueError(f"add_checkpoint_args: count must be one of {CHECKPOINT_COUNTS}, got {count!r}")
+    alias = f" ({', '.join(model_path_aliases)}: the same flag)" if model_path_aliases else ""
+    files = "modelNNNNNN.pt, ema_R_NNNNNN.pt or a DCGAN generator_NNNNNN.pt"
+    default_help = {"one": f"a checkpoint file: {files}", "two": f"checkpoints A and B (alpha = 0 and 1): {files}",
+                    "many": f"checkpoint files: {files}"}[count]
+    parser.add_argument("--model_path", *model_path_aliases, dest="model_path", nargs=None if one else "+",
+                        default=None, metavar="FILE", help=(model_path_help or default_help) + alias)
+    parser.add_argument("--run_dir", nargs=None if one else "+", default=None, metavar="DIR",
+                        help="instead of --model_path: " + ("a training run folder, its checkpoint" if one else
+                                                            "training run folder(s), the checkpoints")
+                        + " picked by --step, --ema_rate and --use_ema")
+    parser.add_argument("--step", type=str, default="",
+                        help="with --run_dir: the training step (default: the newest)" + (
+                            "" if one else "; a comma list (A,B) takes several steps of one run, or one step "
+                                           "per --run_dir"))
+    parser.add_argument("--ema_rate", type=str, default="",
+                        help="with --run_dir: the EMA rate (default: the run's first)")
+    parser.add_argument("--use_ema", type=str2bool, default=True,
+                        help="with --run_dir: True: the EMA file ema_R_NNNNNN.pt, False: the raw modelNNNNNN.pt")
+    return parser
+
+
+def parse_step_list(text: Union[str, int, None]) -> List[int]:
+    """``--step``: "" (the newest), "N" or "A,B,..." -> the steps ([] for the newest)."""
+    text = "" if text is None else str(text).strip()
+    if not text:
+        return []
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--step: expected a training step or comma-separated steps, got {text!r}") from None
+
+
+def resolve_checkpoint(model_path: str = "", run_dir: str = "", step: int = -1, ema_rate: str = "",
+                       use_ema: bool = True) -> str:
+    """
+    ``sample_util.resolve_checkpoint`` (the sample scripts' rule, and its messages), plus DCGAN
+    runs: a ``--run_dir`` with a ``gan_config.yaml`` gives ``generator_{step:06d}.pt`` (the
+    newest without ``--step``); GANs have no EMA, so ``--use_ema`` is moot and ``--ema_rate`` an error.
+    """
+    import os
+    import re
+
+    from experiments.gan import GAN_CONFIG_NAME
+    from guided_diffusion.sample_util import step_list
+    from guided_diffusion.sample_util import resolve_checkpoint as resolve_sample_checkpoint
+
+    if model_path or not run_dir or not (Path(run_dir) / GAN_CONFIG_NAME).is_file():
+        return resolve_sample_checkpoint(model_path, run_dir, step, ema_rate, use_ema)
+    if ema_rate:
+        raise ValueError(f"--ema_rate {ema_rate}: --run_dir {run_dir} is a DCGAN run ({GAN_CONFIG_NAME}); it "
+                         "saves no EMA weights, drop --ema_rate")
+    steps = sorted(int(m.group(1)) for m in (re.match(r"^generator_(\d+)\.pt$", n) for n in os.listdir(run_dir))
+                   if m)
+    if int(step) < 0:
+        if not steps:
+            raise FileNotFoundError(f"--run_dir {run_dir}: no generator_NNNNNN.pt checkpoint in it")
+        step = steps[-1]
+    path = os.path.join(run_dir, f"generator_{int(step):06d}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--run_dir {run_dir} --step {int(step)}: {os.path.basename(path)} not found; "
+                                f"steps with a generator file: {step_list(steps, int(step))}")
+    return path
+
+
+def resolve_checkpoint_args(args: argparse.Namespace, count: str = "one") -> List[str]:
+    """
+    The checkpoint files of ``add_checkpoint_args``'s flags, each as ``resolve_checkpoint`` finds it.
+
+    ``--model_path`` gives the files themselves. ``--run_dir D`` with ``--step A,B`` gives two steps
+    of one run; ``--run_dir D1 D2`` with ``--step N`` (or none: each run's newest) the same step of
+    each run; ``--run_dir D1 D2 --step A,B`` step A of D1 and B of D2.
+
+    :param count: as given to ``add_checkpoint_args``; "one" and "two" check the number of files.
+    :return: the files, in the order given.
+    :raises ValueError / FileNotFoundError: naming the flag (and the steps / rates a run has).
+    """
+    def as_list(v: Any) -> List[str]:
+        return [] if v in (None, "") else ([v] if isinstance(v, str) else [str(x) for x in v])
+
+    paths, run_dirs = as_list(args.model_path), as_list(args.run_dir)
+    steps = parse_step_list(getattr(args, "step", ""))
+    ema_rate, use_ema = getattr(args, "ema_rate", "") or "", getattr(args, "use_ema", True)
+    if paths and run_dirs:
+        raise ValueError("give either --model_path or --run_dir, not both")
+    if paths:
+        out = [resolve_checkpoint(p) for p in paths]
+    elif not run_dirs:
+        out = [resolve_checkpoint()]  # raises: --model_path or --run_dir is required
+    else:
+        if count == "one" and len(steps) > 1:
+            raise ValueError(f"--step: one step, got {args.step!r}")
+        if len(run_dirs) == 1:
+            pairs = [(run_dirs[0], s) for s in steps] or [(run_dirs[0], -1)]
+        elif len(steps) <= 1:
+            pairs = [(d, steps[0] if steps else -1) for d in run_dirs]
+        elif len(steps) == len(run_dirs):
+            pairs = list(zip(run_dirs, steps))
+        else:
+            raise ValueError(f"--step {args.step}: {len(steps)} steps for {len(run_dirs)} --run_dir folders; give "
+                             "one step for all of them, or one per folder")
+        out = [resolve_checkpoint("", d, s, ema_rate, use_ema) for d, s in pairs]
+    wanted = {"one": 1, "two": 2}.get(count)
+    if wanted is not None and len(out) != wanted:
+        how = "--model_path A B, or --run_dir DIR --step A,B" if wanted == 2 else "--model_path FILE, or --run_dir DIR"
+        raise ValueError(f"expected {wanted} checkpoint{'s' if wanted > 1 else ''} ({how}), got {len(out)}: "
+                         f"{', '.join(out)}")
+    return out

@@ -128,7 +128,7 @@ def load_gan_flags(checkpoint: Union[str, Path]) -> Dict[str, Any]:
 
     :raises FileNotFoundError: naming the missing file.
     """
-    from .script_util import coerce_config, load_config
+    from guided_diffusion.script_util import coerce_config, load_config
 
     cfg_path = find_gan_config(checkpoint)
     if cfg_path is None:

@@ -1,0 +1,589 @@
+"""
+Checkpoint files and resume: the file names (upstream's ``model/ema/opt{step:06d}.pt`` plus this
+project's ``state{step:06d}.pt``, written last so it marks a complete set), listing complete
+sets, atomic writes, deciding what a run resumes from (falling back past a damaged newest set),
+safe loading (``weights_only=True``) and the checks that refuse a resume into another model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import tempfile
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import dist_util, logger
+
+__all__ = [
+    "ResumeError",
+    "CheckpointWriteError",
+    "ResumePoint",
+    "MODEL_FLAGS_IGNORED_ON_RESUME",
+    "checkpoint_names",
+    "parse_resume_step_from_filename",
+    "get_blob_logdir",
+    "find_ema_checkpoint",
+    "list_complete_checkpoints",
+    "find_resume_checkpoint",
+    "resolve_resume",
+    "unreadable_checkpoint",
+    "load_state_file",
+    "load_weights",
+    "saved_config",
+    "check_resume_compatible",
+    "atomic_write",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "ANALYSIS_OVERRIDES",
+    "parse_model_flags",
+    "resolve_model_flags",
+    "load_state_dict_file",
+    "load_into",
+    "load_diffusion_model",
+]
+
+# Model flags a resume may change (numerics only, not the model's function).
+MODEL_FLAGS_IGNORED_ON_RESUME = frozenset({"use_fp16", "use_checkpoint"})
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed with the current flags (names what differs)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint file could not be written (disk full, read-only folder); names the file and
+    the newest complete set, which is left intact."""
+
+
+
+_MODEL_RE = re.compile(r"^model(\d+)\.pt$")
+_STATE_RE = re.compile(r"^state(\d+)\.pt$")
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt (or stateNNNNNN.pt), where NNNNNN is
+    the checkpoint's number of steps (upstream's helper).
+
+    :return: the step, or 0 when the name has no such number (as upstream).
+    """
+    base = os.path.basename(str(filename))
+    for pattern in (_MODEL_RE, _STATE_RE):
+        m = pattern.match(base)
+        if m:
+            return int(m.group(1))
+    split = base.split("model")
+    if len(split) < 2:
+        return 0
+    digits = split[-1].split(".")[0]
+    try:
+        return int(digits)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir() -> Optional[str]:
+    """The folder checkpoints go to: the logger's run folder (as upstream)."""
+    return logger.get_dir()
+
+
+def checkpoint_names(step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
+    """The file names of the checkpoint set of ``step``: model, opt, state and one EMA per rate."""
+    return {
+        "model": f"model{step:06d}.pt",
+        "opt": f"opt{step:06d}.pt",
+        "state": f"state{step:06d}.pt",
+        "ema": {rate: f"ema_{rate}_{step:06d}.pt" for rate in ema_rates},
+    }
+
+
+def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
+    """The EMA file of ``rate`` beside ``main_checkpoint`` at ``step``, or None (upstream's helper)."""
+    if not main_checkpoint:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
+    """
+    Steps of the complete checkpoint sets in ``log_dir``, oldest first.
+
+    A set is complete when ``state{N}.pt`` (written last) exists together with ``model{N}.pt``
+    and ``opt{N}.pt``; half-written temporary files never carry these names.
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    names = set(os.listdir(log_dir))
+    steps = []
+    for name in names:
+        m = _STATE_RE.match(name)
+        if m:
+            step = int(m.group(1))
+            if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
+                steps.append(step)
+    return sorted(steps)
+
+
+def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:
+    """
+    The model file of the newest complete checkpoint set in ``log_dir`` (default: the logger's
+    run folder), or None. Upstream left this as a stub to override.
+    """
+    log_dir = log_dir or get_blob_logdir()
+    steps = list_complete_checkpoints(log_dir)
+    if not steps:
+        return None
+    return os.path.join(log_dir, f"model{steps[-1]:06d}.pt")
+
+
+@dataclass
+class ResumePoint:
+    """
+    What a run resumes from.
+
+    :param step: completed steps of the checkpoint.
+    :param model_path: the model weights.
+    :param opt_path: the optimizer state, if present.
+    :param state_path: this project's state file (sampler, RNG, data position, ...), if present.
+    :param ema_paths: EMA rate -> file, for the rates present.
+    :param how: "auto" (newest complete set of the run folder) or the flag that named it.
+    """
+
+    step: int
+    model_path: str
+    opt_path: Optional[str] = None
+    state_path: Optional[str] = None
+    ema_paths: Dict[float, str] = field(default_factory=dict)
+    how: str = "auto"
+    _state: Any = field(default=None, repr=False)
+
+    def load_state(self) -> Optional[Dict[str, Any]]:
+        """The state file's dict (cached), or None when there is none."""
+        if self.state_path is None:
+            return None
+        if self._state is None:
+            self._state = load_state_file(self.state_path)
+        return self._state
+
+    def describe(self) -> str:
+        folder = os.path.dirname(self.model_path) or "."
+        parts = [os.path.basename(self.model_path)]
+        if self.opt_path:
+            parts.append(os.path.basename(self.opt_path))
+        parts += [os.path.basename(p) for p in self.ema_paths.values()]
+        if self.state_path:
+            parts.append(os.path.basename(self.state_path))
+        return f"{folder}/{{{', '.join(parts)}}}"
+
+
+def _point_at(folder: str, step: int, ema_rates: Sequence[float], how: str,
+              model_path: Optional[str] = None) -> ResumePoint:
+    names = checkpoint_names(step, ema_rates)
+
+    def existing(name: str) -> Optional[str]:
+        path = os.path.join(folder, name)
+        return path if os.path.exists(path) else None
+
+    ema_paths = {}
+    for rate, name in names["ema"].items():
+        path = existing(name)
+        if path:
+            ema_paths[rate] = path
+    return ResumePoint(
+        step=step,
+        model_path=model_path or os.path.join(folder, names["model"]),
+        opt_path=existing(names["opt"]),
+        state_path=existing(names["state"]),
+        ema_paths=ema_paths,
+        how=how,
+    )
+
+
+def resolve_resume(
+    log_dir: Optional[str],
+    resume: str = "auto",
+    resume_checkpoint: str = "",
+    ema_rates: Sequence[float] = (0.9999,),
+) -> Optional[ResumePoint]:
+    """
+    Decide what a run resumes from.
+
+    :param log_dir: the run folder ("auto" looks there).
+    :param resume: "auto" (newest complete set in ``log_dir``, none if there is none), "none",
+                   or a path: a ``modelNNNNNN.pt``/``stateNNNNNN.pt`` file or a run folder.
+    :param resume_checkpoint: upstream's flag, a ``modelNNNNNN.pt`` path; wins over "auto".
+    :param ema_rates: the EMA rates whose files are looked for.
+    :return: a ResumePoint, or None for a fresh start.
+    :raises FileNotFoundError / ValueError: naming the flag when a named checkpoint is unusable.
+    """
+    resume = str(resume if resume is not None else "auto").strip()
+    explicit = resume.lower() not in ("auto", "none")
+    if resume_checkpoint and explicit and os.path.abspath(resume) != os.path.abspath(resume_checkpoint):
+        raise ValueError(f"--resume {resume!r} and --resume_checkpoint {resume_checkpoint!r} name different "
+                         "checkpoints; give only one")
+    if resume_checkpoint or explicit:
+        flag = "--resume_checkpoint" if resume_checkpoint else "--resume"
+        path = resume_checkpoint or resume
+        if os.path.isdir(path):
+            steps = list_complete_checkpoints(path)
+            if not steps:
+                raise FileNotFoundError(f"{flag} {path}: no complete checkpoint set (stateNNNNNN.pt with "
+                                        "modelNNNNNN.pt and optNNNNNN.pt) in this folder")
+            return _point_at(path, steps[-1], ema_rates, flag)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: checkpoint file not found: {path}")
+        base = os.path.basename(path)
+        folder = os.path.dirname(path) or "."
+        m = _STATE_RE.match(base)
+        if m:
+            step = int(m.group(1))
+            point = _point_at(folder, step, ema_rates, flag)
+            if not os.path.exists(point.model_path):
+                raise FileNotFoundError(f"{flag} {path}: the model file {point.model_path} of this state is missing")
+            return point
+        step = parse_resume_step_from_filename(path)
+        if not _MODEL_RE.match(base):
+            logger.warn(f"{flag} {path}: not named modelNNNNNN.pt; resuming its weights at step {step}")
+        return _point_at(folder, step, ema_rates, flag, model_path=path)
+    if resume.lower() == "none":
+        return None
+    steps = list_complete_checkpoints(log_dir)
+    if not steps:
+        return None
+    newest_problem = None
+    for step in reversed(steps):
+        point = _point_at(log_dir, step, ema_rates, "auto")
+        problem = unreadable_checkpoint(point)
+        if problem is None:
+            if newest_problem is not None:
+                logger.warn(f"the newest checkpoint set of {log_dir} (step {steps[-1]}) cannot be read: "
+                            f"{newest_problem}; resuming from step {step}, the newest complete set that reads "
+                            f"({point.describe()})")
+            return point
+        newest_problem = newest_problem or problem
+    raise ResumeError(f"{log_dir}: no complete checkpoint set can be read (newest, step {steps[-1]}: "
+                      f"{newest_problem}); start a new run with --resume none --overwrite True or another --log_dir")
+
+
+def unreadable_checkpoint(point: ResumePoint) -> Optional[str]:
+    """
+    Why a checkpoint set cannot be resumed from (a truncated or corrupt file), or None when its
+    state, model, optimizer and EMA files all read (memory-mapped, so cheap for large models).
+    """
+    try:
+        if point.state_path:
+            point.load_state()
+        for path in [point.model_path, point.opt_path, *point.ema_paths.values()]:
+            if path:
+                load_weights(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read makes the set unusable
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _legacy_numpy_globals() -> List[Any]:
+    """
+    The numpy names that state files written before they held only tensors need (the numpy RNG
+    key array): admitted by ``torch.load(weights_only=True)`` and nothing else.
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return names
+
+
+def load_state_file(path: str) -> Dict[str, Any]:
+    """
+    Read a ``stateNNNNNN.pt`` safely: ``torch.load(weights_only=True)`` (tensors, Python
+    containers and scalars), plus the few numpy names older state files contain. A file that
+    would need anything else (e.g. a crafted pickle that runs code) is refused.
+
+    :raises ResumeError: naming the file and why it was refused or could not be read.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"refused to load the state file {path}: it holds objects other than tensors, "
+                          f"Python values and numpy arrays, so loading it could run code ({e}). "
+                          "Use a state file written by this project") from e
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise ResumeError(f"cannot read the state file {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ResumeError(f"{path} is not a training state file of this project (no 'step' entry)")
+    return state
+
+
+
+def load_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint's tensors on the CPU, read safely (``weights_only=True``; memory-mapped when
+    possible, so a check is cheap)."""
+    if "://" in path:
+        return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The resolved config the checkpoint's run saved: from its state file, else config.yaml beside it."""
+    state = point.load_state()
+    if state is not None and isinstance(state.get("config"), dict):
+        return state["config"], point.state_path
+    cfg_path = os.path.join(os.path.dirname(point.model_path) or ".", "config.yaml")
+    if os.path.isfile(cfg_path):
+        try:
+            import yaml
+
+            with open(cfg_path) as f:
+                cfg = yaml.safe_load(f)
+            if isinstance(cfg, dict):
+                return cfg, cfg_path
+        except Exception:  # noqa: BLE001 - an unreadable side file only skips the flag check
+            return None, None
+    return None, None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
+def check_resume_compatible(
+    point: ResumePoint,
+    config: Optional[Dict[str, Any]],
+    model: Optional[torch.nn.Module] = None,
+) -> None:
+    """
+    Refuse a resume that would change the model.
+
+    1. Every key of ``model_and_diffusion_defaults()`` (except ``MODEL_FLAGS_IGNORED_ON_RESUME``)
+       must equal the value in the checkpoint's saved configuration.
+    2. The checkpoint's tensors must have the model's keys and shapes.
+
+    :param point: the checkpoint.
+    :param config: this run's resolved configuration (None skips check 1).
+    :param model: the freshly built model (None skips check 2).
+    :raises ResumeError: naming the differing flags with both values, or the mismatched
+                         keys/shapes.
+    """
+    if config is not None:
+        saved, source = saved_config(point)
+        if saved is not None:
+            from .script_util import model_and_diffusion_defaults
+
+            diffs = []
+            for key in model_and_diffusion_defaults():
+                if key in MODEL_FLAGS_IGNORED_ON_RESUME or key not in saved or key not in config:
+                    continue
+                if not _same_value(saved[key], config[key]):
+                    diffs.append(f"--{key}: checkpoint {saved[key]!r}, now {config[key]!r}")
+            if diffs:
+                raise ResumeError(
+                    f"cannot resume from {point.describe()} (step {point.step}): these model/diffusion flags "
+                    f"differ from the run that wrote it ({source}): " + "; ".join(diffs)
+                    + ". Resume with the checkpoint's values, or start a new run (--resume none, or another "
+                    "--log_dir)."
+                )
+    if model is not None:
+        try:
+            ckpt = load_weights(point.model_path)
+        except Exception as e:  # noqa: BLE001
+            raise ResumeError(f"cannot read the model checkpoint {point.model_path}: {type(e).__name__}: {e}") from e
+        _check_state_dict_matches(ckpt, model.state_dict(), point.model_path)
+
+
+def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Tensor], path: str) -> None:
+    if not isinstance(ckpt, dict):
+        raise ResumeError(f"{path} does not hold a state_dict (got {type(ckpt).__name__})")
+    mismatch = dist_util.state_dict_mismatch(ckpt, expected)
+    if mismatch:
+        raise ResumeError(f"the checkpoint {path} was made for another model configuration: {mismatch}. "
+                          "Use the flags it was trained with (see config.yaml in its run folder).")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """
+    ``torch.save`` that never leaves a half-written ``path``: write a temporary file in the
+    same folder, flush + fsync it, then ``os.replace`` it over ``path``.
+    """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
+    folder, flush + fsync, rename, fsync of the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as ``atomic_torch_save``."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the model a checkpoint was trained with
+# ---------------------------------------------------------------------------------------------
+
+# Flags that change nothing for analysis but would get in the way of it.
+ANALYSIS_OVERRIDES = {"use_fp16": False, "use_checkpoint": False}
+
+
+def parse_model_flags(text: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    Parse a ``--model_flags`` string in upstream flag syntax ("--num_channels 64 --learn_sigma
+    True ...") against ``defaults``; return only the flags it sets.
+
+    :raises ValueError: naming an unknown flag or a bad value.
+    """
+    from .script_util import add_dict_to_argparser
+
+    parser = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
+    add_dict_to_argparser(parser, {k: None for k in defaults})  # None defaults: see what was set
+    typed = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
+    add_dict_to_argparser(typed, defaults)
+    tokens = shlex.split(text)
+    try:
+        raw, unknown = parser.parse_known_args(tokens)
+        if unknown:
+            raise ValueError(f"--model_flags: unknown flag(s) {unknown}; valid: {', '.join(sorted(defaults))}")
+        given = [k for k, v in vars(raw).items() if v is not None]
+        parsed = typed.parse_args(tokens)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ValueError(f"--model_flags {text!r}: {e}") from None
+    return {k: getattr(parsed, k) for k in given}
+
+
+def resolve_model_flags(
+    checkpoint: Union[str, Path],
+    model_flags: Optional[str] = None,
+    defaults: Optional[Dict[str, Any]] = None,
+    flavor: Optional[str] = None,
+) -> Tuple[Dict[str, Any], str]:
+    """
+    The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
+    ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
+    in the checkpoint's folder when there is one (training-only keys ignored), overridden by
+    ``model_flags``.
+
+    The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
+    etc.) is the one in ``model_flags``, else the run's ``config.yaml``, else ``flavor``, else
+    guided. It matters for a bare upstream checkpoint: our runs' config.yaml spells every flag.
+
+    :param checkpoint: the ``.pt`` file.
+    :param model_flags: a string of upstream flags (may include ``--flavor``), or None.
+    :param flavor: the script's ``--flavor``, or None.
+    :return: ``(flags, source)``; ``source`` says where they came from, for messages.
+    """
+    from .script_util import DEFAULT_FLAVOR, apply_flavor, check_flavor, coerce_config, load_config, \
+        model_and_diffusion_defaults
+
+    defaults = dict(defaults or model_and_diffusion_defaults())
+    cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
+    cfg = load_config(cfg_path) if cfg_path.is_file() else {}
+    given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
+    chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
+    chosen = check_flavor(chosen, "flavor")
+    flags = apply_flavor(defaults, chosen)
+    sources = ["defaults" if chosen == DEFAULT_FLAVOR else f"{chosen} defaults"]
+    if cfg:
+        cfg = {k: v for k, v in cfg.items() if k in defaults}
+        flags.update(coerce_config(cfg, defaults, str(cfg_path)))
+        sources.append(str(cfg_path))
+    if model_flags:
+        flags.update(given)
+        sources.append(f"--model_flags {model_flags!r}")
+    return flags, " < ".join(sources)
+
+
+def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read a plain state_dict checkpoint on the CPU, with a clear error for a missing/bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - say which file could not be read
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch state_dict ({e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path}: expected a plain state_dict (name -> tensor)")
+    return sd
+
+
+def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path, source: str = "") -> None:
+    """``model.load_state_dict(strict=True)`` with an error naming the mismatched keys/shapes."""
+    from .dist_util import state_dict_mismatch
+
+    mismatch = state_dict_mismatch(state_dict, model.state_dict())
+    if mismatch:
+        raise ValueError(f"checkpoint {path} does not fit the model built from {source or 'the given flags'}: "
+                         f"{mismatch} (give the training flags with --model_flags, or put the run's config.yaml "
+                         "beside the checkpoint)")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_diffusion_model(
+    checkpoint: Union[str, Path],
+    model_flags: Optional[str] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    device: Union[str, torch.device] = "cpu",
+):
+    """
+    Build the model and diffusion a checkpoint was trained with and load its weights
+    (fp32, eval mode, no gradient checkpointing).
+
+    :param checkpoint: a ``model*.pt`` / ``ema_*.pt`` state_dict.
+    :param model_flags: upstream flag string for this checkpoint (see ``resolve_model_flags``).
+    :param overrides: flags set last, e.g. ``{"timestep_respacing": "ddim50"}``.
+    :return: ``(model, diffusion, flags, source)``.
+    """
+    from .script_util import create_model_and_diffusion
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    flags, source = resolve_model_flags(checkpoint, model_flags)
+    flags.update(ANALYSIS_OVERRIDES)
+    flags.update(overrides or {})
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_into(model, load_state_dict_file(checkpoint), checkpoint, source)
+    model.to(device).eval()
+    return model, diffusion, flags, source

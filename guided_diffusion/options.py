@@ -1,0 +1,344 @@
+"""
+The training flags: their defaults (``training_defaults``, upstream's image_train flags plus this
+project's) and their checks (``validate_training_args`` and the small resolvers every training
+entry point shares). One owner for "what does this flag mean and what values are valid";
+``TrainLoop``, the scripts and the configs take their defaults from here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "training_defaults",
+    "method_options",
+    "validate_training_args",
+    "resolve_fast_path",
+    "resolve_batch_size",
+    "parse_ema_rates",
+    "parse_save_steps",
+    "PRECISIONS",
+    "COMPILE_MODES",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def method_options() -> Dict[str, Any]:
+    """
+    The options of every registered timestep sampler and loss weighting, flag name -> default,
+    taken from their classes (so a new sampler's flags need no entry here). Model flags that a
+    weighting reads (``predict_xstart``) stay model flags.
+    """
+    from .resample import sampler_option_defaults
+    from .script_util import model_and_diffusion_defaults
+    from .weighting import weighting_option_defaults
+
+    model = model_and_diffusion_defaults()
+    out = dict(sampler_option_defaults())
+    out.update(weighting_option_defaults())
+    return {k: v for k, v in out.items() if k not in model}
+
+
+def training_defaults() -> Dict[str, Any]:
+    """
+    Defaults of the training flags of ``scripts/image_train.py`` (upstream's plus this
+    project's); merge with ``script_util.model_and_diffusion_defaults()``.
+
+    ``precision``/``compile``/``channels_last`` "auto" mean: bf16 autocast, torch.compile and
+    channels_last on CUDA; exact float32 without them on CPU.
+    """
+    return dict(
+        flavor="guided",  # improved | guided: which upstream codebase's defaults (recorded in config.yaml)
+        # upstream image_train.py
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
+        global_batch_size=0,  # > 0: the batch over all processes (per process = this / world size)
+        random_flip=True,  # left-right flips of training images (guided-diffusion; improved-diffusion: False)
+        save_steps="",  # comma-separated extra steps at which a checkpoint set is saved (e.g. epoch ends)
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        # each sampler's and weighting's options (clts_*, speed_*, min_snr_gamma, p2_*, ...) are
+        # declared once, by its class's constructor (resample.py, weighting.py): see method_options()
+        **method_options(),
+        # loss weighting: none | min_snr | p2 | speed
+        loss_weighting="none",
+        # optimizer and MDLRC
+        beta1=0.9,
+        beta2=0.999,
+        momentum_decay=False,
+        beta1_min=0.5,
+        total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
+        lr_compensation=True,
+        decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
+        allow_change="",  # run-defining flags that may change on resume (comma-separated)
+        overwrite=False,  # --resume none into a folder with checkpoints: move them aside and start over
+        stop_at=0,  # end this process at this step after a checkpoint (job time limits)
+        # speed / numerics
+        precision="auto",  # auto | fp32 | bf16 | fp16
+        compile="auto",  # auto | True | False
+        channels_last="auto",  # auto | True | False
+        fused_optimizer="auto",  # auto | True | False (fused AdamW; auto: on CUDA)
+        compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+        grad_clip=0.0,  # max global gradient norm; 0 = off
+        sample_interval=0,  # steps between EMA sample grids; 0 = off
+        # run bookkeeping
+        log_dir="",
+        seed=0,
+        resume="auto",  # auto | none | PATH
+        max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
+        skip_corrupt=True,  # corrupt/unreadable images in --data_dir: skip and count (False: error)
+        deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag validation (every message names the flag)
+# ---------------------------------------------------------------------------------------------
+
+
+def _auto_bool(value: Any, flag: str, auto: bool) -> bool:
+    """Resolve a flag that takes True/False/"auto"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return auto
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(f"--{flag} must be auto, True or False, got {value!r}")
+
+
+def _resolve_precision(precision: str, use_fp16: bool, device: torch.device) -> str:
+    """Map --precision (and upstream's --use_fp16) to one of fp32 | bf16 | fp16."""
+    p = str(precision).strip().lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if use_fp16:
+        if p not in ("auto", "fp16"):
+            raise ValueError(f"--use_fp16 True asks for fp16 but --precision is {precision!r}; "
+                             "drop one of them (--use_fp16 True is the same as --precision fp16)")
+        return "fp16"
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def resolve_fast_path(
+    device: Union[str, torch.device],
+    precision: str = "auto",
+    use_fp16: bool = False,
+    compile: Union[bool, str] = "auto",
+    channels_last: Union[bool, str] = "auto",
+    fused_optimizer: Union[bool, str] = "auto",
+) -> Dict[str, Any]:
+    """
+    Resolve the speed flags for ``device`` as TrainLoop does: "auto" turns every lever on on
+    CUDA (bf16 autocast, torch.compile, channels_last, fused AdamW) and off elsewhere (exact
+    float32 on the CPU).
+
+    :param device: the device the model trains on.
+    :param precision: --precision (auto | fp32 | bf16 | fp16).
+    :param use_fp16: upstream's --use_fp16 (the same as --precision fp16).
+    :param compile: --compile (auto | True | False).
+    :param channels_last: --channels_last (auto | True | False).
+    :param fused_optimizer: fused AdamW kernel (auto | True | False); auto: when on CUDA.
+    :return: dict with precision ("fp32" | "bf16" | "fp16"), compile, channels_last and
+             fused_optimizer (bools).
+    :raises ValueError: naming the flag whose value is not understood.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    return dict(
+        precision=_resolve_precision(precision, bool(use_fp16), device),
+        compile=_auto_bool(compile, "compile", on_cuda),
+        channels_last=_auto_bool(channels_last, "channels_last", on_cuda),
+        fused_optimizer=_auto_bool(fused_optimizer, "fused_optimizer", on_cuda),
+    )
+
+
+def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]:
+    """
+    Parse ``--ema_rate`` ("0.9999" or "0.9999,0.999", or numbers) into a list of floats.
+
+    :raises ValueError: naming --ema_rate when a rate is not a number in (0, 1).
+    """
+    if isinstance(ema_rate, (int, float)) and not isinstance(ema_rate, bool):
+        items: List[Any] = [ema_rate]
+    elif isinstance(ema_rate, str):
+        items = [x for x in ema_rate.split(",") if x.strip()]
+    else:
+        items = list(ema_rate)
+    rates = []
+    for x in items:
+        try:
+            r = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"--ema_rate must be comma-separated numbers in (0, 1), got {ema_rate!r}") from None
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"--ema_rate: every rate must be in (0, 1), got {r!r} in {ema_rate!r}")
+        rates.append(r)
+    if not rates:
+        raise ValueError(f"--ema_rate needs at least one rate, got {ema_rate!r}")
+    return rates
+
+
+def _int_flag(args: Dict[str, Any], flag: str, lo: int) -> None:
+    v = args.get(flag)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
+        raise ValueError(f"--{flag} must be an integer >= {lo}, got {v!r}")
+
+
+def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    v = args.get(flag)
+    if v is None:
+        return
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(float(v))
+    if ok:
+        x = float(v)
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"--{flag} must be a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_batch_size(batch_size: int, global_batch_size: int, world_size: int,
+                       batch_size_given: bool = False) -> int:
+    """
+    The per-process batch: ``--global_batch_size`` / processes when it is set, else ``--batch_size``
+    (upstream's per-process semantics).
+
+    :param batch_size: --batch_size (per process).
+    :param global_batch_size: --global_batch_size (0: off).
+    :param world_size: number of processes.
+    :param batch_size_given: --batch_size was given on the command line; with --global_batch_size
+                             it must then agree (batch_size x processes == global_batch_size).
+    :raises ValueError: naming both flags when they conflict or the global batch does not divide.
+    """
+    if not global_batch_size:
+        return int(batch_size)
+    g, n = int(global_batch_size), int(world_size)
+    if g < 1:
+        raise ValueError(f"--global_batch_size must be an integer >= 0 (0: use --batch_size), got {global_batch_size!r}")
+    if g % n:
+        raise ValueError(f"--global_batch_size {g} does not divide over {n} processes; use a multiple of {n} "
+                         "(or --global_batch_size 0 with a per-process --batch_size)")
+    per_rank = g // n
+    if batch_size_given and int(batch_size) != per_rank:
+        raise ValueError(f"--batch_size {batch_size} (per process) and --global_batch_size {g} ({n} processes -> "
+                         f"{per_rank} per process) disagree; give one of them (--global_batch_size 0 switches "
+                         "the global batch off)")
+    return per_rank
+
+
+def parse_save_steps(save_steps: Union[str, Sequence[int], None]) -> List[int]:
+    """
+    ``--save_steps`` ("3906,39062") -> sorted list of steps at which a checkpoint set is saved in
+    addition to every ``--save_interval``.
+
+    :raises ValueError: naming --save_steps when an entry is not an integer >= 1.
+    """
+    if save_steps is None or (isinstance(save_steps, str) and not save_steps.strip()):
+        return []
+    items = save_steps.split(",") if isinstance(save_steps, str) else list(save_steps)
+    out = []
+    for x in items:
+        try:
+            v = int(str(x).strip())
+        except ValueError:
+            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}") from None
+        if v < 1:
+            raise ValueError(f"--save_steps must be comma-separated integers >= 1, got {save_steps!r}")
+        out.append(v)
+    return sorted(set(out))
+
+
+def validate_training_args(args: Dict[str, Any]) -> None:
+    """
+    Check the training flags before anything is built or written.
+
+    :param args: flag name -> value (e.g. ``vars(argparse_namespace)``); keys that are absent
+                 are not checked.
+    :raises ValueError: naming the flag, the value and what was expected.
+    """
+    for flag in ("batch_size", "log_interval"):
+        _int_flag(args, flag, 1)
+    for flag in ("save_interval", "lr_anneal_steps", "total_steps", "stop_at", "sample_interval",
+                 "max_nonfinite", "seed"):
+        _int_flag(args, flag, 0)
+    mb = args.get("microbatch")
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, np.integer)) or (mb < 1 and mb not in (0, -1))):
+        raise ValueError(f"--microbatch must be -1 (off) or an integer >= 1, got {mb!r}")
+    _num_flag(args, "lr", 0.0, lo_open=True)
+    _num_flag(args, "weight_decay", 0.0)
+    _num_flag(args, "grad_clip", 0.0)
+    _num_flag(args, "fp16_scale_growth", 0.0, 1.0, lo_open=True)
+    _num_flag(args, "beta1", 0.0, 1.0, hi_open=True)
+    _num_flag(args, "beta2", 0.0, 1.0, hi_open=True)
+    _num_flag(args, "beta1_min", 0.0, 1.0, hi_open=True)
+    if "ema_rate" in args:
+        parse_ema_rates(args["ema_rate"])
+    _int_flag(args, "global_batch_size", 0)
+    if "save_steps" in args:
+        parse_save_steps(args["save_steps"])
+    if "precision" in args:
+        _resolve_precision(args["precision"], bool(args.get("use_fp16", False)), torch.device("cpu"))
+    for flag in ("compile", "channels_last", "fused_optimizer"):
+        if flag in args:
+            _auto_bool(args[flag], flag, False)
+    mode = args.get("compile_mode")
+    if mode is not None and str(mode) not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    _check_methods(args)
+    total, stop_at = args.get("total_steps") or 0, args.get("stop_at") or 0
+    if total and stop_at and stop_at > total:
+        raise ValueError(f"--stop_at {stop_at} is past --total_steps {total}: the run ends at --total_steps; "
+                         "use a --stop_at below it (or 0)")
+    resume = args.get("resume")
+    if resume is not None and not str(resume).strip():
+        raise ValueError("--resume must be auto, none or a checkpoint path, got an empty value")
+
+
+class _StandInDiffusion:
+    """A 10-step linear-schedule stand-in, so the method classes' own checks can run on flags."""
+
+    num_timesteps = 10
+    alphas_cumprod = np.cumprod(1.0 - np.linspace(1e-4, 0.2, 10))
+
+
+def _check_methods(args: Dict[str, Any]) -> None:
+    # The classes validate their own options (one check per option, messages name the flags):
+    # building the chosen sampler, weighting and MDLRC schedule here runs those checks early.
+    from .optim import MomentumDecay
+    from .resample import create_named_schedule_sampler
+    from .weighting import create_loss_weighting
+
+    options = {k: args[k] for k in method_options() if k in args}
+    if "schedule_sampler" in args:
+        create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0, **options)
+    if "loss_weighting" in args:
+        create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
+    if args.get("momentum_decay"):
+        MomentumDecay(beta1=args.get("beta1", 0.9), beta1_min=args.get("beta1_min", 0.5),
+                      total_steps=args.get("total_steps") or None, lr_compensation=args.get("lr_compensation", True),
+                      enabled=True)

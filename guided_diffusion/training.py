@@ -1,0 +1,212 @@
+"""
+Building and running a training run from flags: the library entry point behind
+``scripts/image_train.py`` (and ``super_res_train.py``, ``benchmark.py``, ``demo.py``).
+
+``train(argv)`` parses the flags (``--config`` files, ``--flavor``), validates everything that
+can fail before the run folder is touched, resolves the per-process batch, builds the model,
+diffusion, timestep sampler and loss weighting, decides the resume point (refusing what would
+mix runs up, ``run_folder``), reads the data, locks the folder, records ``config.yaml`` and runs
+``TrainLoop``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import dist_util, logger
+from .options import method_options, parse_ema_rates, resolve_batch_size, training_defaults, validate_training_args
+from .resample import create_named_schedule_sampler, loss_weighting
+from .run_folder import claim_run_folder, prepare_resume
+from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, parse_args_with_config
+from .train_util import TrainLoop
+
+__all__ = [
+    "create_argparser_defaults",
+    "parse_args",
+    "resolve_log_dir",
+    "resolved_config",
+    "config_yaml",
+    "load_training_data",
+    "create_schedule",
+    "train_loop_kwargs",
+    "train",
+]
+
+DESCRIPTION = "Train a diffusion model on images."
+
+
+def create_argparser_defaults() -> Dict[str, Any]:
+    """Every flag of this script with its default: model/diffusion flags + training flags."""
+    defaults = model_and_diffusion_defaults()
+    defaults.update(training_defaults())
+    defaults["print_config"] = False  # print the resolved flags as YAML and exit
+    return defaults
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = DESCRIPTION) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv[1:]`` when None) with ``--config`` support."""
+    return parse_args_with_config(create_argparser_defaults(), argv, description=description)
+
+
+def resolve_log_dir(args: argparse.Namespace) -> str:
+    """
+    The run folder: --log_dir, else $OPENAI_LOGDIR, else runs/<config stem or "run">-<timestamp>
+    (relative to the working directory; never /tmp). Rank 0 decides for every rank.
+    """
+    log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR", "")
+    if not log_dir:
+        stem = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
+        log_dir = logger.default_log_dir(stem)
+    if dist_util.get_world_size() > 1:
+        box: List[Any] = [log_dir]
+        dist.broadcast_object_list(box, src=0)  # timestamps may differ between ranks
+        log_dir = box[0]
+    return os.path.expanduser(log_dir)
+
+
+def resolved_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Every flag of this script with its resolved value (what config.yaml holds)."""
+    return {k: getattr(args, k) for k in create_argparser_defaults() if k != "print_config"}
+
+
+def config_yaml(config: Dict[str, Any], source: str) -> str:
+    """The text of a run's config.yaml: a header naming ``source``, then the flags as YAML."""
+    import yaml
+
+    header = (f"# Resolved configuration of this run ({source}).\n"
+              "# A new run like this one: python scripts/image_train.py --config <this file> (a new folder);\n"
+              "# this run itself resumes with --log_dir <its folder>\n")
+    return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def load_training_data(args: argparse.Namespace):
+    """The training batches ``load_data`` gives for the flags (sharded by rank; on the GPU when it fits)."""
+    from guided_diffusion.image_datasets import load_data
+
+    kwargs: Dict[str, Any] = dict(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+    )
+    params = inspect.signature(load_data).parameters
+    if "seed" in params:
+        kwargs["seed"] = args.seed
+    if "skip_corrupt" in params:
+        kwargs["skip_corrupt"] = args.skip_corrupt
+    if "num_classes" in params and args.class_cond:
+        kwargs["num_classes"] = args.num_classes
+    if "device" in params and dist_util.dev().type == "cuda":
+        kwargs["device"] = dist_util.dev()  # whole dataset on the GPU when the loader can
+    return load_data(**kwargs)
+
+
+def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Optional[np.ndarray]]:
+    """
+    The timestep sampler of ``--schedule_sampler`` and the per-timestep weights of
+    ``--loss_weighting`` (None for "none"), built before anything is written so that bad options
+    fail early.
+
+    One sampler stream is shared by all ranks: TrainLoop draws the global batch's timesteps and
+    slices it, so every rank (and a resumed run) agrees.
+
+    :return: ``(schedule_sampler, loss_weights)``.
+    """
+    options = {k: getattr(args, k) for k in method_options() if hasattr(args, k)}
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0, **options)
+    weights = None
+    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
+        weights = loss_weighting(args.loss_weighting, diffusion, predict_xstart=args.predict_xstart, **options)
+    return sampler, weights
+
+
+# TrainLoop keywords that are objects built by the script, not flags
+_BUILT = ("model", "diffusion", "data", "schedule_sampler", "loss_weighting", "loss_weighting_options", "config")
+
+
+def train_loop_kwargs(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
+    """
+    Every ``TrainLoop`` keyword that is also a flag of ``args``, by name, then ``overrides``.
+
+    :param args: parsed flags (image_train.py's, or a script that extends them).
+    :param overrides: values that replace the flags' (e.g. ``save_interval=0``).
+    """
+    names = inspect.signature(TrainLoop).parameters
+    kwargs = {k: getattr(args, k) for k in names if k not in _BUILT and hasattr(args, k)}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def train(argv: Optional[Sequence[str]] = None, description: str = DESCRIPTION) -> str:
+    """
+    Train as the flags say.
+
+    :param argv: command-line arguments (``sys.argv[1:]`` when None).
+    :return: the run folder.
+    """
+    args = parse_args(argv, description)
+    if args.config and args.log_dir and "log_dir" not in args.command_line_flags:
+        # a config file names no run folder: re-running a run's config.yaml must not write into that run
+        print(f"--config {args.config} names log_dir {args.log_dir}; not used (a config describes a run, "
+              "--log_dir chooses its folder): pass --log_dir to resume or extend that run", flush=True)
+        args.log_dir = ""
+    # every check that can fail runs before the run folder is touched
+    validate_training_args(vars(args))
+    if args.print_config:  # the resolved flags, as config.yaml would hold them; nothing read or written
+        args.batch_size = resolve_batch_size(args.batch_size, args.global_batch_size, dist_util.launched_world_size(),
+                                             "batch_size" in args.command_line_flags)
+        print(config_yaml(resolved_config(args), f"--print_config of {args.config or 'the command line'}"), end="")
+        return ""
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: an image folder, a packed .npz/.npy, a zip, or 'synthetic'")
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    args.batch_size = resolve_batch_size(args.batch_size, args.global_batch_size, dist_util.get_world_size(),
+                                         "batch_size" in args.command_line_flags)
+    log_dir = resolve_log_dir(args)
+    args.log_dir = log_dir
+
+    # model init is the same on every rank (it is also broadcast); host RNGs get a rank offset
+    torch.manual_seed(args.seed)
+    np.random.seed((args.seed + rank) % 2**32)
+    random.seed(args.seed + rank)
+
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev())
+    schedule_sampler, weights = create_schedule(args, diffusion)
+
+    config = resolved_config(args)
+    point, changes, replace = prepare_resume(
+        log_dir, config, model, resume=args.resume, resume_checkpoint=args.resume_checkpoint,
+        ema_rates=parse_ema_rates(args.ema_rate), allow_change=args.allow_change, overwrite=args.overwrite)
+
+    # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
+    data = load_training_data(args)
+
+    source = f"--config {args.config} + command line" if args.config else "command line"
+    lock = claim_run_folder(log_dir, config_yaml(config, source), point.step if point else 0, changes,
+                            replace) if rank == 0 else None
+    try:
+        logger.configure(dir=log_dir)
+        if rank == 0:
+            print(f"run folder: {log_dir}", flush=True)
+        logger.log(f"world size {dist_util.get_world_size()}, device {dist_util.dev()}, "
+                   f"global batch {args.batch_size * dist_util.get_world_size()}")
+        logger.log(f"data: {data!r}")
+        logger.log("training...")
+        TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
+                  loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
+    finally:
+        if lock is not None:
+            lock.release()
+    if rank == 0:
+        print(f"run folder: {log_dir}", flush=True)
+    return log_dir
