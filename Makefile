@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: test demo install
+.PHONY: test demo study install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,9 @@ test: $(STAMP)
 # Trains a small CLTS+MDLRC model on the built-in synthetic data (or DATA=path/to/cifar10) on CPU.
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(DATA),--data_dir $(DATA),)
+
+# The small-scale CPU study of CLTS and MDLRC (docs/study.md): resumable; once finished it only
+# reprints the table. SOURCE=cifar-10-python.tar.gz (default: ../shared's CIFAR-10 JPEG zip).
+SOURCE ?=
+study: $(STAMP)
+	$(PY) scripts/study.py $(if $(SOURCE),--source $(SOURCE),)

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 __all__ = ["Arm", "Scale", "ARMS", "SCALES", "arm_flags", "run_name", "prepare_data", "run_study",
-           "summarize", "iterations_to_reach"]
+           "summarize", "iterations_to_reach", "export_results"]
 
 
 @dataclass(frozen=True)
@@ -441,7 +441,8 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                      "final_fid_per_seed": " ".join(_fmt(d["final_fid"][s]) for s in seeds),
                      "final_kid_mean": km, "final_kid_sd": ks,
                      "iters_to_baseline_fid_mean": rm, "iters_to_baseline_fid_sd": rs,
-                     "iters_per_seed": " ".join(_fmt(reach[s], 0) if reach[s] is not None else "never" for s in seeds)})
+                     "iters_per_seed": " ".join(_fmt(reach[s], 0) if reach[s] is not None else "never" for s in seeds),
+                     "reached": d["reached"], "n": d["n"]})
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -470,8 +471,10 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
     for r in rows:
         kid = (f"{r['final_kid_mean'] * 1e3:.1f} ± {r['final_kid_sd'] * 1e3:.1f}"
                if not math.isnan(r["final_kid_mean"]) else "n/a")
-        reach = (f"{r['iters_to_baseline_fid_mean']:.0f} ± {r['iters_to_baseline_fid_sd']:.0f}"
-                 if not math.isnan(r["iters_to_baseline_fid_mean"]) else "never")
+        reached, n = r["reached"], r["n"]
+        reach = ("never" if not reached else
+                 f"{r['iters_to_baseline_fid_mean']:.0f} ± {r['iters_to_baseline_fid_sd']:.0f}" if reached == n else
+                 f"{r['iters_to_baseline_fid_mean']:.0f} ({reached} of {n} seeds)")
         lines.append(f"| {r['arm']} | {_fmt(r['final_fid_mean'])} ± {_fmt(r['final_fid_sd'])} | "
                      f"{r['final_fid_per_seed']} | {kid} | {reach} | {r['iters_per_seed']} |")
     return "\n".join(lines) + "\n"
@@ -516,3 +519,31 @@ def preset(name: str, **overrides: Any) -> Scale:
     if name not in SCALES:
         raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {name!r}")
     return replace(SCALES[name], **overrides) if overrides else SCALES[name]
+
+
+def export_results(out: str, dest: str) -> List[str]:
+    """
+    Copy the study's small result files (no checkpoints) to ``dest`` for the docs: the summary,
+    the figure, timing, settings, and each run's ``progress.csv``, ``fid_curve.csv`` and
+    ``config.yaml`` under ``dest/runs/<run>/``.
+
+    :return: the files written.
+    """
+    import shutil
+
+    written = []
+    os.makedirs(dest, exist_ok=True)
+    for name in ("summary.csv", "summary.md", "curves.png", "timing.json", "study.json"):
+        src = os.path.join(out, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dest, name))
+            written.append(os.path.join(dest, name))
+    runs = os.path.join(out, "runs")
+    for run in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        for name in ("progress.csv", "fid_curve.csv", "config.yaml"):
+            src = os.path.join(runs, run, name)
+            if os.path.isfile(src):
+                os.makedirs(os.path.join(dest, "runs", run), exist_ok=True)
+                shutil.copyfile(src, os.path.join(dest, "runs", run, name))
+                written.append(os.path.join(dest, "runs", run, name))
+    return written

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.study import ARM_NAMES, ARMS, SCALES, preset, run_study, summarize  # noqa: E402
+from experiments.study import ARM_NAMES, ARMS, SCALES, export_results, preset, run_study, summarize  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -34,6 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--jobs", type=int, default=0, help="runs at once (default: the preset's)")
     p.add_argument("--summary_only", type=str2bool, default=False, help="only reprint the saved summary")
+    p.add_argument("--export", default="", help="also copy the small result files (no checkpoints) to this folder, "
+                                                "e.g. docs/study")
     return p.parse_args(argv)
 
 
@@ -51,8 +53,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if args.summary_only:
-        return summarize(out, scale, arms, seeds)
-    return run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None)
+        summary = summarize(out, scale, arms, seeds)
+    else:
+        summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None)
+    if args.export:
+        print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")
+    return summary
 
 
 if __name__ == "__main__":

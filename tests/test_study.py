@@ -85,7 +85,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, capsy
     capsys.readouterr()
     summary = study.run_study(str(out), scale, arms, source=str(source))
     printed = capsys.readouterr().out
-    assert "baseline-s1: finished earlier, not trained again" in printed
+    assert "baseline-s1: training" not in printed and "lr_only-s1: training" in printed
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
     log = (out / "logs" / "lr_only-s1.log").read_text()
     assert "resumed from step 2" in log
