@@ -34,3 +34,34 @@ def cifar_dir() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def subprocess_env() -> dict:
+    """The environment for a script run in a subprocess: this checkout first on PYTHONPATH, one
+    thread, and no launcher or log-dir variables leaking in from the calling shell."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["OMP_NUM_THREADS"] = "1"
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR"):
+        env.pop(v, None)
+    return env
+
+
+def mpiexec_or_skip() -> str:
+    """``mpiexec`` beside the interpreter (the mpich wheel) or on PATH, with mpi4py; else skip."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).parent / "mpiexec"
+    if not exe.exists():
+        found = shutil.which("mpiexec")
+        if not found:
+            pytest.skip("no mpiexec beside the Python interpreter or on PATH (pip install mpich)")
+        exe = Path(found)
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed")
+    return str(exe)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "smoke" / "tiny.yaml"
@@ -21,15 +22,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 import image_train  # noqa: E402
 from guided_diffusion import train_util  # noqa: E402
 from guided_diffusion.train_util import CheckpointWriteError, list_complete_checkpoints, resolve_resume  # noqa: E402
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["OMP_NUM_THREADS"] = "1"
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OPENAI_LOGDIR"):
-        env.pop(v, None)
-    return env
 
 
 def _rows(run):
@@ -42,7 +34,7 @@ def test_signal_stops_after_the_step_and_says_where_to_resume(tmp_path, sig, cod
     run = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "scripts" / "image_train.py"), "--config", str(TINY), "--log_dir", str(run),
            "--total_steps", "100000", "--save_interval", "2", "--log_interval", "1", "--ema_rate", "0.9"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while _rows(run) < 3 and time.time() < deadline and proc.poll() is None:

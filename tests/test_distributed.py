@@ -8,13 +8,12 @@ identical parameters, and write one checkpoint set. Run as a script, this file i
 """
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import mpiexec_or_skip, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke" / "tiny.yaml"
@@ -71,27 +70,8 @@ def worker(out: str, tag: str, steps: int) -> None:
                os.path.join(out, f"params_{tag}_rank{rank}.pt"))
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["OMP_NUM_THREADS"] = "1"
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR"):
-        env.pop(v, None)
-    return env
-
-
-def _mpiexec():
-    exe = Path(sys.executable).parent / "mpiexec"
-    if not exe.exists():
-        found = shutil.which("mpiexec")
-        if not found:
-            pytest.skip("no mpiexec beside the Python interpreter or on PATH (pip install mpich)")
-        exe = Path(found)
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        pytest.skip("mpi4py is not installed")
-    return str(exe)
+_env = subprocess_env
+_mpiexec = mpiexec_or_skip
 
 
 def _run(cmd, timeout=240):

@@ -4,7 +4,6 @@ on the MSE term only, SpeeD on normalised time, the global batch, extra checkpoi
 --print_config, and method configs that cannot drift from their baseline.
 """
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import mpiexec_or_skip, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke"
@@ -146,34 +146,13 @@ def test_resolve_batch_size():
         resolve_batch_size(32, 128, 8, batch_size_given=True)
 
 
-def _mpiexec():
-    exe = Path(sys.executable).parent / "mpiexec"
-    if exe.exists():
-        return str(exe)
-    import shutil
-
-    found = shutil.which("mpiexec")
-    if not found:
-        pytest.skip("no mpiexec beside the Python interpreter or on PATH (pip install mpich)")
-    return found
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["OMP_NUM_THREADS"] = "1"
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR"):
-        env.pop(v, None)
-    return env
-
-
 def test_global_batch_two_ranks_equal_one_process(tmp_path):
-    mpiexec = _mpiexec()
+    mpiexec = mpiexec_or_skip()
     common = ["--config", str(SMOKE / "tiny.yaml"), "--global_batch_size", "4", "--total_steps", "2",
               "--save_interval", "2"]
     train = [sys.executable, str(REPO / "scripts" / "image_train.py")]
     for tag, prefix in (("one", []), ("two", [mpiexec, "-n", "2"])):
-        proc = subprocess.run(prefix + train + common + ["--log_dir", str(tmp_path / tag)], env=_env(),
+        proc = subprocess.run(prefix + train + common + ["--log_dir", str(tmp_path / tag)], env=subprocess_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     for tag, per_rank, world in (("one", 4, 1), ("two", 2, 2)):
