@@ -530,7 +530,7 @@ def _cache_file(cache_dir: str, path: str, ext: Extractor, max_images: Optional[
     return reference_cache_file(path, ext, cache_dir, max_images)
 
 
-def _statistics_of_features(feats: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def statistics_of_features(feats: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The cached arrays of a set of features: pool features, num_images, mu/sigma, mu_s/sigma_s."""
     n = feats[POOL].shape[0]
     if n < 2:
@@ -547,10 +547,10 @@ def _image_statistics(ext: Extractor, images: np.ndarray, batch_size: int,
     """mu/sigma (pool-3), mu_s/sigma_s (spatial, when given) and the pool features of ``images``."""
     if images.shape[0] < 2:
         raise ValueError(f"statistics need at least 2 images, got {images.shape[0]}")
-    return _statistics_of_features(_extract(ext, images, (POOL, SPATIAL_FEATURE), batch_size, desc, progress))
+    return statistics_of_features(_extract(ext, images, (POOL, SPATIAL_FEATURE), batch_size, desc, progress))
 
 
-def _read_cache(cfile: str) -> Optional[Dict[str, np.ndarray]]:
+def read_cache(cfile: str) -> Optional[Dict[str, np.ndarray]]:
     """A cache file's arrays, or None when it is missing or unreadable (truncated: recomputed)."""
     if not os.path.isfile(cfile):
         return None
@@ -561,7 +561,7 @@ def _read_cache(cfile: str) -> Optional[Dict[str, np.ndarray]]:
         return None
 
 
-def _write_cache(cfile: str, stats: Dict[str, np.ndarray]) -> None:
+def write_cache(cfile: str, stats: Dict[str, np.ndarray]) -> None:
     os.makedirs(os.path.dirname(cfile), exist_ok=True)
     tmp = cfile + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **stats)
@@ -584,7 +584,7 @@ def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_d
         the kept images of its output when it found the dataset in the cache) counts as a miss.
     """
     cfile = reference_cache_file(path, ext, cache_dir, max_images)
-    cached = _read_cache(cfile)
+    cached = read_cache(cfile)
     if cached is not None and "pool" in cached and not (need_spatial and "mu_s" not in cached):
         _log(f"features of {path} ({int(cached['num_images'])} images, {ext.name}) from the cache {cfile}")
         return cached, True
@@ -592,7 +592,7 @@ def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_d
         images = load_batch(path, max_images=max_images)
     stats = _image_statistics(ext, images, batch_size, desc=f"reference features ({os.path.basename(path)})",
                               progress=progress)
-    _write_cache(cfile, stats)
+    write_cache(cfile, stats)
     _log(f"cached the features of {path} in {cfile}")
     return stats, False
 

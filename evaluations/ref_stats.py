@@ -63,7 +63,7 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
         raise ValueError(f"--keep_images must be >= 0, got {keep_images}")
     ext = ev.get_extractor(extractor, inception_weights, device)
     cfile = ev.reference_cache_file(data, ext, cache_dir, max_images)
-    stats = ev._read_cache(cfile)
+    stats = ev.read_cache(cfile)
     if stats is not None and "pool" not in stats:
         stats = None  # not an entry of ours: recompute
     images: Optional[np.ndarray] = None
@@ -77,8 +77,8 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
     if stats is None:
         _log(f"extracting features with {ext.name} on {ext.device} (batch size {batch_size})")
         feats = ev._extract(ext, images, (ev.POOL, ev.SPATIAL_FEATURE), batch_size, desc="reference features")
-        stats = ev._statistics_of_features(feats)
-        ev._write_cache(cfile, stats)
+        stats = ev.statistics_of_features(feats)
+        ev.write_cache(cfile, stats)
         _log(f"cached the features in {cfile}")
     else:
         _log(f"features of {data} ({int(stats['num_images'])} images, {ext.name}) from the cache {cfile}; "
@@ -110,7 +110,7 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
         if feats is not None and ev.SPATIAL_FEATURE in feats:
             sub[ev.SPATIAL_FEATURE] = feats[ev.SPATIAL_FEATURE][kept]
         out_cfile = ev.reference_cache_file(out, ext, cache_dir)
-        ev._write_cache(out_cfile, ev._statistics_of_features(sub))
+        ev.write_cache(out_cfile, ev.statistics_of_features(sub))
         _log(f"cached the features of the {len(kept)} kept images in {out_cfile}")
     return arrays
 

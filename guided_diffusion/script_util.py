@@ -89,7 +89,8 @@ def classifier_and_diffusion_defaults() -> Dict[str, Any]:
     return res
 
 
-def _channel_mult(image_size: int, channel_mult: str, table: Dict[int, tuple], flag: str = "image_size"):
+def channel_mult_for(image_size: int, channel_mult: str, table: Dict[int, tuple], flag: str = "image_size"):
+    """``--channel_mult`` parsed, else upstream's multipliers for ``image_size`` from ``table``."""
     if channel_mult:
         try:
             return tuple(float(m) if "." in m else int(m) for m in str(channel_mult).split(","))
@@ -103,7 +104,7 @@ def _channel_mult(image_size: int, channel_mult: str, table: Dict[int, tuple], f
     return table[image_size]
 
 
-def _attention_ds(image_size: int, attention_resolutions: str, flag: str = "attention_resolutions"):
+def attention_downsample_rates(image_size: int, attention_resolutions: str, flag: str = "attention_resolutions"):
     """Upstream gives attention resolutions in pixels; the UNet wants downsample rates."""
     text = str(attention_resolutions).strip()
     if not text:
@@ -215,9 +216,9 @@ def create_model(
         model_channels=num_channels,
         out_channels=(6 if learn_sigma else 3),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(image_size, attention_resolutions),
+        attention_resolutions=attention_downsample_rates(image_size, attention_resolutions),
         dropout=dropout,
-        channel_mult=_channel_mult(image_size, channel_mult, _GUIDED_CHANNEL_MULT),
+        channel_mult=channel_mult_for(image_size, channel_mult, _GUIDED_CHANNEL_MULT),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -292,10 +293,10 @@ def create_classifier(
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
-        attention_resolutions=_attention_ds(
+        attention_resolutions=attention_downsample_rates(
             image_size, classifier_attention_resolutions, "classifier_attention_resolutions"
         ),
-        channel_mult=_channel_mult(image_size, "", _GUIDED_CHANNEL_MULT),
+        channel_mult=channel_mult_for(image_size, "", _GUIDED_CHANNEL_MULT),
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
@@ -401,9 +402,9 @@ def sr_create_model(
         model_channels=num_channels,
         out_channels=(6 if learn_sigma else 3),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(large_size, attention_resolutions),
+        attention_resolutions=attention_downsample_rates(large_size, attention_resolutions),
         dropout=dropout,
-        channel_mult=_channel_mult(large_size, "", _SR_CHANNEL_MULT, "large_size"),
+        channel_mult=channel_mult_for(large_size, "", _SR_CHANNEL_MULT, "large_size"),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,

@@ -407,7 +407,7 @@ class TrainLoop:
             opt_kwargs["fused"] = fast["fused_optimizer"]
         self.opt = create_optimizer(self.model_params, lr=self.lr, weight_decay=self.weight_decay,
                                     beta1=beta1, beta2=self.beta2, **opt_kwargs)
-        self._fused_opt = bool(self.opt.defaults.get("fused"))
+        self.fused_optimizer = bool(self.opt.defaults.get("fused"))
         self.scaler = None
         if self.use_fp16:
             self.scaler = torch.amp.GradScaler(
@@ -844,7 +844,7 @@ class TrainLoop:
 
         :return: False when the step was skipped and the host knows it; True otherwise.
         """
-        fused = self._fused_opt if opt is self.opt else bool(getattr(opt, "defaults", {}).get("fused"))
+        fused = self.fused_optimizer if opt is self.opt else bool(getattr(opt, "defaults", {}).get("fused"))
         grads = [p.grad for p in self.model_params if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(opt)
@@ -927,7 +927,7 @@ class TrainLoop:
 
     def _sync_nonfinite(self) -> None:
         """Bring the device-side counters to the host (one sync; at log rows and checkpoints)."""
-        if self._fused_opt:
+        if self.fused_optimizer:
             total, consec, trigger = torch.stack([self._nf_total_t, self._nf_consec_t, self._nf_trigger_t]).tolist()
             self._nf_total, self._nf_consec = int(total), int(consec)
             if self._nf_trigger < 0 and trigger >= 0:

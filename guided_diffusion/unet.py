@@ -97,7 +97,7 @@ def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return out.transpose(-1, -2).reshape(b, h * c, t)
 
 
-def _count_flops_attn(model: nn.Module, _x, y) -> None:
+def count_flops_attn(model: nn.Module, _x, y) -> None:
     """thop counter for the attention matmuls (upstream's ``count_flops_attn``)."""
     b, c, *spatial = y[0].shape
     num_spatial = int(math.prod(spatial))
@@ -438,7 +438,7 @@ class QKVAttentionLegacy(nn.Module):
 
     @staticmethod
     def count_flops(model, _x, y):
-        return _count_flops_attn(model, _x, y)
+        return count_flops_attn(model, _x, y)
 
 
 class QKVAttention(nn.Module):
@@ -467,7 +467,7 @@ class QKVAttention(nn.Module):
 
     @staticmethod
     def count_flops(model, _x, y):
-        return _count_flops_attn(model, _x, y)
+        return count_flops_attn(model, _x, y)
 
 
 def _as_rates(attention_resolutions: Union[int, Iterable[int]]) -> Tuple[int, ...]:

@@ -114,7 +114,7 @@ def create_model(
     dropout,
 ):
     """Build an Improved-Diffusion ``UNetModel`` (legacy attention order, no resblock up/down)."""
-    mult = _gd._channel_mult(image_size, "", _IMPROVED_CHANNEL_MULT)
+    mult = _gd.channel_mult_for(image_size, "", _IMPROVED_CHANNEL_MULT)
     return _gd.create_model(
         image_size,
         num_channels,
@@ -162,22 +162,11 @@ def sr_create_model_and_diffusion(
     use_scale_shift_norm,
 ):
     """Build an Improved-Diffusion ``SuperResModel`` and its diffusion."""
-    del small_size  # the low-resolution input is upsampled to large_size inside the model
-    model = SuperResModel(
-        image_size=large_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_gd._attention_ds(large_size, attention_resolutions),
-        dropout=dropout,
-        channel_mult=_gd._channel_mult(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size"),
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-    )
+    model = sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma,
+                            class_cond=class_cond, use_checkpoint=use_checkpoint,
+                            attention_resolutions=attention_resolutions, num_heads=num_heads,
+                            num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
+                            dropout=dropout)
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,
@@ -189,3 +178,36 @@ def sr_create_model_and_diffusion(
         timestep_respacing=timestep_respacing,
     )
     return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+):
+    """Build an Improved-Diffusion ``SuperResModel`` (upstream's function of this name)."""
+    del small_size  # the low-resolution input is upsampled to large_size inside the model
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_gd.attention_downsample_rates(large_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_gd.channel_mult_for(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size"),
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )

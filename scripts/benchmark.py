@@ -287,7 +287,7 @@ def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: s
         compile=loop.use_compile,
         compile_mode=loop.compile_mode or "default",
         channels_last=loop.channels_last,
-        fused_optimizer=loop._fused_opt,
+        fused_optimizer=loop.fused_optimizer,
         tf32_convolutions=bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
         ema_rates=loop.ema_rate,
         schedule_sampler=args.schedule_sampler,

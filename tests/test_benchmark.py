@@ -173,7 +173,7 @@ def test_no_host_sync_inside_the_step(tmp_path, monkeypatch):
     loop = make_loop(tmp_path, fused_optimizer=True, log_interval=2, momentum_decay=True, total_steps=100,
                      loss_weighting="min_snr", loss_weighting_options={"min_snr_gamma": 5.0}, grad_clip=1.0,
                      schedule_sampler=CLTSSampler(create_model_and_diffusion(**tiny_args())[1], seed=0))
-    assert loop._fused_opt
+    assert loop.fused_optimizer
     loop.run_iteration()  # step 0 writes a log row
     with count_host_reads(monkeypatch) as calls:
         loop.run_iteration()  # step 1: no log row
@@ -191,7 +191,7 @@ def test_channels_last_and_fused_adamw_keep_the_fp32_result(tmp_path):
     plain = make_loop(tmp_path / "plain", dropout=0.0, microbatch=-1)
     fast = make_loop(tmp_path / "fast", dropout=0.0, microbatch=-1, channels_last=True, fused_optimizer=True)
     init = [p.detach().clone() for p in plain.model.parameters()]
-    assert fast.channels_last and fast._fused_opt and not plain._fused_opt
+    assert fast.channels_last and fast.fused_optimizer and not plain.fused_optimizer
     convs = [p for p in fast.model.parameters() if p.dim() == 4]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert any(not p.is_contiguous() for p in convs)

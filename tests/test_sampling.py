@@ -252,6 +252,20 @@ def test_super_res_train_and_sample(tmp_path):
         super_res_sample.main(["--run_dir", sr, "--base_samples", str(_wrong_size(tmp_path)), "--progress", "False"])
 
 
+def test_super_res_refused_resume_keeps_the_runs_config(tmp_path):
+    # super_res_train used to write config.yaml before the resume check: a refused resume then
+    # overwrote the configuration that sampling trusts
+    flags = ["--data_dir", "synthetic:8", "--large_size", "64", "--small_size", "16", "--num_channels", "32",
+             "--num_res_blocks", "1", "--attention_resolutions", "8", "--diffusion_steps", "40",
+             "--batch_size", "2", "--total_steps", "1", "--save_interval", "1", "--precision", "fp32",
+             "--ema_rate", "0.9", "--log_dir", str(tmp_path / "sr")]
+    sr = Path(super_res_train.main(flags))
+    before = {p.name: p.read_bytes() for p in sr.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="num_channels"):
+        super_res_train.main(flags + ["--num_channels", "64"])
+    assert {p.name: p.read_bytes() for p in sr.iterdir() if p.is_file()} == before
+
+
 def _wrong_size(tmp_path):
     p = tmp_path / "wrong.npz"
     np.savez(p, np.zeros((2, 8, 8, 3), dtype=np.uint8))

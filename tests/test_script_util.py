@@ -47,7 +47,7 @@ def test_shared_modules_are_the_same_objects():
 
 @pytest.mark.parametrize("size,mult", [(32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4))])
 def test_guided_channel_mult_by_size(size, mult):
-    assert gsu._channel_mult(size, "", gsu._GUIDED_CHANNEL_MULT) == mult
+    assert gsu.channel_mult_for(size, "", gsu._GUIDED_CHANNEL_MULT) == mult
 
 
 def test_improved_has_no_128_multipliers():
@@ -56,13 +56,13 @@ def test_improved_has_no_128_multipliers():
 
 
 def test_attention_resolutions_to_downsample_rates():
-    assert gsu._attention_ds(128, "32,16,8") == (4, 8, 16)
-    assert gsu._attention_ds(32, "16,8") == (2, 4)
-    assert gsu._attention_ds(32, "") == ()
+    assert gsu.attention_downsample_rates(128, "32,16,8") == (4, 8, 16)
+    assert gsu.attention_downsample_rates(32, "16,8") == (2, 4)
+    assert gsu.attention_downsample_rates(32, "") == ()
     with pytest.raises(ValueError, match="attention_resolutions"):
-        gsu._attention_ds(32, "12")
+        gsu.attention_downsample_rates(32, "12")
     with pytest.raises(ValueError, match="channel_mult"):
-        gsu._channel_mult(32, "1,x", gsu._GUIDED_CHANNEL_MULT)
+        gsu.channel_mult_for(32, "1,x", gsu._GUIDED_CHANNEL_MULT)
 
 
 def test_create_gaussian_diffusion_types():

@@ -278,7 +278,7 @@ def test_device_side_skip_with_fused_adamw(tmp_path, monkeypatch):
     # sync, and the stop is noticed at the next log row. Fused AdamW also runs on the CPU.
     monkeypatch.setattr(train_util, "create_optimizer", functools.partial(train_util.create_optimizer, fused=True))
     good = make_loop(tmp_path / "good", total_steps=2)
-    assert good._fused_opt
+    assert good.fused_optimizer
     good.run_loop()
     bad = make_loop(tmp_path / "bad", data=batches(nan_from=2), total_steps=10, max_nonfinite=2)
     with pytest.raises(NonFiniteLossError, match="training stopped at step 3: 2 non-finite steps in a row"):

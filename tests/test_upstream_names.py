@@ -6,11 +6,9 @@ added for porting behave as upstream documents (fp16_util, TrainLoop's hooks and
 
 Upstream names this project does not provide (reported, not listed below):
 ``dist_util.GPUS_PER_NODE`` / ``SETUP_RETRY_COUNT`` (process setup is torch.distributed's here),
-``nn.CheckpointFunction`` (``checkpoint`` is torch.utils.checkpoint), ``unet.count_flops_attn``
-(here ``unet._count_flops_attn``), TrainLoop's ``_load_and_sync_parameters`` /
+``nn.CheckpointFunction`` (``checkpoint`` is torch.utils.checkpoint), TrainLoop's ``_load_and_sync_parameters`` /
 ``_load_ema_parameters`` / ``_load_optimizer_state`` (resume happens in ``__init__``),
-improved-diffusion's ``script_util.sr_create_model`` (``sr_create_model_and_diffusion`` builds
-the model inline) and its ``TrainLoop._master_params_to_state_dict`` / ``optimize_fp16`` (use
+improved-diffusion's ``TrainLoop._master_params_to_state_dict`` / ``optimize_fp16`` (use
 ``mp_trainer``).
 """
 import importlib
@@ -66,7 +64,7 @@ GUIDED = {
     "unet": [
         "convert_module_to_f16", "convert_module_to_f32", "AttentionPool2d", "TimestepBlock",
         "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock", "QKVAttentionLegacy",
-        "QKVAttention", "UNetModel", "SuperResModel", "EncoderUNetModel",
+        "QKVAttention", "count_flops_attn", "UNetModel", "SuperResModel", "EncoderUNetModel",
     ],
 }
 
@@ -87,7 +85,7 @@ IMPROVED = {
         "NUM_CLASSES", "model_and_diffusion_defaults", "create_model_and_diffusion", "create_model",
         "sr_model_and_diffusion_defaults", "sr_create_model_and_diffusion",
         "create_gaussian_diffusion", "add_dict_to_argparser", "args_to_dict", "str2bool",
-        # not yet: "sr_create_model" (see the module docstring)
+        "sr_create_model",
     ],
     "train_util": GUIDED["train_util"],
     "unet": [
