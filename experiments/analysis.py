@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from guided_diffusion.fp16_util import unflatten_like
+from guided_diffusion.sample_util import SampleNoise
+from guided_diffusion.seeding import mix_seed
 
 PSNR_CAP_DB = 100.0  # what an infinite PSNR (identical images) is reported as, in dB
 
@@ -161,17 +163,13 @@ def pairwise_psnr(images: Sequence[np.ndarray], max_db: float = PSNR_CAP_DB) -> 
 # ======================================================================================
 
 
-def _mix_seed(seed: int, k: int) -> int:
-    # Distinct (seed, k) pairs give distinct generator seeds for k < 1_000_003 steps.
-    return (int(seed) * 1_000_003 + int(k)) % (2**63 - 1)
-
-
-class SharedNoise:
+class SharedNoise(SampleNoise):
     """
     Noise that depends only on each image's seed and the sampling step, never on the model,
     the batch it is in or the device: image j (seed ``seeds[j]``) gets the initial noise of
-    generator ``(seeds[j], 0)`` and at step k (0 = the first denoising step) the noise of
-    generator ``(seeds[j], k + 1)``. Drawn on the CPU in float32, then moved to the device.
+    generator ``mix_seed(seeds[j], 0)`` and at step k (0 = the first denoising step) the noise of
+    ``mix_seed(seeds[j], k + 1)``. Drawn on the CPU in float32 (``SampleNoise`` on the CPU, keyed
+    by image seed instead of sample index), then moved to the device.
 
     Instances are callables ``(step_index, shape, device) -> tensor``: the diffusion's
     ``step_noise_fn`` keyword takes them as they are.
@@ -182,23 +180,19 @@ class SharedNoise:
         :param seeds: one integer seed per image of the batch.
         :param shape: the shape of one image, e.g. (3, 32, 32).
         """
-        self.seeds = [int(s) for s in seeds]
-        self.shape = tuple(int(s) for s in shape)
+        super().__init__(0, seeds, shape, "cpu")
+        self.seeds = list(self.indices)
 
-    def _draw(self, k: int, device) -> torch.Tensor:
-        out = torch.empty((len(self.seeds),) + self.shape)
-        for n, s in enumerate(self.seeds):
-            g = torch.Generator().manual_seed(_mix_seed(s, k))
-            out[n] = torch.randn(self.shape, generator=g)
-        return out.to(device)
+    def item_seed(self, index: int, stream: int) -> int:
+        return mix_seed(index, stream)
 
     def initial(self, device="cpu") -> torch.Tensor:
         """The initial noise x_T, [len(seeds), *shape]."""
-        return self._draw(0, device)
+        return self.draw(0).to(device)
 
     def step(self, step_index: int, device="cpu") -> torch.Tensor:
         """The noise added at sampling step ``step_index`` (0-based)."""
-        return self._draw(int(step_index) + 1, device)
+        return self.draw(int(step_index) + 1).to(device)
 
     def __call__(self, step_index: int, shape: Sequence[int], device=None) -> torch.Tensor:
         shape = tuple(shape)
@@ -265,7 +259,7 @@ def final_sample(steps: Iterator[Dict[str, Any]]) -> torch.Tensor:
 
 def seed_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
     """Class labels drawn from each image's seed alone (class-conditional models agree on them)."""
-    g = [torch.Generator().manual_seed(_mix_seed(s, 999_983)) for s in seeds]
+    g = [torch.Generator().manual_seed(mix_seed(s, 999_983)) for s in seeds]
     return torch.stack([torch.randint(0, int(num_classes), (), generator=gi) for gi in g]).long()
 
 

@@ -38,24 +38,17 @@ from . import dist_util, logger
 from .checkpoint import load_into, load_state_dict_file, resolve_model_flags
 from .dist_util import state_dict_mismatch
 from .script_util import NUM_CLASSES, coerce_config, load_config, parse_args_with_config
+from .seeding import mix_seed
 
 ModelKwargsFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
 
 # Stream numbers of ``sample_seed``: 0 is x_T, k + 1 the noise of sampling step k.
 LABEL_STREAM = 1 << 40
-_MASK64 = (1 << 64) - 1
 
 
 # ======================================================================================
 # Seeds and noise
 # ======================================================================================
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def sample_seed(seed: int, index: int, stream: int) -> int:
@@ -66,10 +59,7 @@ def sample_seed(seed: int, index: int, stream: int) -> int:
     :param index: the global index of the sample (0 .. num_samples - 1).
     :param stream: 0 for the initial noise, k + 1 for sampling step k, ``LABEL_STREAM`` for the label.
     """
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(index) & _MASK64))
-    h = _splitmix64(h ^ (int(stream) & _MASK64))
-    return h & ((1 << 63) - 1)
+    return mix_seed(seed, index, stream)
 
 
 class SampleNoise:
@@ -97,9 +87,13 @@ class SampleNoise:
         """One standard-normal tensor per sample of the batch, [B, *shape], for ``stream``."""
         out = torch.empty((len(self.indices),) + self.shape, device=self.device)
         for n, i in enumerate(self.indices):
-            self._gen.manual_seed(sample_seed(self.seed, i, stream))
+            self._gen.manual_seed(self.item_seed(i, stream))
             torch.randn(self.shape, generator=self._gen, device=self.device, out=out[n])
         return out
+
+    def item_seed(self, index: int, stream: int) -> int:
+        """The generator seed of one sample's draw of ``stream``: ``sample_seed(seed, index, stream)``."""
+        return sample_seed(self.seed, index, stream)
 
     def initial(self) -> torch.Tensor:
         """x_T of the batch."""

@@ -66,6 +66,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier user
 from .fp16_util import INITIAL_LOG_LOSS_SCALE  # noqa: F401  (upstream's name, re-exported)
 from .image_io import grid_scale, write_grid  # noqa: F401  (re-exported)
 from .nn import update_ema
+from .seeding import derive_seed
 from .optim import MomentumDecay, create_optimizer
 from .resample import LossAwareSampler, UniformSampler
 from .options import (  # noqa: F401  (re-exported)
@@ -126,12 +127,6 @@ class TrainingInterrupted(RuntimeError):
 def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     # Plain, contiguous CPU tensors: loadable anywhere, keys of the uncompiled module.
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]
-               >> np.uint64(1))
 
 
 def _numpy_rng_state() -> Dict[str, Any]:
@@ -695,9 +690,9 @@ class TrainLoop:
     def _seed_step(self, step: int) -> None:
         # Dropout (and anything else on the global generators) becomes a function of
         # (seed, step, rank): exact resume without per-rank generator bookkeeping.
-        torch.manual_seed(_derive_seed(self.seed, step, 1, self.rank))
+        torch.manual_seed(derive_seed(self.seed, step, 1, self.rank))
         # Noise is shared by all ranks (each takes its slice of the global batch's noise).
-        self._noise_gen.manual_seed(_derive_seed(self.seed, step, 2))
+        self._noise_gen.manual_seed(derive_seed(self.seed, step, 2))
 
     def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
         """One optimizer step on ``batch`` (this process's share of the global batch)."""
@@ -1145,7 +1140,7 @@ class TrainLoop:
         if not size:
             logger.warn("--sample_interval: unknown image size; sample grid skipped")
             return None
-        gen = torch.Generator(device="cpu").manual_seed(_derive_seed(self.seed, 3))
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, 3))
         noise = torch.randn((num, channels, size, size), generator=gen).to(self.device)
         model_kwargs = {}
         num_classes = getattr(ema, "num_classes", None)
