@@ -1,6 +1,7 @@
 """Shared test helpers: locate ../shared (beside the repository root) and keep CPU tests small."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +66,53 @@ def mpiexec_or_skip() -> str:
     except ImportError:
         pytest.skip("mpi4py is not installed")
     return str(exe)
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+from evaluations import evaluator as ev  # noqa: E402
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # noqa: E402
+
+POOL, SPATIAL, LOGITS = ev.POOL, ev.SPATIAL_FEATURE, ev.LOGITS
+
+
+class TinyFeatures(FeatureExtractorBase):
+    """Deterministic 16-d 'pool', 9-d 'spatial' and 10-d 'logits' features of uint8 images."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, list(features_list))
+        self.proj = torch.from_numpy(np.random.default_rng(1).normal(size=(16, 10)).astype(np.float32))
+
+    @staticmethod
+    def get_provided_features_list():
+        return (POOL, SPATIAL, LOGITS)
+
+    def forward(self, x):
+        h = x.float() / 255
+        pooled = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)  # 12
+        pool = torch.cat([pooled, h.std(dim=(2, 3)), h.mean(dim=(1, 2, 3))[:, None]], dim=1)  # 16
+        out = {POOL: pool, SPATIAL: torch.nn.functional.adaptive_avg_pool2d(h[:, :1], 3).flatten(1),
+               LOGITS: pool @ self.proj}
+        return tuple(out[f] for f in self.features_list)
+
+
+@pytest.fixture
+def fake_extractor(monkeypatch, tmp_path):
+    """Replace the Inception network by TinyFeatures for tests of the plumbing; returns it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache: never the user's
+    feats = (POOL, SPATIAL, LOGITS)
+    ext = ev.Extractor("fake-net", "none", TinyFeatures("fake-net", feats), feats, torch.device("cpu"))
+    monkeypatch.setattr(ev, "get_extractor", lambda *a, **k: ext)
+    return ext
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny run: checkpoints at 1 and 2, EMA rates 0.99 and 0.9."""
+    from guided_diffusion.training import train
+
+    run = tmp_path_factory.mktemp("tiny")
+    train(["--config", str(REPO_ROOT / "configs" / "smoke" / "tiny.yaml"), "--log_dir", str(run),
+           "--total_steps", "2", "--save_interval", "1"])
+    return run

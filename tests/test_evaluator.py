@@ -10,46 +10,16 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from evaluations import evaluator as ev
 from evaluations import offline_inception, ref_stats
 from guided_diffusion.image_datasets import synthetic_images
+from conftest import TinyFeatures as _TinyFeatures
 
 POOL, SPATIAL, LOGITS = ev.POOL, ev.SPATIAL_FEATURE, ev.LOGITS
 
 
 # ----------------------------------------------------------------------------- a cheap stand-in network
-
-
-class _TinyFeatures(FeatureExtractorBase):
-    """Deterministic 16-d 'pool', 9-d 'spatial' and 10-d 'logits' features of uint8 images."""
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, list(features_list))
-        self.proj = torch.from_numpy(np.random.default_rng(1).normal(size=(16, 10)).astype(np.float32))
-
-    @staticmethod
-    def get_provided_features_list():
-        return (POOL, SPATIAL, LOGITS)
-
-    def forward(self, x):
-        h = x.float() / 255
-        pooled = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)  # 12
-        pool = torch.cat([pooled, h.std(dim=(2, 3)), h.mean(dim=(1, 2, 3))[:, None]], dim=1)  # 16
-        out = {POOL: pool, SPATIAL: torch.nn.functional.adaptive_avg_pool2d(h[:, :1], 3).flatten(1),
-               LOGITS: pool @ self.proj}
-        return tuple(out[f] for f in self.features_list)
-
-
-@pytest.fixture
-def fake_extractor(monkeypatch, tmp_path):
-    """Replace the Inception network by _TinyFeatures for tests of the plumbing; returns it."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache: never the user's
-    feats = (POOL, SPATIAL, LOGITS)
-    ext = ev.Extractor("fake-net", "none", _TinyFeatures("fake-net", feats), feats, torch.device("cpu"))
-    monkeypatch.setattr(ev, "get_extractor", lambda *a, **k: ext)
-    return ext
 
 
 def _features(images):

@@ -34,15 +34,6 @@ DDIM5 = ["--use_ddim", "True", "--timestep_respacing", "ddim5", "--progress", "F
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 2-step tiny run: checkpoints at 1 and 2, EMA rates 0.99 and 0.9."""
-    run = tmp_path_factory.mktemp("tiny")
-    image_train.main(["--config", str(SMOKE / "tiny.yaml"), "--log_dir", str(run), "--total_steps", "2",
-                      "--save_interval", "1"])
-    return run
-
-
-@pytest.fixture(scope="module")
 def cc32_run(tmp_path_factory):
     """A 2-step class-conditional run at 32x32 (the classifier's smallest size)."""
     run = tmp_path_factory.mktemp("cc32")

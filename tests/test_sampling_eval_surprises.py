@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -25,7 +24,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 import classifier_sample  # noqa: E402
 import fid_curve  # noqa: E402
 import image_sample  # noqa: E402
-import image_train  # noqa: E402
 import super_res_sample  # noqa: E402
 from evaluations import evaluator as ev  # noqa: E402
 from evaluations import ref_stats  # noqa: E402
@@ -37,48 +35,9 @@ DDIM2 = ["--use_ddim", "True", "--timestep_respacing", "ddim2", "--progress", "F
 POOL, SPATIAL, LOGITS = ev.POOL, ev.SPATIAL_FEATURE, ev.LOGITS
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 2-step tiny run: checkpoints at 1 and 2, EMA rates 0.99 and 0.9."""
-    run = tmp_path_factory.mktemp("tiny")
-    image_train.main(["--config", str(SMOKE / "tiny.yaml"), "--log_dir", str(run), "--total_steps", "2",
-                      "--save_interval", "1"])
-    return run
-
-
 @pytest.fixture
 def no_logdir(monkeypatch):
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
-
-
-class _TinyFeatures(FeatureExtractorBase):
-    """Deterministic 'pool' (16-d), 'spatial' (9-d) and 'logits' (10-d) features of uint8 images."""
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, list(features_list))
-        self.proj = torch.from_numpy(np.random.default_rng(1).normal(size=(16, 10)).astype(np.float32))
-
-    @staticmethod
-    def get_provided_features_list():
-        return (POOL, SPATIAL, LOGITS)
-
-    def forward(self, x):
-        h = x.float() / 255
-        pooled = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
-        pool = torch.cat([pooled, h.std(dim=(2, 3)), h.mean(dim=(1, 2, 3))[:, None]], dim=1)
-        out = {POOL: pool, SPATIAL: torch.nn.functional.adaptive_avg_pool2d(h[:, :1], 3).flatten(1),
-               LOGITS: pool @ self.proj}
-        return tuple(out[f] for f in self.features_list)
-
-
-@pytest.fixture
-def fake_extractor(monkeypatch, tmp_path):
-    """The Inception network replaced by _TinyFeatures (counting its batches); the default cache in tmp_path."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    feats = (POOL, SPATIAL, LOGITS)
-    ext = ev.Extractor("fake-net", "none", _TinyFeatures("fake-net", feats), feats, torch.device("cpu"))
-    monkeypatch.setattr(ev, "get_extractor", lambda *a, **k: ext)
-    return ext
 
 
 # ----------------------------------------------------------------------------- 1. sample output
