@@ -393,8 +393,13 @@ def sr_create_model(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
+    channel_mult="",
 ):
-    """Build a ``SuperResModel`` (``small_size`` only documents the low-resolution input)."""
+    """
+    Build a ``SuperResModel`` (``small_size`` only documents the low-resolution input).
+
+    :param channel_mult: comma-separated multipliers; "" takes upstream's for ``large_size``.
+    """
     del small_size  # the low-resolution input is upsampled to large_size inside the model
     return SuperResModel(
         image_size=large_size,
@@ -404,7 +409,7 @@ def sr_create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_rates(large_size, attention_resolutions),
         dropout=dropout,
-        channel_mult=channel_mult_for(large_size, "", _SR_CHANNEL_MULT, "large_size"),
+        channel_mult=channel_mult_for(large_size, channel_mult, _SR_CHANNEL_MULT, "large_size"),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,

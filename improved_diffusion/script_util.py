@@ -20,7 +20,7 @@ from guided_diffusion.script_util import (  # noqa: F401  (upstream names, re-ex
     parse_args_with_config,
     str2bool,
 )
-from guided_diffusion.unet import SuperResModel
+from guided_diffusion.unet import SuperResModel  # noqa: F401  (upstream re-exports it here)
 
 # Improved-Diffusion has multipliers for these sizes only (pixels).
 _IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
@@ -195,19 +195,9 @@ def sr_create_model(
     dropout,
 ):
     """Build an Improved-Diffusion ``SuperResModel`` (upstream's function of this name)."""
-    del small_size  # the low-resolution input is upsampled to large_size inside the model
-    return SuperResModel(
-        image_size=large_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_gd.attention_downsample_rates(large_size, attention_resolutions),
-        dropout=dropout,
-        channel_mult=_gd.channel_mult_for(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size"),
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-    )
+    mult = _gd.channel_mult_for(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size")
+    return _gd.sr_create_model(
+        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
+        use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
+        num_head_channels=-1, num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout, resblock_updown=False, use_fp16=False, channel_mult=",".join(map(str, mult)))
