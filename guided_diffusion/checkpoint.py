@@ -217,13 +217,16 @@ def resolve_resume(
     Decide what a run resumes from.
 
     :param log_dir: the run folder ("auto" looks there).
-    :param resume: "auto" (newest complete set in ``log_dir``, none if there is none), "none",
+    :param resume: a ResumePoint (returned as it is: the caller decided), "auto" (newest
+                   complete set in ``log_dir``, none if there is none), "none",
                    or a path: a ``modelNNNNNN.pt``/``stateNNNNNN.pt`` file or a run folder.
     :param resume_checkpoint: upstream's flag, a ``modelNNNNNN.pt`` path; wins over "auto".
     :param ema_rates: the EMA rates whose files are looked for.
     :return: a ResumePoint, or None for a fresh start.
     :raises FileNotFoundError / ValueError: naming the flag when a named checkpoint is unusable.
     """
+    if isinstance(resume, ResumePoint):  # already decided (and checked) by the caller
+        return resume
     resume = str(resume if resume is not None else "auto").strip()
     explicit = resume.lower() not in ("auto", "none")
     if resume_checkpoint and explicit and os.path.abspath(resume) != os.path.abspath(resume_checkpoint):

@@ -227,7 +227,8 @@ class TrainLoop:
     :param sample_interval: steps between EMA sample grids written to the run folder (0: off).
     :param log_dir: the run folder (default: the logger's folder).
     :param seed: seeds timesteps, noise and dropout (the caller seeds model init and data).
-    :param resume: "auto" | "none" | a checkpoint path.
+    :param resume: "auto" | "none" | a checkpoint path, or the ``ResumePoint`` a caller already
+                   resolved and checked (``run_folder.prepare_resume``), so it is not looked up again.
     :param max_nonfinite: stop after this many non-finite steps in a row (0: never).
     :param deterministic: torch deterministic algorithms (cuDNN benchmark off).
     :param config: the run's resolved configuration (saved in the state file; used to refuse
@@ -277,7 +278,7 @@ class TrainLoop:
         save_steps: Union[str, Sequence[int], None] = "",
         log_dir: Optional[str] = None,
         seed: int = 0,
-        resume: str = "auto",
+        resume: Union[str, ResumePoint] = "auto",
         max_nonfinite: int = 20,
         deterministic: bool = False,
         config: Optional[Dict[str, Any]] = None,

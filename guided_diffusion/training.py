@@ -202,8 +202,10 @@ def train(argv: Optional[Sequence[str]] = None, description: str = DESCRIPTION) 
                    f"global batch {args.batch_size * dist_util.get_world_size()}")
         logger.log(f"data: {data!r}")
         logger.log("training...")
+        # the point decided above: TrainLoop neither looks it up nor reads its files again
+        resume = point if point is not None else "none"
         TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
-                  loss_weighting=weights, config=config, **train_loop_kwargs(args)).run_loop()
+                  loss_weighting=weights, config=config, **train_loop_kwargs(args, resume=resume)).run_loop()
     finally:
         if lock is not None:
             lock.release()

@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         logger.log("training...")
         TrainLoop(model=model, diffusion=diffusion, data=SuperResData(data, args.small_size),
                   schedule_sampler=sampler, loss_weighting=weights, config=config,
-                  **train_loop_kwargs(args)).run_loop()
+                  **train_loop_kwargs(args, resume=point if point is not None else "none")).run_loop()  # decided above
     finally:
         if lock is not None:
             lock.release()
