@@ -648,10 +648,10 @@ class TrainLoop:
             return False
         flag = torch.tensor([0 if self._signal is None else int(self._signal)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag.item()):
-            self._signal = int(flag.item())
-            return True
-        return False
+        signum = int(flag.item())
+        if signum:
+            self._signal = signum
+        return bool(signum)
 
     def _stop(self) -> None:
         """Checkpoint at SIGTERM (schedulers send it before preemption), then raise TrainingInterrupted."""
