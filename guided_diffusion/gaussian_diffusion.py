@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from . import fdm as _fdm
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -148,6 +149,11 @@ class GaussianDiffusion:
     :param loss_type: a LossType determining the loss function to use.
     :param rescale_timesteps: if True, pass floating point timesteps into the model so that they
                               are always scaled like in the original paper (0 to 1000).
+    :param fdm: (new) FDM's input preconditioning (``guided_diffusion.fdm``): wherever this
+                diffusion calls the model (training losses, every sampler, the bpd loop) the
+                model sees s(sigma_t) * x_t / sqrt(abar_t) instead of x_t. Off: upstream's numerics.
+    :param fdm_multiplier: FDM's m.
+    :param fdm_sigma_range: "vp" or "schedule": where sigma_min / sigma_max of s come from.
     """
 
     def __init__(
@@ -158,6 +164,9 @@ class GaussianDiffusion:
         model_var_type: ModelVarType,
         loss_type: LossType,
         rescale_timesteps: bool = False,
+        fdm: bool = False,
+        fdm_multiplier: float = _fdm.DEFAULT_MULTIPLIER,
+        fdm_sigma_range: str = _fdm.DEFAULT_SIGMA_RANGE,
     ):
         _check_enum(model_mean_type, ModelMeanType, "model_mean_type")
         _check_enum(model_var_type, ModelVarType, "model_var_type")
@@ -224,6 +233,15 @@ class GaussianDiffusion:
         # (name, device) -> float32 tensor; filled lazily by _extract.
         self._tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
+        # FDM: the factor s(sigma_t) / sqrt(abar_t) on the model's input x_t (float64, length T).
+        self.fdm = bool(fdm)
+        self.fdm_multiplier = float(fdm_multiplier)
+        self.fdm_sigma_range = str(fdm_sigma_range).strip().lower()
+        if self.fdm:
+            _fdm.check_fdm_options(fdm_multiplier, fdm_sigma_range)
+            self._fdm_input_scale = _fdm.input_scale_table(
+                self.alphas_cumprod, self.fdm_multiplier, self.fdm_sigma_range)
+
     # ------------------------------------------------------------------ helpers
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -261,6 +279,15 @@ class GaussianDiffusion:
         while res.ndim < len(broadcast_shape):
             res = res[..., None]
         return res.expand(broadcast_shape)
+
+    def _model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """
+        x_t as the model sees it: x_t itself, or with FDM s(sigma_t) * x_t / sqrt(abar_t).
+        Every model call of this class goes through here (not classifier ``cond_fn`` calls).
+        """
+        if not self.fdm:
+            return x
+        return self._extract("_fdm_input_scale", t, x.shape) * x
 
     def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as the model sees them: floats on a 0..1000 scale when rescale_timesteps."""
@@ -367,7 +394,7 @@ class GaussianDiffusion:
         B, C = x.shape[:2]
         if t.shape != (B,):
             raise ValueError(f"p_mean_variance: t must have shape ({B},), got {tuple(t.shape)}")
-        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+        model_output = model(self._model_input(x, t), self._scale_timesteps(t), **model_kwargs)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             expected = (B, C * 2, *x.shape[2:])
@@ -867,7 +894,7 @@ class GaussianDiffusion:
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * self.num_timesteps
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
-            model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+            model_output = model(self._model_input(x_t, t), self._scale_timesteps(t), **model_kwargs)
 
             if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
                 B, C = x_t.shape[:2]

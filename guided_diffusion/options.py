@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
+from . import fdm as _fdm
+
 __all__ = [
     "training_defaults",
     "method_options",
@@ -75,6 +77,9 @@ def training_defaults() -> Dict[str, Any]:
         **method_options(),
         # loss weighting: none | min_snr | p2 | speed
         loss_weighting="none",
+        # FDM's loss-weight warm-up (with --fdm True; the FDM model flags are script_util.fdm_defaults()):
+        # VP's 1/sigma^2 clamped at 5 -> 500 over this many steps (0: off)
+        fdm_warmup_steps=_fdm.DEFAULT_WARMUP_STEPS,
         # optimizer and MDLRC
         beta1=0.9,
         beta2=0.999,
@@ -310,6 +315,9 @@ def validate_training_args(args: Dict[str, Any]) -> None:
     if mode is not None and str(mode) not in COMPILE_MODES:
         raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     _check_methods(args)
+    if "fdm_warmup_steps" in args or "fdm_multiplier" in args or "fdm_sigma_range" in args:
+        _fdm.check_fdm_options(args.get("fdm_multiplier", _fdm.DEFAULT_MULTIPLIER),
+                               args.get("fdm_sigma_range", _fdm.DEFAULT_SIGMA_RANGE), args.get("fdm_warmup_steps"))
     total, stop_at = args.get("total_steps") or 0, args.get("stop_at") or 0
     if total and stop_at and stop_at > total:
         raise ValueError(f"--stop_at {stop_at} is past --total_steps {total}: the run ends at --total_steps; "

@@ -91,7 +91,9 @@ class SpacedDiffusion(GaussianDiffusion):
     A diffusion process which can skip steps in a base diffusion process.
 
     The betas are re-derived from the base's alphas_cumprod at the kept steps, so
-    ``alphas_cumprod`` here equals the base's at ``timestep_map``. Models (and classifier
+    ``alphas_cumprod`` here equals the base's at ``timestep_map``. With ``fdm`` the model's
+    input scale is the base process's at ``timestep_map`` (the sigma range of the whole
+    schedule, not of the kept steps). Models (and classifier
     ``cond_fn``s) are called with the base process's timesteps through a light call-time
     wrapper; nothing is attached to the model itself.
 
@@ -125,9 +127,18 @@ class SpacedDiffusion(GaussianDiffusion):
                 last_alpha_cumprod = alpha_cumprod
                 timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas, dtype=np.float64)
-        super().__init__(**kwargs)
+        # FDM's input scale is not recomputed from the kept steps (their sigma range is not the
+        # process's): it is the base process's at the kept steps, set below
+        super().__init__(**dict(kwargs, fdm=False))
         # Base-process timestep of each re-spaced step (int64, CPU; copied per device on use).
         self.timestep_map = torch.tensor(timestep_map, dtype=torch.int64)
+        self.fdm = base_diffusion.fdm
+        self.fdm_multiplier = base_diffusion.fdm_multiplier
+        self.fdm_sigma_range = base_diffusion.fdm_sigma_range
+        if self.fdm:
+            # s(sigma_t) / sqrt(abar_t) of the base at t = timestep_map (the re-spaced abar equals
+            # the base's there up to rounding; the base's is used)
+            self._fdm_input_scale = base_diffusion._fdm_input_scale[np.asarray(timestep_map, dtype=np.int64)]
 
     def p_mean_variance(self, model: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:  # pylint: disable=signature-differs
         """As GaussianDiffusion.p_mean_variance, calling the model with base timesteps."""

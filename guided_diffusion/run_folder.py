@@ -47,6 +47,7 @@ RUN_DEFINING_TRAINING_FLAGS: Tuple[str, ...] = (
     "lr_compensation", "decay_beta1", "batch_size", "global_batch_size", "seed", "schedule_sampler",
     "clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k", "speed_threshold", "speed_lambda",
     "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "ema_rate", "grad_clip", "random_flip", "flavor",
+    "fdm_warmup_steps",
 )
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
+from . import fdm as _fdm
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -42,6 +43,20 @@ def diffusion_defaults() -> Dict[str, Any]:
         predict_xstart=False,
         rescale_timesteps=False,
         rescale_learned_sigmas=False,
+    )
+
+
+def fdm_defaults() -> Dict[str, Any]:
+    """
+    FDM's flags (Fast Diffusion Model, Wu et al. 2023; ``guided_diffusion.fdm``), part of the
+    model-and-diffusion flags: they change what the model is fed, so a checkpoint samples only
+    with them (config.yaml records them) and a resume may not change them. Off by default.
+    The warm-up's ``fdm_warmup_steps`` is a training flag (``options.training_defaults``).
+    """
+    return dict(
+        fdm=False,
+        fdm_multiplier=_fdm.DEFAULT_MULTIPLIER,  # sail-sg/FDM train.py --fdm_multiplier default
+        fdm_sigma_range=_fdm.DEFAULT_SIGMA_RANGE,  # vp | schedule: sigma_min/sigma_max of s(sigma)
     )
 
 
@@ -80,6 +95,7 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         use_new_attention_order=False,
     )
     res.update(diffusion_defaults())
+    res.update(fdm_defaults())
     return res
 
 
@@ -145,9 +161,13 @@ def create_model_and_diffusion(
     use_new_attention_order,
     num_classes=NUM_CLASSES,
     sigma_small=False,
+    fdm=False,
+    fdm_multiplier=_fdm.DEFAULT_MULTIPLIER,
+    fdm_sigma_range=_fdm.DEFAULT_SIGMA_RANGE,
 ):
     """
-    Build a UNet and its (possibly re-spaced) Gaussian diffusion, as upstream.
+    Build a UNet and its (possibly re-spaced) Gaussian diffusion, as upstream
+    (``fdm*``: FDM's input preconditioning, see ``fdm_defaults``).
 
     :return: a tuple ``(model, diffusion)``.
     """
@@ -180,6 +200,9 @@ def create_model_and_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
+        fdm=fdm,
+        fdm_multiplier=fdm_multiplier,
+        fdm_sigma_range=fdm_sigma_range,
     )
     return model, diffusion
 
@@ -342,8 +365,11 @@ def sr_create_model_and_diffusion(
     use_fp16,
     num_classes=NUM_CLASSES,
     sigma_small=False,
+    fdm=False,
+    fdm_multiplier=_fdm.DEFAULT_MULTIPLIER,
+    fdm_sigma_range=_fdm.DEFAULT_SIGMA_RANGE,
 ):
-    """Build a ``SuperResModel`` and its diffusion, as upstream."""
+    """Build a ``SuperResModel`` and its diffusion, as upstream (``fdm*``: see ``fdm_defaults``)."""
     model = sr_create_model(
         large_size,
         small_size,
@@ -372,6 +398,9 @@ def sr_create_model_and_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
+        fdm=fdm,
+        fdm_multiplier=fdm_multiplier,
+        fdm_sigma_range=fdm_sigma_range,
     )
     return model, diffusion
 
@@ -432,12 +461,17 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
+    fdm=False,
+    fdm_multiplier=_fdm.DEFAULT_MULTIPLIER,
+    fdm_sigma_range=_fdm.DEFAULT_SIGMA_RANGE,
 ):
     """
     Build a (re-spaced) ``GaussianDiffusion`` from upstream's flags.
 
     :param steps: number of diffusion steps T.
     :param timestep_respacing: "" for all T steps, "ddimN" or comma-separated section counts.
+    :param fdm: FDM's input preconditioning (``fdm_multiplier``, ``fdm_sigma_range``), for
+                every step of the base process and, re-spaced, at the kept steps.
     """
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
@@ -461,6 +495,9 @@ def create_gaussian_diffusion(
         model_var_type=model_var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        fdm=fdm,
+        fdm_multiplier=fdm_multiplier,
+        fdm_sigma_range=fdm_sigma_range,
     )
 
 

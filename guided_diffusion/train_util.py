@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from . import fdm as _fdm
 from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier users import them from here)
     MODEL_FLAGS_IGNORED_ON_RESUME,
     CheckpointWriteError,
@@ -210,6 +211,10 @@ class TrainLoop:
     :param loss_weighting_options: options of a named ``loss_weighting``, named as the flags
                                    (``min_snr_gamma``, ``predict_xstart``, ``p2_k``, ``p2_gamma``,
                                    ``speed_lambda``, ``speed_tau``); None: the weighting's defaults.
+    :param fdm_warmup_steps: FDM's loss-weight warm-up, used when ``diffusion.fdm``: the MSE
+                             term of step i is multiplied by min(1, clamp(i) * sigma_t^2),
+                             clamp(i) = 5 * 100**(i / W) for i < W (then 1), a function of the
+                             global step (``fdm.warmup_clamp``); 0: off.
     :param beta1: Adam's beta1 (beta1_init of MDLRC).
     :param beta2: Adam's beta2.
     :param momentum_decay: MDLRC momentum decay on.
@@ -262,6 +267,7 @@ class TrainLoop:
         stop_at: int = 0,
         loss_weighting: Union[str, np.ndarray, Sequence[float], None] = None,
         loss_weighting_options: Optional[Dict[str, Any]] = None,
+        fdm_warmup_steps: int = _fdm.DEFAULT_WARMUP_STEPS,
         beta1: float = 0.9,
         beta2: float = 0.999,
         momentum_decay: bool = False,
@@ -344,6 +350,8 @@ class TrainLoop:
             schedule_sampler = UniformSampler(diffusion, seed=self.seed, rank=0)
         self.schedule_sampler = schedule_sampler
         self.loss_weights = self._loss_weight_table(loss_weighting, loss_weighting_options)
+        self.fdm_warmup_steps = int(fdm_warmup_steps)
+        self._fdm_sigma2 = self._fdm_warmup_table()
         self.momentum = MomentumDecay(
             beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
             lr_compensation=lr_compensation, enabled=bool(momentum_decay), decay_beta1=bool(decay_beta1),
@@ -504,6 +512,30 @@ class TrainLoop:
         if not np.all(np.isfinite(arr)):
             raise ValueError("--loss_weighting: the weights must be finite")
         return torch.as_tensor(arr, dtype=torch.float32, device=self.device)
+
+    def _fdm_warmup_table(self) -> Optional[torch.Tensor]:
+        """sigma_t^2 = (1 - abar_t) / abar_t on the device when FDM's warm-up is on, else None."""
+        _fdm.check_fdm_options(warmup_steps=self.fdm_warmup_steps)
+        if not getattr(self.diffusion, "fdm", False) or self.fdm_warmup_steps <= 0:
+            return None
+        loss_type = getattr(getattr(self.diffusion, "loss_type", None), "name", "MSE")
+        if loss_type in ("KL", "RESCALED_KL"):
+            raise ValueError("--fdm_warmup_steps weights the MSE term of the loss, and --use_kl True trains on the "
+                             "variational bound alone (no MSE term); set --fdm_warmup_steps 0 or --use_kl False")
+        abar = np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64)
+        return torch.as_tensor((1.0 - abar) / abar, dtype=torch.float32, device=self.device)
+
+    def fdm_warmup_weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """
+        FDM's warm-up factor on the MSE term of step ``self.step`` for timesteps ``t``:
+        min(1, clamp(step) * sigma_t^2), or None when the warm-up is off or over.
+        """
+        if self._fdm_sigma2 is None:
+            return None
+        clamp = _fdm.warmup_clamp(self.step, self.fdm_warmup_steps)
+        if math.isinf(clamp):
+            return None
+        return torch.clamp(self._fdm_sigma2[t] * clamp, max=1.0)
 
     def _load_checkpoint(self, point: ResumePoint) -> None:
         """Optimizer, loss scaler, sampler, data position, RNG and counters from a checkpoint set."""
@@ -724,12 +756,19 @@ class TrainLoop:
         variational-bound term of a learned-sigma model is left unweighted, as in the Min-SNR,
         P2 and SpeeD authors' code), else upstream's ``losses["loss"]``.
 
+        With FDM's warm-up (``fdm_warmup_weights``) its factor multiplies the MSE term too.
+
         :param t: the samples' timesteps.
         :param losses: ``diffusion.training_losses`` output (``"mse"``, optional ``"vb"``).
         """
-        if self.loss_weights is None:
+        warmup = self.fdm_warmup_weights(t)
+        if self.loss_weights is None and warmup is None:
             return losses["loss"]
-        objective = self.loss_weights[t] * losses["mse"]
+        objective = losses["mse"]
+        if self.loss_weights is not None:
+            objective = self.loss_weights[t] * objective
+        if warmup is not None:
+            objective = warmup * objective
         if "vb" in losses:
             objective = objective + losses["vb"]
         return objective
@@ -762,7 +801,7 @@ class TrainLoop:
                 if isinstance(self.schedule_sampler, LossAwareSampler):
                     self._update_loss_aware(t, losses["loss"].detach())
                 # sum / B (not upstream's sum of microbatch means): microbatching never changes the step
-                if self.loss_weights is not None:
+                if self.loss_weights is not None or self._fdm_sigma2 is not None:
                     # the logged mse/vb stay the unweighted terms; "loss" is what is optimised
                     losses = dict(losses, loss=self.weighted_objective(t, losses))
                 loss = (losses["loss"].float() * weights).sum() / B
@@ -1091,7 +1130,7 @@ class TrainLoop:
     def _make_grid_diffusion(self):
         if self._grid_diffusion is not None:
             return self._grid_diffusion
-        from .script_util import create_gaussian_diffusion, diffusion_defaults
+        from .script_util import create_gaussian_diffusion, diffusion_defaults, fdm_defaults
 
         cfg = self.config or {}
         keys = diffusion_defaults()
@@ -1107,6 +1146,8 @@ class TrainLoop:
             use_kl=args["use_kl"], predict_xstart=args["predict_xstart"],
             rescale_timesteps=args["rescale_timesteps"], rescale_learned_sigmas=args["rescale_learned_sigmas"],
         )
+        # FDM's input scaling: the run's flags (else the training diffusion's own settings)
+        common.update({k: cfg.get(k, getattr(self.diffusion, k, v)) for k, v in fdm_defaults().items()})
         try:
             self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=f"ddim{n}", **common)
         except ValueError:  # no stride gives exactly n steps: evenly spaced sections instead

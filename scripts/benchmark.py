@@ -310,6 +310,7 @@ def bench_sampling(args: argparse.Namespace, model_args: Dict[str, Any]) -> Dict
         model.to(memory_format=torch.channels_last)
     diffusion_args = {k: model_args[k] for k in ("diffusion_steps", "learn_sigma", "noise_schedule", "use_kl",
                                                  "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas")}
+    diffusion_args.update({k: model_args[k] for k in ("fdm", "fdm_multiplier", "fdm_sigma_range") if k in model_args})
     steps = int(diffusion_args.pop("diffusion_steps"))
     try:
         diffusion = create_gaussian_diffusion(steps=steps, timestep_respacing=f"ddim{args.sampling_steps}",
