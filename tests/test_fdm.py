@@ -188,6 +188,9 @@ def test_fdm_off_feeds_the_model_x_t_itself():
     assert not hasattr(diffusion, "_fdm_input_scale")
     x, t = torch.randn(2, 3, 4, 4), torch.tensor([0, 99])
     assert diffusion._model_input(x, t) is x  # no arithmetic at all: the golden vectors stay bit-exact
+    import importlib
+
+    assert importlib.import_module("improved_diffusion.fdm") is fdm  # one implementation, two faces
     # tests/test_upstream_fixtures.py builds its diffusions without the FDM keywords: off
     for name in ("id_tiny", "gd_tiny"):
         path = REPO.parent / "shared" / "fixtures" / "upstream" / f"{name}.pt"
