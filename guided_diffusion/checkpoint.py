@@ -31,6 +31,7 @@ __all__ = [
     "get_blob_logdir",
     "find_ema_checkpoint",
     "list_complete_checkpoints",
+    "list_stateless_checkpoints",
     "find_resume_checkpoint",
     "resolve_resume",
     "unreadable_checkpoint",
@@ -130,6 +131,35 @@ def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
             if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
                 steps.append(step)
     return sorted(steps)
+
+
+_EMA_RE = re.compile(r"^ema_.+_(\d+)\.pt$")
+
+
+def list_stateless_checkpoints(log_dir: Optional[str]) -> Dict[int, List[str]]:
+    """
+    The checkpoint sets of ``log_dir`` in upstream improved-/guided-diffusion's format: a
+    ``model{N}.pt`` and ``opt{N}.pt`` (and EMA files) without this project's ``state{N}.pt``, as
+    upstream writes them, or as a run of ours leaves them when its state files were removed. (A
+    save of ours interrupted before the optimizer file leaves no ``opt{N}.pt``: not listed.)
+
+    :return: step -> the set's file names (model, optimizer, EMAs), oldest step first.
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        return {}
+    names = set(os.listdir(log_dir))
+    found: Dict[int, List[str]] = {}
+    for name in sorted(names):
+        m = _MODEL_RE.match(name)
+        if m:
+            step = int(m.group(1))
+            if f"opt{step:06d}.pt" in names and f"state{step:06d}.pt" not in names:
+                found[step] = [name, f"opt{step:06d}.pt"]
+    for name in sorted(names):
+        m = _EMA_RE.match(name)
+        if m and int(m.group(1)) in found:
+            found[int(m.group(1))].append(name)
+    return dict(sorted(found.items()))
 
 
 def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:

@@ -33,6 +33,7 @@ __all__ = [
     "prepare_resume",
     "claim_run_folder",
     "describe_checkpoints",
+    "stateless_refusal",
 ]
 
 LOCK_NAME = ".lock"
@@ -280,7 +281,8 @@ def prepare_resume(
              (``claim_run_folder`` does it, under the lock).
     :raises RunFolderError / ResumeError: naming the folder, the flags and what to do.
     """
-    from .checkpoint import check_resume_compatible, list_complete_checkpoints, resolve_resume, saved_config
+    from .checkpoint import check_resume_compatible, list_complete_checkpoints, list_stateless_checkpoints, \
+        resolve_resume, saved_config
 
     point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rates)
     replace = False
@@ -293,12 +295,33 @@ def prepare_resume(
                 "resume it (--resume auto), or pass --overwrite True to move the old run's files into "
                 f"{log_dir}/replaced-<time>/ and start over")
         replace = bool(existing)
+    if point is None:
+        stateless = list_stateless_checkpoints(log_dir)
+        if stateless and not overwrite:
+            raise RunFolderError(stateless_refusal(log_dir, stateless, resume))
+        replace = replace or bool(stateless)
     changes: Dict[str, Tuple[Any, Any]] = {}
     if point is not None:
         check_resume_compatible(point, config, model)
         saved, source = saved_config(point)
         changes = check_resume_flags(saved, config, parse_allow_change(allow_change), source or CONFIG_NAME)
     return point, changes, replace
+
+
+def stateless_refusal(log_dir: str, stateless: Dict[int, List[str]], resume: Any = "auto") -> str:
+    """
+    The refusal of a fresh start in a folder that holds checkpoint sets without state files
+    (upstream's format): names the files, and how to continue from them or start elsewhere.
+    """
+    files = [name for names in stateless.values() for name in names]
+    shown = ", ".join(files[:8]) + (f" ... (+{len(files) - 8} more)" if len(files) > 8 else "")
+    newest = os.path.join(log_dir, f"model{max(stateless):06d}.pt")
+    return (f"--resume {resume}: {log_dir} holds checkpoint files without a state file ({shown}: upstream "
+            "improved-/guided-diffusion's format, or a run whose state*.pt were removed), so it has no complete set "
+            "to resume, and a new run there would start at step 0 and overwrite them. To continue from them: "
+            f"--resume {newest} (weights, optimizer and EMA; the sampler, data position and RNG streams start "
+            "fresh). To start a new run: another --log_dir, or --overwrite True to move them into "
+            f"{log_dir}/replaced-<time>/ first")
 
 
 def _move_run_aside(folder: str) -> str:

@@ -14,6 +14,60 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "smoke" / "tiny.yaml"
 
 
+def _train(*argv):
+    from guided_diffusion.training import train
+
+    return train(["--config", str(TINY), *map(str, argv)])
+
+
+def _snapshot(folder: Path):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# ------------------------------------------------------------------ 1. upstream-format checkpoints are kept
+
+
+@pytest.fixture
+def upstream_folder(tiny_run, tmp_path):
+    """A folder holding only upstream-format files of step 2: model, opt and EMA files, no state."""
+    folder = tmp_path / "R"
+    folder.mkdir()
+    for name in ("model000002.pt", "opt000002.pt", "ema_0.99_000002.pt", "ema_0.9_000002.pt"):
+        (folder / name).write_bytes((tiny_run / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_upstream_checkpoints_are_not_overwritten(upstream_folder, resume):
+    from guided_diffusion.run_folder import RunFolderError
+
+    before = _snapshot(upstream_folder)
+    with pytest.raises(RunFolderError) as info:
+        _train("--seed", 5, "--log_dir", upstream_folder, "--resume", resume)
+    message = str(info.value)
+    for name in before:
+        assert name in message
+    assert f"--resume {upstream_folder / 'model000002.pt'}" in message and "another --log_dir" in message
+    assert _snapshot(upstream_folder) == before  # byte-identical, nothing added
+
+
+def test_upstream_checkpoints_resume_the_way_the_message_says(upstream_folder):
+    from guided_diffusion.checkpoint import list_complete_checkpoints
+
+    before = _snapshot(upstream_folder)
+    _train("--log_dir", upstream_folder, "--resume", upstream_folder / "model000002.pt", "--total_steps", 3,
+           "--save_interval", 3)
+    assert list_complete_checkpoints(str(upstream_folder)) == [3]
+    assert all((upstream_folder / n).read_bytes() == b for n, b in before.items())
+
+
+def test_overwrite_moves_upstream_checkpoints_aside(upstream_folder):
+    before = _snapshot(upstream_folder)
+    _train("--log_dir", upstream_folder, "--overwrite", True, "--total_steps", 1, "--save_interval", 1)
+    (aside,) = upstream_folder.glob("replaced-*")
+    assert _snapshot(aside) == before
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
