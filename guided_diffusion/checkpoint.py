@@ -455,8 +455,14 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def atomic_write(path: str, write_fn) -> None:
-    """Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
-    folder, flush + fsync, rename, fsync of the folder."""
+    """
+    Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
+    folder, flush + fsync, rename, fsync of the folder.
+
+    :raises OSError: when the write fails (disk full, file-size limit, read-only folder), naming
+        ``path``; also when ``torch.save``'s zip writer reported the failed write as a
+        ``RuntimeError`` ("unexpected pos"): the ``OSError`` it hides is raised instead.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -467,9 +473,12 @@ def atomic_write(path: str, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error_of(e)
+        if cause is not None and (cause is not e or cause.filename is None):
+            raise OSError(cause.errno, cause.strerror, path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)
@@ -477,6 +486,23 @@ def atomic_write(path: str, write_fn) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _os_error_of(error: BaseException) -> Optional[OSError]:
+    """
+    The ``OSError`` behind a failed write: ``error`` itself, or the one a ``RuntimeError`` of
+    torch's zip writer holds as its context (torch turns ENOSPC/EFBIG of the file object's write
+    into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``); else None.
+    """
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        if not isinstance(error, RuntimeError):
+            return None
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _umask() -> int:

@@ -68,6 +68,87 @@ def test_overwrite_moves_upstream_checkpoints_aside(upstream_folder):
     assert _snapshot(aside) == before
 
 
+# ------------------------------------------------------------------ 3. a full disk or a file-size limit: the named message
+
+
+class _FullDisk:
+    """A file object whose disk fills up after ``room`` bytes (ENOSPC from write, as a real disk)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        import errno
+
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _tiny_argv(run, *extra):
+    return ["--config", str(TINY), "--log_dir", str(run), "--total_steps", "4", "--save_interval", "2",
+            "--ema_rate", "0.9", *map(str, extra)]
+
+
+def test_disk_full_inside_torch_save_gives_the_named_message(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from guided_diffusion import checkpoint, script_util, train_util
+    from guided_diffusion.checkpoint import list_complete_checkpoints
+    from guided_diffusion.train_util import NonFiniteLossError
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import image_train
+
+    run = tmp_path / "run"
+    real = train_util.atomic_torch_save
+
+    def save(obj, path):  # torch's own zip writer meets the full disk (it raises RuntimeError)
+        if os.path.basename(path) == "opt000004.pt":
+            return checkpoint.atomic_write(path, lambda f: torch.save(obj, _FullDisk(f, 1000)))
+        return real(obj, path)
+
+    monkeypatch.setattr(train_util, "atomic_torch_save", save)
+    monkeypatch.setattr(sys, "argv", ["scripts/image_train.py"])
+    with pytest.raises(SystemExit) as info:
+        script_util.run_script(lambda: image_train.main(_tiny_argv(run)), failures=(NonFiniteLossError,))
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert "Traceback" not in err and "RuntimeError" not in err and "inline_container" not in err, err
+    assert f"cannot write {run / 'opt000004.pt'}" in err and "No space left on device" in err
+    assert "the newest complete set, step 2, is intact" in err
+    assert list_complete_checkpoints(str(run)) == [2]
+    assert not any(p.name.endswith(".tmp") for p in run.iterdir()) and not (run / ".lock").exists()
+
+
+def test_file_size_limit_gives_the_named_message(tmp_path):
+    import resource
+
+    from conftest import subprocess_env
+    from guided_diffusion.checkpoint import list_complete_checkpoints
+
+    run = tmp_path / "run"
+    _train("--log_dir", run, "--total_steps", 4, "--save_interval", 2, "--ema_rate", 0.9, "--stop_at", 2)
+    before = _snapshot(run)
+    limit = 4_096_000  # `ulimit -f 4000`: the 3 MB model and EMA files fit, the 6 MB optimizer state does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py"), *_tiny_argv(run)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr
+    assert f"cannot write {run / 'opt000004.pt'}" in proc.stderr and "File too large" in proc.stderr
+    assert "the newest complete set, step 2, is intact" in proc.stderr
+    assert list_complete_checkpoints(str(run)) == [2]
+    assert all((run / n).read_bytes() == b for n, b in before.items() if n.endswith(".pt"))
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
