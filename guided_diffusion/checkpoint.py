@@ -45,6 +45,8 @@ __all__ = [
     "ANALYSIS_OVERRIDES",
     "parse_model_flags",
     "resolve_model_flags",
+    "checkpoint_file_step",
+    "state_config_beside",
     "load_state_dict_file",
     "load_into",
     "load_diffusion_model",
@@ -561,7 +563,8 @@ def resolve_model_flags(
     """
     The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
     ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
-    in the checkpoint's folder when there is one (training-only keys ignored), overridden by
+    in the checkpoint's folder when there is one (training-only keys ignored; without it, the
+    configuration saved in the run's state file, ``state_config_beside``), overridden by
     ``model_flags``.
 
     The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
@@ -578,7 +581,11 @@ def resolve_model_flags(
 
     defaults = dict(defaults or model_and_diffusion_defaults())
     cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
-    cfg = load_config(cfg_path) if cfg_path.is_file() else {}
+    if cfg_path.is_file():
+        cfg = load_config(cfg_path)
+    else:  # config.yaml lost: every state file holds the run's resolved configuration too
+        cfg, state_path = state_config_beside(checkpoint)
+        cfg_path = Path(state_path) if state_path else cfg_path
     given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
     chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
     chosen = check_flavor(chosen, "flavor")
@@ -592,6 +599,43 @@ def resolve_model_flags(
         flags.update(given)
         sources.append(f"--model_flags {model_flags!r}")
     return flags, " < ".join(sources)
+
+
+def checkpoint_file_step(path: Union[str, Path]) -> Optional[int]:
+    """The step in a checkpoint file's name (``model/opt/state{N}.pt``, ``ema_{rate}_{N}.pt``), or None."""
+    base = os.path.basename(str(path))
+    for pattern in (_MODEL_RE, _STATE_RE, _EMA_RE, re.compile(r"^opt(\d+)\.pt$")):
+        m = pattern.match(base)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def state_config_beside(checkpoint: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """
+    The resolved configuration a run saved in its state files, for a checkpoint whose
+    ``config.yaml`` is missing: the state file of the checkpoint's own step, else the newest one
+    in its folder (read safely, ``load_state_file``; an unreadable one is passed over).
+
+    :return: ``(config, state file)``, or ``({}, None)`` when no state file holds one.
+    """
+    folder = os.path.dirname(os.path.abspath(str(checkpoint)))
+    if not os.path.isdir(folder):
+        return {}, None
+    steps = sorted((int(m.group(1)) for m in map(_STATE_RE.match, os.listdir(folder)) if m), reverse=True)
+    own = checkpoint_file_step(checkpoint)
+    if own in steps:
+        steps.remove(own)
+        steps.insert(0, own)
+    for step in steps:
+        path = os.path.join(folder, f"state{step:06d}.pt")
+        try:
+            config = load_state_file(path).get("config")
+        except ResumeError:
+            continue
+        if isinstance(config, dict):
+            return dict(config), path
+    return {}, None
 
 
 def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:

@@ -149,6 +149,31 @@ def test_file_size_limit_gives_the_named_message(tmp_path):
     assert all((run / n).read_bytes() == b for n, b in before.items() if n.endswith(".pt"))
 
 
+# ------------------------------------------------------------------ 4. config.yaml missing: the state file has the config
+
+
+def test_sampling_a_run_without_config_yaml_uses_its_state_file(tiny_run, tmp_path):
+    from guided_diffusion.checkpoint import resolve_model_flags
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import image_sample
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in tiny_run.iterdir():
+        if p.suffix == ".pt":
+            (run / p.name).write_bytes(p.read_bytes())
+    flags, source = resolve_model_flags(run / "ema_0.99_000001.pt")
+    assert flags["num_channels"] == 32 and flags["image_size"] == 16 and flags["learn_sigma"] is True
+    assert str(run / "state000001.pt") in source  # the checkpoint's own step
+    npz = image_sample.main(["--model_path", str(run / "ema_0.99_000002.pt"), "--num_samples", "2",
+                             "--batch_size", "2", "--use_ddim", "True", "--timestep_respacing", "ddim2",
+                             "--out_dir", str(tmp_path / "out")])
+    import numpy as np
+
+    assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
