@@ -174,6 +174,35 @@ def test_sampling_a_run_without_config_yaml_uses_its_state_file(tiny_run, tmp_pa
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)
 
 
+# ------------------------------------------------------------------ 5. FID of too few images is refused
+
+
+def test_fid_of_too_few_images_is_refused_naming_both_counts(fake_extractor, tmp_path, capsys):
+    import numpy as np
+
+    from evaluations import evaluator as ev
+    from guided_diffusion.image_datasets import synthetic_images
+
+    ref3 = tmp_path / "ref3.npz"
+    np.savez(ref3, arr_0=synthetic_images(3, 32, seed=1)[0])
+    samples = synthetic_images(40, 32, seed=2)[0]
+    res = ev.evaluate(ref3, samples, metrics="fid,sfid,kid", cache_dir=str(tmp_path / "c"))
+    assert "fid" not in res and "sfid" not in res and "kid" in res
+    assert "samples 40, reference 3" in res["skipped"]["fid"] and "--allow_small_sets" in res["skipped"]["fid"]
+    assert "fid" in ev.evaluate(ref3, samples, metrics="fid", cache_dir=str(tmp_path / "c"), allow_small_sets=True)
+    # too few samples: the same, the other way round
+    many = tmp_path / "many.npz"
+    np.savez(many, arr_0=samples)
+    res = ev.evaluate(many, samples[:3], metrics="fid", cache_dir=str(tmp_path / "c"))
+    assert "samples 3, reference 40" in res["skipped"]["fid"]
+    # the command line prints no FID and fails when nothing could be computed
+    np.savez(tmp_path / "s.npz", arr_0=samples)
+    with pytest.raises(SystemExit) as info:
+        ev.main([str(ref3), str(tmp_path / "s.npz"), "--metrics", "fid", "--cache_dir", str(tmp_path / "c")])
+    out = capsys.readouterr()
+    assert info.value.code == 2 and "FID:" not in out.out and "samples 40, reference 3" in out.err
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
