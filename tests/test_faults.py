@@ -203,6 +203,77 @@ def test_fid_of_too_few_images_is_refused_naming_both_counts(fake_extractor, tmp
     assert info.value.code == 2 and "FID:" not in out.out and "samples 40, reference 3" in out.err
 
 
+# ------------------------------------------------------------------ 6. fid_curve.py: no duplicate rows, the real error first
+
+
+def test_two_fid_curves_on_one_run_write_each_row_once(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    import numpy as np
+
+    import evaluations.evaluator
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import fid_curve
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((8, 16, 16, 3), np.uint8))
+    csv_path = run / "fid_curve.csv"
+    other = {"sampler": "ddim", "sampling_steps": 3, "num_samples": 4, "ema_rate": "0.99", "seed": 0,
+             "protocol": "custom", "fid": 7.0, "extractor": "other"}
+    sampled = []
+
+    def generate(model, diffusion, *, num_samples, image_size, **kw):
+        if not sampled:  # meanwhile another fid_curve.py measures both checkpoints
+            for step in (1, 2):
+                assert fid_curve.append_row(str(csv_path), {"step": step, **other})
+        sampled.append(num_samples)
+        return np.zeros((num_samples, image_size, image_size, 3), np.uint8), None
+
+    monkeypatch.setattr(fid_curve, "generate_samples", generate)
+    monkeypatch.setattr(evaluations.evaluator, "evaluate", lambda ref, images, **kw: {"fid": 1.0, "extractor": "x"})
+    rows = fid_curve.main([str(run), "--ref", str(ref), "--num_samples", "4", "--batch_size", "4",
+                           "--timestep_respacing", "ddim3", "--metrics", "fid", "--progress", "False"])
+    assert rows == [] and len(sampled) == 1  # step 1's row not written again, step 2 not even sampled
+    table = fid_curve.read_rows(str(csv_path))
+    assert [(r["step"], r["fid"]) for r in table] == [("1", "7.0"), ("2", "7.0")]
+    assert not fid_curve.append_row(str(csv_path), {"step": 2, **other})  # the same measurement again: refused
+
+
+def test_plot_curves_plots_one_point_per_step_and_names_a_bad_cell(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import plot_curves
+
+    header = "step,gpu_hours,fid,sampler,sampling_steps,num_samples,ema_rate,extractor\n"
+    path = tmp_path / "fid_curve.csv"
+    path.write_text(header + "1,0.1,9,ddim,50,10,0.99,x\n2,0.2,8,ddim,50,10,0.99,x\n2,0.2,7,ddim,50,10,0.99,x\n")
+    curve, _ = plot_curves.read_curve(str(path), "fid")
+    assert curve["step"] == [1.0, 2.0] and curve["fid"] == [9.0, 7.0]
+    assert "1 duplicate row(s) of step(s) 2" in capsys.readouterr().err
+    path.write_text(header + "1,0.1,9,ddim,50,10,0.99,x\n2,0.2,n/a,ddim,50,10,0.99,x\n")
+    with pytest.raises(ValueError, match=r"fid_curve.csv, line 3 \(step '2'\): column 'fid' holds 'n/a', not a number"):
+        plot_curves.read_curve(str(path), "fid")
+
+
+def test_fid_curve_on_a_folder_without_checkpoints_says_so_first(tmp_path, capsys):
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import fid_curve
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((8, 32, 32, 3), np.uint8))
+    for extra in ([], ["--use_ema", "False"]):
+        with pytest.raises(FileNotFoundError, match="no checkpoints"):
+            fid_curve.main([str(empty), "--ref", str(ref), *extra])
+    out = capsys.readouterr()
+    assert "64x64" not in out.out + out.err and "--use_ema False" not in out.out + out.err
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
