@@ -45,7 +45,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.linalg
@@ -299,6 +299,16 @@ def _check_batch(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
+def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
+    """``npz[key]`` of an opened ``.npz``; an array that needs unpickling (an object array) is refused
+    naming ``where`` (the file) and the key, as numpy's own message names neither."""
+    try:
+        return npz[key]
+    except ValueError as e:
+        raise ValueError(f"{where}: its {key!r} array cannot be read without unpickling ({e}); expected "
+                         "plain numeric arrays (uint8 images [N, H, W, 3] in arr_0, float mu/sigma)") from None
+
+
 def _is_image_member(name: str) -> bool:
     """An image file name inside a zip, as the training data reader counts them."""
     from guided_diffusion.image_datasets import IMAGE_EXTENSIONS
@@ -349,9 +359,13 @@ def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.n
             if "arr_0" not in f.files:
                 raise ValueError(f"{path}: no 'arr_0' images in the .npz (keys: {', '.join(f.files) or 'none'}); "
                                  "expected arr_0 = uint8 [N, H, W, 3]")
-            arr = f["arr_0"]
+            arr = _npz_array(f, "arr_0", path)
     elif lower.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:  # an object array (pickled), or not an .npy at all
+            raise ValueError(f"{path}: cannot be read as a numpy array of images ({e}); expected uint8 "
+                             "[N, H, W, 3] saved without pickling") from None
     elif os.path.isdir(path) or lower.endswith(".zip") or zipfile.is_zipfile(path):
         side = _first_image_side(path)
         # np.asarray: a folder of shards is a ShardedImages view over memory maps
@@ -763,10 +777,10 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
             if {"mu", "sigma"} <= keys:
-                given = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+                given = {k: _npz_array(f, k, f"REF {path}") for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
                 has_images = "arr_0" in keys
-                num_given = int(f["num_images"]) if "num_images" in keys else None
-                made_by = str(f["extractor"]) if "extractor" in keys else None
+                num_given = int(_npz_array(f, "num_images", f"REF {path}")) if "num_images" in keys else None
+                made_by = str(_npz_array(f, "extractor", f"REF {path}")) if "extractor" in keys else None
                 if ("mu" in given) != ("sigma" in given) or ("mu_s" in given) != ("sigma_s" in given):
                     raise ValueError(f"REF {path}: needs both mu and sigma (and both mu_s and sigma_s, if any)")
                 if made_by is None:

@@ -39,6 +39,7 @@ __all__ = [
     "load_weights",
     "saved_config",
     "check_resume_compatible",
+    "fresh_start_hint",
     "atomic_write",
     "atomic_torch_save",
     "atomic_write_text",
@@ -395,10 +396,25 @@ def _same_value(a: Any, b: Any) -> bool:
     return str(a).strip().lower() == str(b).strip().lower()
 
 
+def fresh_start_hint(point: ResumePoint, log_dir: Optional[str] = None) -> str:
+    """
+    How to start a new run instead of resuming ``point``, for refusals: with ``--resume auto`` a
+    new run needs ``--resume none`` or another folder; a checkpoint named by ``--resume PATH`` (or
+    ``--resume_checkpoint``) is left out by dropping that flag, in the ``--log_dir`` already given.
+    """
+    if point.how == "auto":
+        return "start a new run (--resume none, or another --log_dir)"
+    folder = os.path.abspath(os.path.dirname(point.model_path) or ".")
+    if log_dir and os.path.abspath(log_dir) != folder:
+        return f"start {log_dir} as a new run without it (drop {point.how})"
+    return f"start a new run (another --log_dir, without {point.how})"
+
+
 def check_resume_compatible(
     point: ResumePoint,
     config: Optional[Dict[str, Any]],
     model: Optional[torch.nn.Module] = None,
+    log_dir: Optional[str] = None,
 ) -> None:
     """
     Refuse a resume that would change the model.
@@ -410,6 +426,7 @@ def check_resume_compatible(
     :param point: the checkpoint.
     :param config: this run's resolved configuration (None skips check 1).
     :param model: the freshly built model (None skips check 2).
+    :param log_dir: the run folder resumed into, for the message's way out (``fresh_start_hint``).
     :raises ResumeError: naming the differing flags with both values, or the mismatched
                          keys/shapes.
     """
@@ -428,8 +445,7 @@ def check_resume_compatible(
                 raise ResumeError(
                     f"cannot resume from {point.describe()} (step {point.step}): these model/diffusion flags "
                     f"differ from the run that wrote it ({source}): " + "; ".join(diffs)
-                    + ". Resume with the checkpoint's values, or start a new run (--resume none, or another "
-                    "--log_dir)."
+                    + f". Resume with the checkpoint's values, or {fresh_start_hint(point, log_dir)}."
                 )
     if model is not None:
         try:

@@ -814,7 +814,7 @@ def run_script(
     from .train_util import CheckpointWriteError, TrainingInterrupted
 
     name = os.path.basename(sys.argv[0])
-    message, code = None, 0
+    message, code, exits = None, 0, False
     # the exception is handled inside the except clauses and dropped there: its traceback holds the
     # frames of the training (the DDP wrapper and with it the process group) until then
     try:
@@ -830,12 +830,12 @@ def run_script(
     except errors + failures as e:
         message, code = f"{name}: error: {e}", (1 if failures and isinstance(e, failures) else 2)
     except SystemExit as e:  # argparse's --help and one-line errors (already printed), an explicit sys.exit
-        code = e.code
+        code, exits = e.code, True
     except BaseException:  # noqa: BLE001 - an unexpected error: its traceback, as Python prints it, then the same exit
         traceback.print_exc()
         code = 1
     if message is not None and (dist_util.launched_rank() == 0 or dist_util.launched_world_size() == 1):
         print(message, file=sys.stderr, flush=True)
     dist_util.teardown_dist()
-    if code:
+    if code or exits:  # exits: a SystemExit goes on as it came, also with status 0 (--help)
         sys.exit(code)

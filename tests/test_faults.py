@@ -274,6 +274,99 @@ def test_fid_curve_on_a_folder_without_checkpoints_says_so_first(tmp_path, capsy
     assert "64x64" not in out.out + out.err and "--use_ema False" not in out.out + out.err
 
 
+# ------------------------------------------------------------------ 7. rough messages, smoothed
+
+
+def test_resume_from_another_runs_checkpoint_names_the_way_out_in_this_folder(tiny_run, tmp_path):
+    from guided_diffusion.checkpoint import ResumeError
+    from guided_diffusion.run_folder import RunFolderError
+
+    new = tmp_path / "new"
+    for flags, error in ((["--num_channels", 64], ResumeError), (["--lr", 0.01], RunFolderError)):
+        with pytest.raises(error) as info:
+            _train("--log_dir", new, "--resume", tiny_run / "model000002.pt", *flags)
+        assert f"start {new} as a new run without it (drop --resume)" in str(info.value)
+        assert "another --log_dir" not in str(info.value)
+
+
+def test_allow_change_with_an_unknown_flag_is_refused_on_a_new_run(tmp_path):
+    from guided_diffusion.run_folder import RunFolderError
+
+    with pytest.raises(RunFolderError, match=r"--allow_change total_stepz: total_stepz is not run-defining"):
+        _train("--log_dir", tmp_path / "run", "--allow_change", "total_stepz")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_message_says_what_is_accepted():
+    from guided_diffusion.options import validate_training_args
+
+    with pytest.raises(ValueError, match=r"--lr must be a finite number > 0, got inf"):
+        validate_training_args({"lr": float("inf")})
+
+
+def test_evaluator_names_the_file_of_an_object_array(tmp_path):
+    import numpy as np
+
+    from evaluations import evaluator as ev
+
+    bad = tmp_path / "objects.npz"
+    np.savez(bad, arr_0=np.array([np.zeros((4, 4, 3), np.uint8), None], dtype=object))
+    with pytest.raises(ValueError, match=r"objects.npz: its 'arr_0' array cannot be read without unpickling"):
+        ev.load_batch(bad)
+
+
+def test_images_smaller_than_image_size_are_upscaled_with_a_warning(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from guided_diffusion.image_datasets import UpscaledImageWarning, load_source
+
+    for i, side in enumerate((8, 8, 32)):
+        Image.fromarray(np.full((side, side, 3), 40 * i, np.uint8)).save(tmp_path / f"cat_{i}.png")
+    with pytest.warns(UpscaledImageWarning, match=r"2 of 3 image\(s\) are smaller than the 16x16 .*cat_0.png \(8x8\)"):
+        src = load_source(str(tmp_path), 16)
+    assert src.images.shape == (3, 16, 16, 3)
+
+
+def test_consistency_warns_about_untrained_models(tiny_run, tmp_path, capsys):
+    import torch
+
+    from guided_diffusion.checkpoint import resolve_model_flags
+    from guided_diffusion.script_util import create_model_and_diffusion
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import consistency
+
+    (tmp_path / "config.yaml").write_bytes((tiny_run / "config.yaml").read_bytes())
+    flags, _ = resolve_model_flags(tiny_run / "model000001.pt")
+    paths = []
+    for seed in (1, 2):  # two fresh models: different weights, the same zero output layer
+        torch.manual_seed(seed)
+        model, _ = create_model_and_diffusion(**flags)
+        paths.append(str(tmp_path / f"model00000{seed}.pt"))
+        torch.save(model.state_dict(), paths[-1])
+    summary = consistency.main(["--models", *paths, "--names", "a,b", "--num_samples", "2",
+                                "--timestep_respacing", "2", "--out_dir", str(tmp_path / "out")])
+    assert "warning: 2 of 2 model(s) (a, b) still have the all-zero output layer" in capsys.readouterr().out
+    assert summary["untrained_models"] == ["a", "b"]
+    summary = consistency.main(["--models", str(tiny_run / "model000001.pt"), str(tiny_run / "model000002.pt"),
+                                "--num_samples", "1", "--timestep_respacing", "2", "--out_dir", str(tmp_path / "o2")])
+    assert summary["untrained_models"] == [] and "all-zero" not in capsys.readouterr().out
+
+
+def test_hessian_note_names_every_rank_that_did_not_converge():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import hessian_spectrum
+
+    power = SimpleNamespace(eigenvalues=[10.0, 4.0, 2.0], converged=[True, True, False])
+    note = hessian_spectrum.power_iteration_note(power, [10.001, 5.0, 3.0], 100, 1e-3)
+    assert "rank(s) 2, 3" in note and "rank 2: 4 < 5" in note and "rank 3: 2 < 3" in note
+    assert hessian_spectrum.power_iteration_note(SimpleNamespace(eigenvalues=[10.0], converged=[True]),
+                                                 [10.001], 100, 1e-3) == ""
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
@@ -353,6 +446,7 @@ def _every_ending():
         ("SIGTERM", _raise(TrainingInterrupted("SIGTERM: stopped after step 4", signal.SIGTERM)), 143),
         ("Ctrl-C", _raise(KeyboardInterrupt()), 130),
         ("argparse", _raise(SystemExit(2)), 2),
+        ("--help", _raise(SystemExit(0)), 0),
         ("unexpected", _raise(RuntimeError("a bug")), 1),
     ]
 
@@ -366,7 +460,7 @@ def test_run_script_tears_down_on_every_exit_path(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["scripts/image_train.py"])
     for what, main, code in _every_ending():
         calls.clear()
-        if code:
+        if code or what == "--help":  # a SystemExit goes on, also with status 0
             with pytest.raises(SystemExit) as info:
                 script_util.run_script(main, failures=(NonFiniteLossError,))
             assert info.value.code == code, what
