@@ -367,6 +367,103 @@ def test_hessian_note_names_every_rank_that_did_not_converge():
                                                  [10.001], 100, 1e-3) == ""
 
 
+# ------------------------------------------------------------------ 8. what a newcomer needs to be told
+
+
+def test_log_says_when_an_ema_has_not_left_the_initial_weights(tmp_path):
+    short = tmp_path / "short"
+    _train("--log_dir", short, "--total_steps", 2, "--save_interval", 2, "--ema_rate", "0.999")
+    log = (short / "log.txt").read_text()
+    assert "after 2 steps, EMA rate(s) 0.999 (horizon 1/(1-rate) = 1,000 steps; the initial weights are still " \
+           "100% of it)" in log and "--ema_rate" in log
+    enough = tmp_path / "enough"
+    _train("--log_dir", enough, "--total_steps", 2, "--save_interval", 2, "--ema_rate", "0.5")
+    assert "EMA rate(s)" not in (enough / "log.txt").read_text()
+
+
+def test_ref_stats_warns_about_the_cpu_and_names_max_images():
+    import torch
+
+    from evaluations.ref_stats import cpu_cost_warning
+
+    warning = cpu_cost_warning(50000, torch.device("cpu"))
+    assert "about 5.3 h" in warning and "--max_images" in warning
+    assert "--max_images" not in cpu_cost_warning(50000, torch.device("cpu"), max_images=50000)
+    assert cpu_cost_warning(50000, torch.device("cuda")) == "" and cpu_cost_warning(500, torch.device("cpu")) == ""
+
+
+def test_readme_tells_how_to_use_the_venv_and_the_cpu_cost():
+    text = (REPO / "README.md").read_text()
+    assert ". .venv/bin/activate" in text and ".venv/bin/python" in text
+    assert "No module named 'PIL'" in text
+    stats = [line for line in text.splitlines() if "ref_stats.py" in line and "--max_images" in line]
+    assert stats, "a ref_stats.py command with --max_images"
+    assert "1/(1-rate)" in text and "scripts/launch/slurm.sbatch" in text
+
+
+# ------------------------------------------------------------------ 9. SLURM
+
+
+SBATCH = REPO / "scripts" / "launch" / "slurm.sbatch"
+
+
+def _sbatch(*args, **env):
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "SLURM_SUBMIT_DIR": str(REPO)}
+    return subprocess.run(["bash", str(SBATCH), *map(str, args)], env={**base, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_slurm_script_syntax_and_resolved_command():
+    assert subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True).returncode == 0
+    head = SBATCH.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=TERM@", "#SBATCH --gpus-per-node=", "#SBATCH --open-mode=append"):
+        assert line in head
+    proc = _sbatch("configs/cifar10/clts_mdlrc.yaml", "runs/x", "--stop_at", "100", DRY_RUN="1", SLURM_JOB_ID="4242",
+                   SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", PYTHON="python3")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 node(s) x 8 GPU(s) = 16 task(s)" in proc.stdout and "MASTER_PORT=24242" in proc.stdout
+    command = proc.stdout.strip().splitlines()[-1]
+    assert command.startswith("srun --nodes=2 --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 bash -c ")
+    assert "RANK=\\$SLURM_PROCID" in command and "LOCAL_RANK=\\$SLURM_LOCALID" in command
+    assert command.endswith("python3 scripts/image_train.py --config configs/cifar10/clts_mdlrc.yaml "
+                            "--log_dir runs/x --resume auto --stop_at 100")
+    bad = _sbatch("configs/no/such.yaml", "runs/x", DRY_RUN="1")
+    assert bad.returncode == 2 and "config file not found: configs/no/such.yaml" in bad.stderr
+    assert _sbatch("configs/cifar10/clts_mdlrc.yaml").returncode == 2  # RUN_DIR missing: the usage
+
+
+_FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: --ntasks=N copies of the command, numbered as SLURM numbers its tasks
+n=1
+while [[ $# -gt 0 && $1 == -* ]]; do case "$1" in --ntasks=*) n=${1#--ntasks=} ;; esac; shift; done
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$i "$@" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do wait "$p" || { s=$?; [[ $s -gt $status ]] && status=$s; }; done
+exit $status
+"""
+
+
+def test_slurm_script_trains_two_tasks_as_one_run(tmp_path):
+    from conftest import subprocess_env
+
+    from guided_diffusion.checkpoint import list_complete_checkpoints
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = subprocess_env()
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(REPO),
+               GPUS_PER_NODE="2")
+    run = tmp_path / "run"
+    proc = subprocess.run(["bash", str(SBATCH), str(TINY), str(run), "--total_steps", "2", "--save_interval", "2",
+                           "--global_batch_size", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list_complete_checkpoints(str(run)) == [2]
+    assert "world size 2, device cpu, global batch 4" in (run / "log.txt").read_text()
+
+
 # ------------------------------------------------------------------ 2. a clean exit of every rank
 
 
