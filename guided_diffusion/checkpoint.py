@@ -31,6 +31,7 @@ __all__ = [
     "get_blob_logdir",
     "find_ema_checkpoint",
     "list_complete_checkpoints",
+    "list_stateless_checkpoints",
     "find_resume_checkpoint",
     "resolve_resume",
     "unreadable_checkpoint",
@@ -38,12 +39,15 @@ __all__ = [
     "load_weights",
     "saved_config",
     "check_resume_compatible",
+    "fresh_start_hint",
     "atomic_write",
     "atomic_torch_save",
     "atomic_write_text",
     "ANALYSIS_OVERRIDES",
     "parse_model_flags",
     "resolve_model_flags",
+    "checkpoint_file_step",
+    "state_config_beside",
     "load_state_dict_file",
     "load_into",
     "load_diffusion_model",
@@ -130,6 +134,35 @@ def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
             if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
                 steps.append(step)
     return sorted(steps)
+
+
+_EMA_RE = re.compile(r"^ema_.+_(\d+)\.pt$")
+
+
+def list_stateless_checkpoints(log_dir: Optional[str]) -> Dict[int, List[str]]:
+    """
+    The checkpoint sets of ``log_dir`` in upstream improved-/guided-diffusion's format: a
+    ``model{N}.pt`` and ``opt{N}.pt`` (and EMA files) without this project's ``state{N}.pt``, as
+    upstream writes them, or as a run of ours leaves them when its state files were removed. (A
+    save of ours interrupted before the optimizer file leaves no ``opt{N}.pt``: not listed.)
+
+    :return: step -> the set's file names (model, optimizer, EMAs), oldest step first.
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        return {}
+    names = set(os.listdir(log_dir))
+    found: Dict[int, List[str]] = {}
+    for name in sorted(names):
+        m = _MODEL_RE.match(name)
+        if m:
+            step = int(m.group(1))
+            if f"opt{step:06d}.pt" in names and f"state{step:06d}.pt" not in names:
+                found[step] = [name, f"opt{step:06d}.pt"]
+    for name in sorted(names):
+        m = _EMA_RE.match(name)
+        if m and int(m.group(1)) in found:
+            found[int(m.group(1))].append(name)
+    return dict(sorted(found.items()))
 
 
 def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:
@@ -363,10 +396,25 @@ def _same_value(a: Any, b: Any) -> bool:
     return str(a).strip().lower() == str(b).strip().lower()
 
 
+def fresh_start_hint(point: ResumePoint, log_dir: Optional[str] = None) -> str:
+    """
+    How to start a new run instead of resuming ``point``, for refusals: with ``--resume auto`` a
+    new run needs ``--resume none`` or another folder; a checkpoint named by ``--resume PATH`` (or
+    ``--resume_checkpoint``) is left out by dropping that flag, in the ``--log_dir`` already given.
+    """
+    if point.how == "auto":
+        return "start a new run (--resume none, or another --log_dir)"
+    folder = os.path.abspath(os.path.dirname(point.model_path) or ".")
+    if log_dir and os.path.abspath(log_dir) != folder:
+        return f"start {log_dir} as a new run without it (drop {point.how})"
+    return f"start a new run (another --log_dir, without {point.how})"
+
+
 def check_resume_compatible(
     point: ResumePoint,
     config: Optional[Dict[str, Any]],
     model: Optional[torch.nn.Module] = None,
+    log_dir: Optional[str] = None,
 ) -> None:
     """
     Refuse a resume that would change the model.
@@ -378,6 +426,7 @@ def check_resume_compatible(
     :param point: the checkpoint.
     :param config: this run's resolved configuration (None skips check 1).
     :param model: the freshly built model (None skips check 2).
+    :param log_dir: the run folder resumed into, for the message's way out (``fresh_start_hint``).
     :raises ResumeError: naming the differing flags with both values, or the mismatched
                          keys/shapes.
     """
@@ -396,8 +445,7 @@ def check_resume_compatible(
                 raise ResumeError(
                     f"cannot resume from {point.describe()} (step {point.step}): these model/diffusion flags "
                     f"differ from the run that wrote it ({source}): " + "; ".join(diffs)
-                    + ". Resume with the checkpoint's values, or start a new run (--resume none, or another "
-                    "--log_dir)."
+                    + f". Resume with the checkpoint's values, or {fresh_start_hint(point, log_dir)}."
                 )
     if model is not None:
         try:
@@ -425,8 +473,14 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def atomic_write(path: str, write_fn) -> None:
-    """Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
-    folder, flush + fsync, rename, fsync of the folder."""
+    """
+    Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
+    folder, flush + fsync, rename, fsync of the folder.
+
+    :raises OSError: when the write fails (disk full, file-size limit, read-only folder), naming
+        ``path``; also when ``torch.save``'s zip writer reported the failed write as a
+        ``RuntimeError`` ("unexpected pos"): the ``OSError`` it hides is raised instead.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -437,9 +491,12 @@ def atomic_write(path: str, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error_of(e)
+        if cause is not None and (cause is not e or cause.filename is None):
+            raise OSError(cause.errno, cause.strerror, path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)
@@ -447,6 +504,23 @@ def atomic_write(path: str, write_fn) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _os_error_of(error: BaseException) -> Optional[OSError]:
+    """
+    The ``OSError`` behind a failed write: ``error`` itself, or the one a ``RuntimeError`` of
+    torch's zip writer holds as its context (torch turns ENOSPC/EFBIG of the file object's write
+    into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``); else None.
+    """
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        if not isinstance(error, RuntimeError):
+            return None
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _umask() -> int:
@@ -505,7 +579,8 @@ def resolve_model_flags(
     """
     The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
     ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
-    in the checkpoint's folder when there is one (training-only keys ignored), overridden by
+    in the checkpoint's folder when there is one (training-only keys ignored; without it, the
+    configuration saved in the run's state file, ``state_config_beside``), overridden by
     ``model_flags``.
 
     The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
@@ -522,7 +597,11 @@ def resolve_model_flags(
 
     defaults = dict(defaults or model_and_diffusion_defaults())
     cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
-    cfg = load_config(cfg_path) if cfg_path.is_file() else {}
+    if cfg_path.is_file():
+        cfg = load_config(cfg_path)
+    else:  # config.yaml lost: every state file holds the run's resolved configuration too
+        cfg, state_path = state_config_beside(checkpoint)
+        cfg_path = Path(state_path) if state_path else cfg_path
     given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
     chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
     chosen = check_flavor(chosen, "flavor")
@@ -536,6 +615,43 @@ def resolve_model_flags(
         flags.update(given)
         sources.append(f"--model_flags {model_flags!r}")
     return flags, " < ".join(sources)
+
+
+def checkpoint_file_step(path: Union[str, Path]) -> Optional[int]:
+    """The step in a checkpoint file's name (``model/opt/state{N}.pt``, ``ema_{rate}_{N}.pt``), or None."""
+    base = os.path.basename(str(path))
+    for pattern in (_MODEL_RE, _STATE_RE, _EMA_RE, re.compile(r"^opt(\d+)\.pt$")):
+        m = pattern.match(base)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def state_config_beside(checkpoint: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """
+    The resolved configuration a run saved in its state files, for a checkpoint whose
+    ``config.yaml`` is missing: the state file of the checkpoint's own step, else the newest one
+    in its folder (read safely, ``load_state_file``; an unreadable one is passed over).
+
+    :return: ``(config, state file)``, or ``({}, None)`` when no state file holds one.
+    """
+    folder = os.path.dirname(os.path.abspath(str(checkpoint)))
+    if not os.path.isdir(folder):
+        return {}, None
+    steps = sorted((int(m.group(1)) for m in map(_STATE_RE.match, os.listdir(folder)) if m), reverse=True)
+    own = checkpoint_file_step(checkpoint)
+    if own in steps:
+        steps.remove(own)
+        steps.insert(0, own)
+    for step in steps:
+        path = os.path.join(folder, f"state{step:06d}.pt")
+        try:
+            config = load_state_file(path).get("config")
+        except ResumeError:
+            continue
+        if isinstance(config, dict):
+            return dict(config), path
+    return {}, None
 
 
 def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:

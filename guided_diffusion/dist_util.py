@@ -4,12 +4,22 @@ Distributed setup for ``mpiexec``, ``torchrun`` and single-process runs.
 Under ``mpiexec -n N`` ranks come from MPI (mpi4py is imported only then); under ``torchrun``
 from its environment variables; otherwise the run is one process and no process group is
 created. NCCL is used on CUDA and gloo on CPU; each process uses the GPU of its local rank.
+
+``teardown_dist()`` destroys the process group again; ``run_script`` calls it on every exit of a
+script and ``setup_dist`` registers it with ``atexit`` for everything else. Without it a gloo
+worker thread may still drop the last reference to a tensor that Python created (the buffers of
+the last all-reduce) after the interpreter has begun to shut down: taking the GIL then ends the
+thread inside a destructor, and the process dies with ``terminate called without an active
+exception`` (signal 6) although the run finished.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import io
 import os
 import socket
+import sys
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -17,9 +27,17 @@ import blobfile as bf
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # Imported before any process group exists, on purpose: its functions take ``group=group.WORLD``
+    # as a default argument, evaluated at import. Imported later (torch._dynamo imports it, and DDP
+    # imports torch._dynamo), those defaults would hold the process group for the life of the
+    # interpreter, so destroying the group could never free its backend and stop its threads.
+    import torch.distributed.nn  # noqa: F401
+
 # Environment variables that MPI launchers set (Open MPI, MPICH/Hydra, PMIx).
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
-_state = {"device": None, "launcher": None, "local_rank": 0}
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_state = {"device": None, "launcher": None, "local_rank": 0, "atexit": False}
 
 
 def launcher() -> str:
@@ -42,6 +60,21 @@ def launched_world_size() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 1
+
+
+def launched_rank() -> int:
+    """
+    This process's rank as the launcher set it in the environment (0 for one process): for what
+    must know the rank whether or not a process group was set up (e.g. which rank reports an error).
+    """
+    if is_distributed():
+        return get_rank()
+    if launcher() == "torchrun":
+        return int(os.environ["RANK"])
+    for var in _MPI_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def _free_port() -> int:
@@ -69,7 +102,9 @@ def setup_dist(backend: Optional[str] = None) -> None:
 
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
-        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank = node.Get_rank()
+        node.Free()  # only needed for the local rank; a communicator left allocated is not a clean finalize
         if world > 1:
             addr = socket.gethostbyname(socket.getfqdn()) if rank == 0 else None
             port = _free_port() if rank == 0 else None
@@ -83,6 +118,11 @@ def setup_dist(backend: Optional[str] = None) -> None:
         local_rank = int(os.environ["LOCAL_RANK"])
         if int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
             dist.init_process_group(backend=backend, init_method="env://")
+    if is_distributed() and not _state["atexit"]:
+        # the safety net for code that does not end through run_script (atexit runs before the
+        # interpreter starts to shut down, so the backend's threads can still take the GIL)
+        atexit.register(_teardown_at_exit)
+        _state["atexit"] = True
     _state["launcher"], _state["local_rank"] = kind, local_rank
     if torch.cuda.is_available():
         # The GPU of this process is its local rank (no rewriting of CUDA_VISIBLE_DEVICES).
@@ -93,6 +133,33 @@ def setup_dist(backend: Optional[str] = None) -> None:
     _state["device"] = device
     if get_rank() > 0:
         quiet_repeated_warnings()
+
+
+def teardown_dist() -> None:
+    """
+    Destroy the process group (a no-op in one process or when there is none; idempotent) and
+    forget this process's device, so that ``setup_dist`` would start afresh.
+
+    After ``destroy_process_group`` the backend may still be held by a DDP wrapper inside a
+    reference cycle (a ``TrainLoop``); collecting those cycles now frees it, and the gloo
+    backend's destructor waits for its queued work and joins its worker threads while the
+    interpreter is fully alive. MPI itself is finalised by mpi4py when the interpreter exits.
+    Call it on every rank at the end, whatever ended the script (``run_script`` does).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
+    _state.update(device=None, launcher=None, local_rank=0)
+
+
+def _teardown_at_exit() -> None:
+    # An exception that ended the script is kept in sys.last_* (for post-mortem debugging, which
+    # an exiting interpreter no longer offers); its frames would keep the DDP wrapper and with it
+    # the backend alive past this point.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if getattr(sys, name, None) is not None:
+            setattr(sys, name, None)
+    teardown_dist()
 
 
 def quiet_repeated_warnings() -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "CorruptImageError",
     "CorruptImageWarning",
+    "UpscaledImageWarning",
     "ImageBatches",
     "ImageSource",
     "ShardedImages",
@@ -91,6 +92,10 @@ _MAX_LISTED = 5  # corrupt file names quoted in a message
 
 class CorruptImageWarning(UserWarning):
     """Unreadable images were skipped (their number and the first few names are in the message)."""
+
+
+class UpscaledImageWarning(UserWarning):
+    """Images smaller than the size they are read at were upscaled (their number and the first names)."""
 
 
 class CorruptImageError(ValueError):
@@ -163,11 +168,16 @@ def decode_image(data: Union[bytes, str], image_size: int) -> np.ndarray:
     :return: uint8 array [image_size, image_size, 3].
     :raises OSError, ValueError, SyntaxError, ...: what Pillow raises for an unreadable file.
     """
+    return _decode_sized(data, image_size)[0]
+
+
+def _decode_sized(data: Union[bytes, str], image_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """``decode_image`` and the image's own (width, height)."""
     fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     with Image.open(fileobj) as img:
         img.load()  # decode now: truncated/corrupt data fails here, not later
         rgb = img.convert("RGB")
-    return center_crop_arr(rgb, image_size)
+    return center_crop_arr(rgb, image_size), rgb.size
 
 
 # ----------------------------------------------------------------------------- listing and labels
@@ -238,6 +248,7 @@ class ImageSource:
     :param description: what the data is (for messages).
     :param no_labels_reason: why ``labels`` is None.
     :param skipped: relative names of unreadable images that were skipped.
+    :param upscaled: "name (WxH)" of the images smaller than the size they were read at (upscaled).
     """
 
     images: Union[np.ndarray, "ShardedImages"]
@@ -246,6 +257,7 @@ class ImageSource:
     description: str
     no_labels_reason: str = ""
     skipped: List[str] = field(default_factory=list)
+    upscaled: List[str] = field(default_factory=list)
 
 
 class ShardedImages:
@@ -377,8 +389,14 @@ def _decode_many(
     where: str,
     skip_corrupt: bool,
     workers: Optional[int],
+    upscaled: Optional[List[str]] = None,
 ) -> Tuple[np.ndarray, List[int], List[str]]:
-    """Decode ``names`` into one array; returns (images of the readable ones, their indices, bad names)."""
+    """
+    Decode ``names`` into one array; returns (images of the readable ones, their indices, bad names).
+
+    :param upscaled: when given, receives "name (WxH)" of each image whose shorter side is below
+                     ``image_size`` (upscaled to it), in name order.
+    """
     n = len(names)
     need = n * image_size * image_size * 3
     avail = _available_memory()
@@ -390,11 +408,14 @@ def _decode_many(
     out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
     errors: Dict[int, str] = {}
+    small: Dict[int, str] = {}
 
     def work(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             try:
-                out[i] = decode_image(read(names[i]), image_size)
+                out[i], (w, h) = _decode_sized(read(names[i]), image_size)
+                if min(w, h) < image_size:
+                    small[i] = f"{names[i]} ({w}x{h})"
             except MemoryError:
                 raise
             except Exception as e:  # Pillow raises many types for bad files
@@ -416,6 +437,8 @@ def _decode_many(
                 fut.result()
     keep = np.flatnonzero(ok).tolist()
     bad = [errors[i] for i in sorted(errors)]
+    if upscaled is not None:
+        upscaled.extend(small[i] for i in sorted(small))
     if bad:
         out = out[ok]
     return out, keep, bad
@@ -603,11 +626,14 @@ def _read_folder(path: str, image_size: int, skip_corrupt: bool, workers: Option
     if not rel:
         return None
     rel = [rel[i] for i in subset_indices(len(rel), max_images)]
-    images, keep, bad = _decode_many(rel, lambda r: os.path.join(path, r), image_size, path, skip_corrupt, workers)
+    small: List[str] = []
+    images, keep, bad = _decode_many(rel, lambda r: os.path.join(path, r), image_size, path, skip_corrupt, workers,
+                                     small)
     rel = [rel[i] for i in keep]
     names, rule = label_names(rel)
     labels, classes = _label_ids(names)
-    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
+    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad,
+                       upscaled=small)
 
 
 def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[int],
@@ -633,11 +659,13 @@ def _read_zip(path: str, image_size: int, skip_corrupt: bool, workers: Optional[
             with lock:  # one ZipFile object, read from several threads
                 return zf.read(name)
 
-        images, keep, bad = _decode_many(members, read, image_size, path, skip_corrupt, workers)
+        small: List[str] = []
+        images, keep, bad = _decode_many(members, read, image_size, path, skip_corrupt, workers, small)
     members = [members[i][len(prefix):] for i in keep]
     names, rule = label_names(members)
     labels, classes = _label_ids(names)
-    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad)
+    return ImageSource(images, labels, classes, path, no_labels_reason="" if names else rule, skipped=bad,
+                       upscaled=small)
 
 
 def load_source(
@@ -716,6 +744,12 @@ def _load_source(data_dir: str, image_size: int, *, skip_corrupt: bool, workers:
         warnings.warn(
             f"--data_dir {path}: skipped {len(src.skipped)} unreadable image(s), kept {src.images.shape[0]} "
             f"(first: {', '.join(src.skipped[:_MAX_LISTED])})", CorruptImageWarning, stacklevel=3)
+    if src.upscaled and warn:
+        warnings.warn(
+            f"--data_dir {path}: {len(src.upscaled)} of {src.images.shape[0]} image(s) are smaller than the "
+            f"{image_size}x{image_size} they are read at (--image_size) and were upscaled, which blurs them "
+            f"(first: {', '.join(src.upscaled[:_MAX_LISTED])}); use a smaller --image_size or larger images",
+            UpscaledImageWarning, stacklevel=3)
     return src
 
 

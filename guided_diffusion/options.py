@@ -221,7 +221,10 @@ def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
         ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"--{flag} must be a number in {lb}{lo:g}, {hi:g}{rb}, got {v!r}")
+        # no upper bound: inf is refused too (never a usable value), so the range is not "(0, inf]"
+        what = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if math.isinf(hi)
+                else f"a number in {lb}{lo:g}, {hi:g}{rb}")
+        raise ValueError(f"--{flag} must be {what}, got {v!r}")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

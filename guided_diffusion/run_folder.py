@@ -28,11 +28,13 @@ __all__ = [
     "RunLock",
     "run_defining_flags",
     "parse_allow_change",
+    "check_allow_change",
     "check_resume_flags",
     "record_config",
     "prepare_resume",
     "claim_run_folder",
     "describe_checkpoints",
+    "stateless_refusal",
 ]
 
 LOCK_NAME = ".lock"
@@ -79,8 +81,24 @@ def _same(a: Any, b: Any) -> bool:
     return str(a).strip().lower() == str(b).strip().lower()
 
 
+def check_allow_change(allow_change: Iterable[str], config: Dict[str, Any]) -> None:
+    """
+    Refuse ``--allow_change`` names that are not run-defining flags (a typo would otherwise allow
+    nothing, silently, also on a new run where there is nothing to compare yet).
+
+    :raises RunFolderError: naming the unknown names and the run-defining flags.
+    """
+    allowed = set(allow_change)
+    unknown = sorted(allowed - set(run_defining_flags(config)))
+    if unknown:
+        raise RunFolderError(f"--allow_change {','.join(sorted(allowed))}: {', '.join(unknown)} "
+                             f"{'is' if len(unknown) == 1 else 'are'} not run-defining flags (those are: "
+                             f"{', '.join(run_defining_flags(config))}); other flags may change freely")
+
+
 def check_resume_flags(saved: Optional[Dict[str, Any]], config: Dict[str, Any], allow_change: Iterable[str] = (),
-                       source: str = CONFIG_NAME) -> Dict[str, Tuple[Any, Any]]:
+                       source: str = CONFIG_NAME, new_run_hint: str = "start a new run (another --log_dir)"
+                       ) -> Dict[str, Tuple[Any, Any]]:
     """
     Compare this invocation's resolved flags with the run's.
 
@@ -88,17 +106,14 @@ def check_resume_flags(saved: Optional[Dict[str, Any]], config: Dict[str, Any], 
     :param config: this invocation's resolved configuration.
     :param allow_change: flag names that may differ (``--allow_change``).
     :param source: where ``saved`` came from, for the message.
+    :param new_run_hint: how to start a new run instead (``checkpoint.fresh_start_hint``).
     :return: the allowed changes, flag -> (run's value, new value).
     :raises RunFolderError: naming every run-defining flag that differs and how to allow it.
     """
     if not saved:
         return {}
     allowed = set(allow_change)
-    unknown = sorted(allowed - set(run_defining_flags(config)))
-    if unknown:
-        raise RunFolderError(f"--allow_change {','.join(sorted(allowed))}: {', '.join(unknown)} "
-                             f"{'is' if len(unknown) == 1 else 'are'} not run-defining flags (those are: "
-                             f"{', '.join(run_defining_flags(config))}); other flags may change freely")
+    check_allow_change(allowed, config)
     changed, refused = {}, []
     for key in run_defining_flags(config):
         if key not in saved or _same(saved[key], config[key]):
@@ -111,7 +126,7 @@ def check_resume_flags(saved: Optional[Dict[str, Any]], config: Dict[str, Any], 
         names = ",".join(r.split(":")[0][2:] for r in refused)
         raise RunFolderError(
             f"resuming would change flags that define this run ({source}): " + "; ".join(refused)
-            + f". Resume with the run's values, start a new run (another --log_dir), or, to change them "
+            + f". Resume with the run's values, {new_run_hint}, or, to change them "
             f"mid-run on purpose, add --allow_change {names} (the change is logged and the previous "
             f"configuration kept in {HISTORY_DIR}/)."
         )
@@ -281,8 +296,10 @@ def prepare_resume(
              (``claim_run_folder`` does it, under the lock).
     :raises RunFolderError / ResumeError: naming the folder, the flags and what to do.
     """
-    from .checkpoint import check_resume_compatible, list_complete_checkpoints, resolve_resume, saved_config
+    from .checkpoint import check_resume_compatible, fresh_start_hint, list_complete_checkpoints, \
+        list_stateless_checkpoints, resolve_resume, saved_config
 
+    check_allow_change(parse_allow_change(allow_change), config)
     point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rates)
     replace = False
     if point is None and str(resume).strip().lower() == "none":
@@ -294,12 +311,34 @@ def prepare_resume(
                 "resume it (--resume auto), or pass --overwrite True to move the old run's files into "
                 f"{log_dir}/replaced-<time>/ and start over")
         replace = bool(existing)
+    if point is None:
+        stateless = list_stateless_checkpoints(log_dir)
+        if stateless and not overwrite:
+            raise RunFolderError(stateless_refusal(log_dir, stateless, resume))
+        replace = replace or bool(stateless)
     changes: Dict[str, Tuple[Any, Any]] = {}
     if point is not None:
-        check_resume_compatible(point, config, model)
+        check_resume_compatible(point, config, model, log_dir=log_dir)
         saved, source = saved_config(point)
-        changes = check_resume_flags(saved, config, parse_allow_change(allow_change), source or CONFIG_NAME)
+        changes = check_resume_flags(saved, config, parse_allow_change(allow_change), source or CONFIG_NAME,
+                                     fresh_start_hint(point, log_dir))
     return point, changes, replace
+
+
+def stateless_refusal(log_dir: str, stateless: Dict[int, List[str]], resume: Any = "auto") -> str:
+    """
+    The refusal of a fresh start in a folder that holds checkpoint sets without state files
+    (upstream's format): names the files, and how to continue from them or start elsewhere.
+    """
+    files = [name for names in stateless.values() for name in names]
+    shown = ", ".join(files[:8]) + (f" ... (+{len(files) - 8} more)" if len(files) > 8 else "")
+    newest = os.path.join(log_dir, f"model{max(stateless):06d}.pt")
+    return (f"--resume {resume}: {log_dir} holds checkpoint files without a state file ({shown}: upstream "
+            "improved-/guided-diffusion's format, or a run whose state*.pt were removed), so it has no complete set "
+            "to resume, and a new run there would start at step 0 and overwrite them. To continue from them: "
+            f"--resume {newest} (weights, optimizer and EMA; the sampler, data position and RNG streams start "
+            "fresh). To start a new run: another --log_dir, or --overwrite True to move them into "
+            f"{log_dir}/replaced-<time>/ first")
 
 
 def _move_run_aside(folder: str) -> str:

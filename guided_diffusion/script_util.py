@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
+from . import dist_util
 from . import fdm as _fdm
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -832,29 +833,46 @@ def run_script(
     of a traceback. While it runs, every argparse parser reports a bad flag in one line, naming
     an unknown flag's closest valid flags (``FlagSuggestingParser``), instead of printing the usage.
 
+    Whatever ends it (success, a message, an interruption, an unexpected error with its
+    traceback, argparse's exit), the process group is destroyed afterwards on every rank
+    (``dist_util.teardown_dist``: a two-process run must not abort at exit). Under a launcher with
+    several processes, the messages of errors every rank raises alike (flags, files, agreed stops)
+    are printed by rank 0 alone instead of once per rank, interleaved; a traceback is printed by
+    every rank that hits it.
+
     :param main: the script's entry point.
     :param errors: bad input: the message and exit status 2.
     :param failures: a run that went wrong (e.g. a diverged loss): the message and exit status 1.
     """
     import os
     import sys
+    import traceback
 
     from .train_util import CheckpointWriteError, TrainingInterrupted
 
     name = os.path.basename(sys.argv[0])
+    message, code, exits = None, 0, False
+    # the exception is handled inside the except clauses and dropped there: its traceback holds the
+    # frames of the training (the DDP wrapper and with it the process group) until then
     try:
         with _FlagSuggestions():
             main()
     except TrainingInterrupted as e:  # Ctrl-C / SIGTERM after a step: where to resume from, no traceback
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
-        sys.exit(128 + e.signum)
+        message, code = f"{name}: {e}", 128 + e.signum
     except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C); rerun the same command to resume from the last complete "
-              "checkpoint", file=sys.stderr, flush=True)
-        sys.exit(130)
+        message, code = (f"{name}: interrupted (Ctrl-C); rerun the same command to resume from the last complete "
+                         "checkpoint"), 130
     except CheckpointWriteError as e:
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        message, code = f"{name}: error: {e}", 1
     except errors + failures as e:
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1 if failures and isinstance(e, failures) else 2)
+        message, code = f"{name}: error: {e}", (1 if failures and isinstance(e, failures) else 2)
+    except SystemExit as e:  # argparse's --help and one-line errors (already printed), an explicit sys.exit
+        code, exits = e.code, True
+    except BaseException:  # noqa: BLE001 - an unexpected error: its traceback, as Python prints it, then the same exit
+        traceback.print_exc()
+        code = 1
+    if message is not None and (dist_util.launched_rank() == 0 or dist_util.launched_world_size() == 1):
+        print(message, file=sys.stderr, flush=True)
+    dist_util.teardown_dist()
+    if code or exits:  # exits: a SystemExit goes on as it came, also with status 0 (--help)
+        sys.exit(code)

@@ -643,6 +643,7 @@ class TrainLoop:
                 if self._stop_requested():
                     self._stop()
         self._check_nonfinite()
+        self._warn_short_ema()
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -670,6 +671,26 @@ class TrainLoop:
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
+
+    def _warn_short_ema(self) -> None:
+        """
+        Say (once, rank 0) when an EMA has not had time to move off the initial weights: after N
+        steps at rate r the initial weights still make up r^N of it, and N < 1/(1-r) (the EMA's
+        horizon) leaves more than a third: its checkpoints and sample grids then look like an
+        untrained model's (noise), which a short run with upstream's 0.9999 shows.
+        """
+        if self.rank != 0 or getattr(self, "_warned_short_ema", False):
+            return
+        short = [r for r in self.ema_rate if r < 1 and 1.0 / (1.0 - r) > self.step]
+        if not short:
+            return
+        self._warned_short_ema = True
+        parts = [f"{r:g} (horizon 1/(1-rate) = {1.0 / (1.0 - r):,.0f} steps; the initial weights are still "
+                 f"{100 * r ** self.step:.0f}% of it)" for r in short]
+        logger.warn(f"after {self.step} steps, EMA rate(s) {'; '.join(parts)} have averaged mostly the initial "
+                    "weights: their ema_*.pt files and sample grids still look untrained (noise). For a short run "
+                    "use a smaller --ema_rate (e.g. 0.999 for thousands of steps, 0.99 for hundreds), or sample "
+                    "the raw weights (--use_ema False)")
 
     def _stop_requested(self) -> bool:
         """A stop signal reached this process (one process) or any rank (several: agreed at log rows,
@@ -1173,6 +1194,7 @@ class TrainLoop:
         """
         if self.rank != 0:
             return None
+        self._warn_short_ema()  # a grid of noise from an EMA that barely moved yet: say why
         diffusion = self._make_grid_diffusion()
         if not diffusion:
             return None

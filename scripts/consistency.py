@@ -126,7 +126,7 @@ def load_models(args: argparse.Namespace) -> Dict[str, Any]:
         loaded.append((model, diffusion, shape, flags["num_classes"] if flags["class_cond"] else None))
         meta.append({"checkpoint": str(path), "flags_source": source, "sampling_steps": diffusion.num_timesteps,
                      "predict_xstart": bool(flags["predict_xstart"]), "image_size": flags["image_size"],
-                     "num_channels": flags["num_channels"]})
+                     "num_channels": flags["num_channels"], "untrained": an.has_zero_output_layer(model)})
     shapes = {x[2] for x in loaded}
     if len(shapes) > 1:
         raise ValueError(f"--model_path: the models make images of different shapes {sorted(shapes)}: PSNR needs "
@@ -199,7 +199,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "sampler": None if gen["kind"] == "gan" else ("ddim" if args.use_ddim else "ddpm"),
         "eta": args.eta if args.use_ddim else None,
     }
-    (out_dir / "consistency.json").write_text(json.dumps(summary, indent=2, default=str))
 
     for p in res.pairs:
         print(f"  {names[p.i]} vs {names[p.j]}: pooled {p.pooled:.2f} dB, mean per-image {p.mean:.2f} dB"
@@ -213,6 +212,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"reported as the cap {res.max_db:g} dB (--max_db)")
     elif res.any_capped:
         print(f"note: some images were pixel-identical; their infinite PSNR counts as {res.max_db:g} dB (--max_db)")
+    untrained = [name for name, m in zip(names, gen["models"]) if m.get("untrained")]
+    if untrained:
+        print(f"warning: {len(untrained)} of {len(names)} model(s) ({', '.join(untrained)}) still have the all-zero "
+              "output layer of their initialisation (untrained: they predict the same for every input), so they turn "
+              "the same noise into the same images and these PSNRs measure that, not the consistency of trained "
+              "models; use checkpoints of a trained run")
+    summary["untrained_models"] = untrained
+    (out_dir / "consistency.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {out_dir}/consistency_pairs.csv, consistency.json, samples.npz, grid.png")
     return summary
 

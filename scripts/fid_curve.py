@@ -48,7 +48,9 @@ from the evaluator's cache (``--cache_dir``), which ``evaluations/ref_stats.py``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -290,27 +292,49 @@ def _add_columns(path: str, fields: List[str], added: List[str]) -> List[str]:
     return fields
 
 
-def append_row(path: str, row: Dict[str, Any]) -> None:
+@contextlib.contextmanager
+def csv_lock(path: str):
     """
-    Append one row (header first for a new file), flushed to disk. An existing CSV that lacks
-    only columns added since (``ADDED_COLUMNS``: ``protocol``) is first rewritten with them.
+    Hold an exclusive lock for the CSV at ``path`` (``flock`` on the hidden ``.<name>.lock`` beside
+    it, which stays), so that two fid_curve.py on one run read and append its rows one at a time.
+    """
+    lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
+
+def append_row(path: str, row: Dict[str, Any]) -> bool:
+    """
+    Append one row (header first for a new file), flushed to disk, unless a row of the same
+    measurement (``KEY_COLUMNS``) is there already: another fid_curve.py on the same run measured
+    it meanwhile (the CSV is read and appended under ``csv_lock``). An existing CSV that lacks only
+    columns added since (``ADDED_COLUMNS``: ``protocol``) is first rewritten with them.
+
+    :return: whether the row was written.
     :raises ValueError: for an existing CSV that lacks any other column.
     """
-    new = not os.path.isfile(path) or os.path.getsize(path) == 0
-    fields = COLUMNS if new else (read_rows_header(path) or COLUMNS)
-    missing = [c for c in COLUMNS if c not in fields]
-    if missing and all(c in ADDED_COLUMNS for c in missing):
-        fields = _add_columns(path, fields, missing)
-    elif missing:
-        raise ValueError(f"{path}: existing CSV lacks the column(s) {missing}; use --csv for a new file")
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-        f.flush()
-        os.fsync(f.fileno())
+    with csv_lock(path):
+        if is_measured(row, {row_key(r) for r in read_rows(path)}):
+            return False
+        new = not os.path.isfile(path) or os.path.getsize(path) == 0
+        fields = COLUMNS if new else (read_rows_header(path) or COLUMNS)
+        missing = [c for c in COLUMNS if c not in fields]
+        if missing and all(c in ADDED_COLUMNS for c in missing):
+            fields = _add_columns(path, fields, missing)
+        elif missing:
+            raise ValueError(f"{path}: existing CSV lacks the column(s) {missing}; use --csv for a new file")
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+            f.flush()
+            os.fsync(f.fileno())
+    return True
 
 
 def read_rows_header(path: str) -> List[str]:
@@ -372,6 +396,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"RUN_DIR: folder not found: {run_dir}")
     metrics = validate_args(args)
+    if not any(checkpoint_step(n) is not None or n.startswith("state") for n in os.listdir(run_dir)):
+        # before the EMA and resolution checks, whose hints would lead elsewhere
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no checkpoints (modelNNNNNN.pt, ema_R_NNNNNN.pt, "
+                                "stateNNNNNN.pt): is it a training run's folder?")
     from evaluations import evaluator
 
     dist_util.setup_dist()
@@ -394,10 +422,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     sampler = sampler_name(args.use_ddim, args.eta, args.sample_precision)
     protocol = protocol_label(args, ema_rate, run_rates)
 
-    run_flags, _ = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
+    run_flags, flags_source = resolve_model_flags(os.path.join(run_dir, "config.yaml"), args.model_flags or None)
     T = int(run_flags["diffusion_steps"])
     sampling_steps = len(space_timesteps(T, args.timestep_respacing or [T]))
-    if rank == 0:  # once, before any sampling (evaluate would repeat them for every checkpoint)
+    known_size = flags_source not in ("defaults", "improved defaults")  # not a default's image size
+    if rank == 0 and known_size:  # once, before any sampling (evaluate would repeat them for every checkpoint)
         for warning in evaluator.reference_warnings(args.ref, args.num_samples, int(run_flags["image_size"])):
             logger.warn(f"warning: {warning}")
     todo, error = None, None
@@ -414,6 +443,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     rows = []
     for step in todo:
+        settings = {"step": step, "sampler": sampler, "sampling_steps": sampling_steps,
+                    "num_samples": args.num_samples, "ema_rate": ema_rate if args.use_ema else "none",
+                    "seed": args.seed, "protocol": protocol}
+        # another fid_curve.py on this run may have measured it since the list was made
+        if _broadcast(is_measured(settings, {row_key(r) for r in read_rows(csv_path)}) if rank == 0 else None):
+            logger.log(f"step {step}: measured meanwhile (another fid_curve.py?), skipped")
+            continue
         checkpoint = resolve_checkpoint("", run_dir, step, ema_rate, args.use_ema)
         model, diffusion, flags = load_checkpoint_model(
             checkpoint, args, {"timestep_respacing"}, model_and_diffusion_defaults(), create_model_and_diffusion,
@@ -442,7 +478,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                    "sampler": sampler, "sampling_steps": sampling_steps, "num_samples": args.num_samples,
                    "extractor": result.get("extractor", args.extractor),
                    "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed, "protocol": protocol}
-            append_row(csv_path, row)
+            if not append_row(csv_path, row):
+                logger.log(f"step {step}: measured meanwhile by another fid_curve.py; its row is kept, this one "
+                           "not written")
+                dist_util.barrier()
+                continue
             rows.append(row)
             shown = ", ".join(f"{k}={row[k]:.4g}" for k in METRIC_COLUMNS if row[k] is not None)
             logger.log(f"step {step}: {shown} ({row['extractor']})")

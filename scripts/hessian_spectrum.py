@@ -173,16 +173,47 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"loss {res['loss']:.6f}, {res['dim']} parameters, {res['num_products']} Hessian-vector products")
     if res["power"] is not None:
         print("top eigenvalues (power iteration):", ", ".join(f"{v:.6g}" for v in res["power"].eigenvalues))
-        stuck = [i + 1 for i, c in enumerate(res["power"].converged) if not c]
-        if stuck:
-            print(f"note: power iteration did not converge for rank(s) {stuck} within --power_iters "
-                  f"{args.power_iters} (eigenvalues of similar magnitude); raise it, or read the Lanczos values")
+        note = power_iteration_note(res["power"], res["lanczos"], args.power_iters, args.power_tol)
+        if note:
+            print(note)
     if res["lanczos"] is not None:
         print("top eigenvalues (Lanczos):        ", ", ".join(f"{v:.6g}" for v in res["lanczos"]))
     if trace is not None:
         print(f"trace (Hutchinson, {args.trace_samples} probes): {trace.estimate:.6g} ± {trace.stderr:.2g}")
     print(f"wrote {out_dir}/hessian_eigenvalues.csv, hessian_density.csv, hessian_summary.json, hessian_spectrum.png")
     return summary
+
+
+def power_iteration_note(power: Any, lanczos: Optional[Sequence[float]], power_iters: int,
+                         power_tol: float) -> str:
+    """
+    The note on the power-iteration eigenvalues that did not converge: the ranks that hit
+    ``--power_iters`` without meeting ``--power_tol``, and those that stopped clearly below the
+    Lanczos value of the same rank (by more than 10 x ``power_tol`` relative: a slow approach that
+    the tolerance mistook for convergence). "" when every rank converged.
+
+    :param power: the power iteration's result (``eigenvalues``, ``converged``).
+    :param lanczos: the Lanczos eigenvalues, largest first, or None.
+    """
+    limit = [i + 1 for i, c in enumerate(power.converged) if not c]
+    below = []
+    for i, v in enumerate(power.eigenvalues):
+        if lanczos is not None and i < len(lanczos):
+            ref = float(lanczos[i])
+            if float(v) < ref - 10 * power_tol * abs(ref):
+                below.append(i + 1)
+    stuck = sorted(set(limit) | set(below))
+    if not stuck:
+        return ""
+    why = []
+    if limit:
+        why.append(f"{len(limit)} reached --power_iters {power_iters}")
+    if below:
+        why.append(f"{len(below)} stopped below the Lanczos value of its rank ("
+                   + ", ".join(f"rank {r}: {float(power.eigenvalues[r - 1]):.6g} < {float(lanczos[r - 1]):.6g}"
+                               for r in below) + ")")
+    return (f"note: power iteration did not converge for rank(s) {', '.join(map(str, stuck))} ({'; '.join(why)}; "
+            "eigenvalues of similar magnitude); raise --power_iters or lower --power_tol, or read the Lanczos values")
 
 
 if __name__ == "__main__":

@@ -88,16 +88,32 @@ def read_curve(path: str, metric: str, name: Optional[str] = None) -> Tuple[Dict
     """
     with open(path, newline="") as f:
         table = list(csv.DictReader(f))
+    for line, r in enumerate(table, start=2):  # line 1 is the header
+        r["_line"] = line
+        for col in ("step", "gpu_hours", metric):
+            if r.get(col) not in (None, "") and not _is_number(r[col]):
+                raise ValueError(f"{path}, line {line} (step {r.get('step')!r}): column {col!r} holds {r[col]!r}, "
+                                 "not a number; fix or delete that row (fid_curve.py writes numbers only)")
     rows = [r for r in table if r.get(metric) not in (None, "")]
     if not rows:
         raise ValueError(f"{path}: no rows with a value in column {metric!r}")
     setting = lambda r: tuple(r.get(k) or "" for k in SETTING_COLUMNS)  # noqa: E731
     counts = collections.Counter(map(setting, rows))
     common, _ = counts.most_common(1)[0]
-    kept = sorted((r for r in rows if setting(r) == common), key=lambda r: int(float(r["step"])))
+    kept = [r for r in rows if setting(r) == common]
+    # one point per step: a second row of a step and setting (two fid_curve.py on one run, before they
+    # locked the CSV) is the same measurement again; the last one written is plotted
+    last = {int(float(r["step"])): r for r in kept}
+    duplicates = len(kept) - len(last)
+    kept = [last[step] for step in sorted(last)]
     description = f"{common[0]} {common[1]} steps, {common[2]} samples"
     notes = []
-    if len(kept) < len(rows):
+    if duplicates:
+        twice = sorted(step for step, n in collections.Counter(int(float(r["step"])) for r in rows
+                                                                if setting(r) == common).items() if n > 1)
+        notes.append(f"{duplicates} duplicate row(s) of step(s) {', '.join(map(str, twice))} with the same settings "
+                     "left out (the last row of each step is plotted)")
+    if len(kept) + duplicates < len(rows):
         groups = []
         for other, n in counts.most_common():
             if other == common:
@@ -105,8 +121,8 @@ def read_curve(path: str, metric: str, name: Optional[str] = None) -> Tuple[Dict
             diff = ", ".join(f"{col} {o or '(blank)'} (not {c or '(blank)'})"
                              for col, o, c in zip(SETTING_COLUMNS, other, common) if o != c)
             groups.append(f"{n} with {diff}")
-        notes.append(f"plotted {len(kept)} of {len(rows)} rows ({description}); left out {len(rows) - len(kept)} "
-                     f"measured with other settings: {'; '.join(groups)}")
+        notes.append(f"plotted {len(kept)} of {len(rows)} rows ({description}); left out "
+                     f"{len(rows) - len(kept) - duplicates} measured with other settings: {'; '.join(groups)}")
     if len(rows) < len(table) and notes:
         notes.append(f"{len(table) - len(rows)} row(s) have no {metric} value")
     if notes:
@@ -118,6 +134,14 @@ def read_curve(path: str, metric: str, name: Optional[str] = None) -> Tuple[Dict
     curve = {"step": [num(r["step"]) for r in kept], "gpu_hours": [num(r.get("gpu_hours")) for r in kept],
              metric: [num(r[metric]) for r in kept]}
     return curve, description
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def run_device(run_dir: str) -> Optional[str]:

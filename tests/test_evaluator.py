@@ -332,7 +332,7 @@ def test_evaluator_cli_subprocess_writes_json(tmp_path, repo_root):
     proc = subprocess.run(
         [sys.executable, str(repo_root / "evaluations" / "evaluator.py"), str(ref), str(samples),
          "--metrics", "fid,is,prc", "--extractor", "offline", "--device", "cpu", "--json", str(out),
-         "--cache_dir", str(tmp_path / "cache")],
+         "--cache_dir", str(tmp_path / "cache"), "--allow_small_sets", "True"],  # 2 samples: a smoke test
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"extractor: {ev.OFFLINE_NAME}" in proc.stdout and "FID:" in proc.stdout
