@@ -52,23 +52,86 @@ class Arm:
     description: str
 
 
+def clts_arm(std: float, mean: float = 0.3, target_steps: Optional[int] = None, mdlrc: bool = False) -> Arm:
+    """A CLTS arm: ``clts_s<std>`` [``_mu<mean>``] [``_tgt<steps>``] [``_mdlrc``]."""
+    name = f"clts_s{std:g}" if std != 1.0 else "clts_s1.0"
+    flags: Dict[str, Any] = {"schedule_sampler": "clts", "clts_std": std, "clts_mean": mean, "momentum_decay": False}
+    what = f"CLTS, mu = {mean:g}, sigma = {std:g} (fractions of T)"
+    if mean != 0.3:
+        name += f"_mu{mean:g}"
+    if target_steps is not None:
+        name += f"_tgt{target_steps}"
+        flags["clts_target_steps"] = target_steps
+        what += f", target iteration {target_steps}"
+    if mdlrc:
+        name += "_mdlrc"
+        flags.update(momentum_decay=True, lr_compensation=True)
+        what += " + MDLRC"
+    return Arm(name, flags, what)
+
+
+# The sigma the mu / target-iteration ablations and the headline arms use: the best of the
+# sigma grid (the first CPU study's sigma = 0.2 until the grid's committed results say otherwise).
+BEST_SIGMA = 0.2
+
 ARMS: Tuple[Arm, ...] = (
     Arm("baseline", {"schedule_sampler": "uniform", "momentum_decay": False},
         "uniform timesteps, AdamW beta1 = 0.9, constant lr"),
-    Arm("clts_s1.0", {"schedule_sampler": "clts", "clts_std": 1.0, "momentum_decay": False},
-        "CLTS, mu = 0.3, sigma = 1.0 (fractions of T)"),
-    Arm("clts_s0.2", {"schedule_sampler": "clts", "clts_std": 0.2, "momentum_decay": False},
-        "CLTS, mu = 0.3, sigma = 0.2 (sigma ablation)"),
+    # the sigma grid (mu 0.3, target 1/5 of the run)
+    clts_arm(0.1), clts_arm(0.2), clts_arm(0.3), clts_arm(0.5), clts_arm(1.0),
+    # Fig. 6(b): mu at the best sigma; Fig. 6(c): the target iteration at the best sigma
+    clts_arm(BEST_SIGMA, mean=0.1), clts_arm(BEST_SIGMA, mean=0.5), clts_arm(BEST_SIGMA, mean=0.7),
+    clts_arm(BEST_SIGMA, target_steps=1), clts_arm(BEST_SIGMA, target_steps=1000),
+    clts_arm(BEST_SIGMA, target_steps=2000),
+    # Fig. 6(a): the modules
+    Arm("md_only", {"schedule_sampler": "uniform", "momentum_decay": True, "lr_compensation": False},
+        "momentum decay beta1 0.9 -> 0.5, no lr compensation"),
     Arm("mdlrc", {"schedule_sampler": "uniform", "momentum_decay": True, "lr_compensation": True},
         "MDLRC: beta1 0.9 -> 0.5, lr compensated"),
     Arm("lr_only", {"schedule_sampler": "uniform", "momentum_decay": True, "lr_compensation": True,
                     "decay_beta1": False},
         "control: MDLRC's lr schedule, beta1 fixed at 0.9"),
+    clts_arm(BEST_SIGMA, mdlrc=True),
     Arm("clts_mdlrc", {"schedule_sampler": "clts", "clts_std": 1.0, "momentum_decay": True,
                        "lr_compensation": True},
         "CLTS (sigma = 1.0) + MDLRC"),
+    # Tables 2-3: the comparisons (their authors' settings, as configs/cifar10/*.yaml)
+    Arm("min_snr", {"loss_weighting": "min_snr", "min_snr_gamma": 5.0}, "Min-SNR-gamma weighting, gamma 5"),
+    Arm("p2", {"loss_weighting": "p2", "p2_k": 1.0, "p2_gamma": 1.0}, "P2 weighting, k = gamma = 1"),
+    Arm("speed", {"schedule_sampler": "speed", "loss_weighting": "speed", "speed_tau": 0.7, "speed_k": 5.0,
+                  "speed_lambda": 0.6, "speed_threshold": 0.1}, "SpeeD: asymmetric + dual sampling and weighting"),
+    Arm("lsm", {"schedule_sampler": "loss-second-moment"}, "loss-aware (loss-second-moment) timestep sampling"),
+    Arm("fdm", {"fdm": True, "fdm_multiplier": 2.0, "fdm_sigma_range": "vp", "fdm_warmup_steps": 400},
+        "FDM: critically damped input scaling, loss-weight warm-up over 400 steps"),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
+_BEST = f"clts_s{BEST_SIGMA:g}"
+# named sets of arms for ``--arms`` (the issue's order: the sigma grid first)
+GROUPS: Dict[str, Tuple[str, ...]] = {
+    "first": ("baseline", "clts_s1.0", "clts_s0.2", "mdlrc", "lr_only", "clts_mdlrc"),  # the first CPU study
+    "sigma": ("baseline", "clts_s0.1", "clts_s0.2", "clts_s0.3", "clts_s0.5", "clts_s1.0"),
+    "mu": (_BEST, f"{_BEST}_mu0.1", f"{_BEST}_mu0.5", f"{_BEST}_mu0.7"),
+    "target": (f"{_BEST}_tgt1", _BEST, f"{_BEST}_tgt1000", f"{_BEST}_tgt2000"),
+    "modules": ("md_only", "mdlrc", "lr_only", _BEST, f"{_BEST}_mdlrc"),
+    "comparisons": ("min_snr", "p2", "speed", "lsm", "fdm"),
+}
+# the headline arms: 3 seeds, and a second sampler at the final checkpoint
+HEADLINE = ("baseline", _BEST, f"{_BEST}_mdlrc")
+
+
+def arms_named(spec: str) -> List[Arm]:
+    """``--arms``: comma-separated arm names and/or group names (``GROUPS``), in order, no repeats."""
+    names: List[str] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        for n in GROUPS.get(item, (item,)):
+            if n not in ARM_NAMES:
+                raise ValueError(f"--arms: unknown arm or group {n!r}; arms: {', '.join(ARM_NAMES)}; "
+                                 f"groups: {', '.join(GROUPS)}")
+            if n not in names:
+                names.append(n)
+    return [next(a for a in ARMS if a.name == n) for n in names]
 
 
 @dataclass(frozen=True)
@@ -267,8 +330,174 @@ def fid_flags(scale: Scale, ref: str, cache_dir: str) -> Dict[str, Any]:
                 cache_dir=cache_dir, progress=False, eval_batch_size=32)
 
 
+# The held-out denoising-loss probe: the EMA model's epsilon-MSE on a fixed batch of CIFAR-10
+# *test* images with fixed noise, at fixed fractions of T (where does each method gain and lose?).
+PROBE_FRACTIONS = (0.025, 0.075, 0.175, 0.325, 0.475, 0.625, 0.775, 0.875, 0.925, 0.975)
+PROBE_IMAGES = 256
+PROBE_SEED = 0
+# the second sampler of the headline arms' final checkpoints: ancestral, 100 respaced steps
+SECOND_SAMPLER = dict(use_ddim=False, timestep_respacing="100")
+
+
+def second_sampler(scale: Scale) -> Dict[str, Any]:
+    """``SECOND_SAMPLER`` for ``scale`` (at most T steps, for the tiny test preset)."""
+    return dict(SECOND_SAMPLER, timestep_respacing=str(min(100, scale.diffusion_steps)))
+DEFAULT_LEDGER = os.path.join(ROOT, "docs", "study", "ledger")
+LEDGER_FILES = ("config.yaml", "progress.csv", "fid_curve.csv", "probe.csv")
+
+
+def probe_timesteps(num_timesteps: int) -> List[int]:
+    """The probe's timesteps for a diffusion of ``num_timesteps`` steps (25, 75, ..., 975 at T = 1000)."""
+    return sorted({min(num_timesteps - 1, int(round(f * num_timesteps))) for f in PROBE_FRACTIONS})
+
+
+def heldout_source(source: str) -> Tuple[str, str]:
+    """(source, split) of the held-out probe images for a training ``source``: CIFAR-10's test split."""
+    if source.endswith(".zip") and os.path.basename(source).startswith("train"):
+        return os.path.join(os.path.dirname(source), "test.zip"), "test"
+    if source.endswith(".tar.gz") or os.path.isdir(source):
+        return source, "test"
+    if source.endswith(".npz") and "train" in os.path.basename(source):
+        return os.path.join(os.path.dirname(source), os.path.basename(source).replace("train", "test")), "npz"
+    return "", ""
+
+
+def prepare_heldout(out: str, scale: Scale, source: str = "", log: Callable[[str], None] = print) -> str:
+    """
+    Write ``out/data/heldout_<px>_<n>.npz``: the first ``PROBE_IMAGES`` CIFAR-10 test images at the
+    study's resolution. Without a test split beside ``source`` the probe falls back to the last
+    ``PROBE_IMAGES`` training images (the file name then says ``trainheldout``; logged).
+    """
+    from guided_diffusion.image_datasets import write_npz
+
+    data = os.path.join(out, "data")
+    for kind in ("heldout", "trainheldout"):
+        path = os.path.join(data, f"{kind}_{scale.image_size}_{PROBE_IMAGES}.npz")
+        if os.path.isfile(path):
+            return path
+    if not source:
+        source = next((s for s in DEFAULT_SOURCES if os.path.exists(s)), "")
+    test, split = heldout_source(source)
+    os.makedirs(data, exist_ok=True)
+    if test and os.path.exists(test):
+        if split == "npz":
+            with np.load(test) as f:
+                images = f["arr_0"][:PROBE_IMAGES]
+        else:
+            packed = os.path.join(data, "cifar10_test_32.npz")
+            if not os.path.isfile(packed):
+                subprocess.run([sys.executable, os.path.join(SCRIPTS, "datasets", "cifar10.py"), "--source", test,
+                                "--split", "test", "--out", packed], check=True)
+            with np.load(packed) as f:
+                images = f["arr_0"][:PROBE_IMAGES]
+        path = os.path.join(data, f"heldout_{scale.image_size}_{PROBE_IMAGES}.npz")
+    else:
+        train, _ = prepare_data(out, scale, source, log)
+        with np.load(train) as f:
+            images = f["arr_0"][-PROBE_IMAGES:]
+        path = os.path.join(data, f"trainheldout_{scale.image_size}_{PROBE_IMAGES}.npz")
+        log(f"study: no CIFAR-10 test split beside {source or 'the source'}; the probe uses training images")
+    write_npz(path, _resize_all(np.asarray(images), scale.image_size))
+    return path
+
+
+def probe_checkpoint(checkpoint: str, heldout: str, batch_size: int = 64) -> List[Dict[str, Any]]:
+    """
+    The epsilon-MSE of ``checkpoint`` on the held-out batch with fixed noise (``PROBE_SEED``) at
+    each of ``probe_timesteps``: deterministic for a fixed checkpoint (eval mode, no dropout).
+
+    :return: one ``{"t", "mse"}`` row per probe timestep.
+    """
+    import torch
+
+    from guided_diffusion.checkpoint import load_diffusion_model
+
+    model, diffusion, _, _ = load_diffusion_model(checkpoint)
+    with np.load(heldout) as f:
+        x0 = torch.from_numpy(np.asarray(f["arr_0"])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    noise = torch.randn(tuple(x0.shape), generator=torch.Generator().manual_seed(PROBE_SEED))
+    rows = []
+    with torch.no_grad():
+        for t in probe_timesteps(diffusion.num_timesteps):
+            total = 0.0
+            for lo in range(0, x0.shape[0], batch_size):
+                xb, nb = x0[lo:lo + batch_size], noise[lo:lo + batch_size]
+                tt = torch.full((xb.shape[0],), t, dtype=torch.long)
+                total += float(diffusion.training_losses(model, xb, tt, noise=nb)["mse"].sum())
+            rows.append({"t": t, "mse": total / x0.shape[0]})
+    return rows
+
+
+def probe_run(run_dir: str, scale: Scale, heldout: str) -> str:
+    """Append the probe rows of every evaluated EMA checkpoint missing from ``run_dir/probe.csv``."""
+    from guided_diffusion.checkpoint import find_ema_checkpoint
+
+    path = os.path.join(run_dir, "probe.csv")
+    done = set()
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            done = {int(r["step"]) for r in csv.DictReader(f)}
+    rate = float(scale.ema_rate.split(",")[0])
+    for step in scale.eval_steps():
+        if step in done:
+            continue
+        ckpt = find_ema_checkpoint(os.path.join(run_dir, f"model{step:06d}.pt"), step, rate)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no EMA {rate} checkpoint of step {step} to probe")
+        rows = probe_checkpoint(ckpt, heldout)
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "t", "mse", "batch"])
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({"step": step, **r, "batch": os.path.basename(heldout).split("_")[0]})
+    return path
+
+
+def ledger_dir(ledger: str, scale: Scale, run: str) -> str:
+    """Where a finished run's small files live in the committed ledger: ``<ledger>/<scale>/<run>/``."""
+    return os.path.join(ledger, scale.name, run)
+
+
+def in_ledger(ledger: str, scale: Scale, run: str) -> bool:
+    """True when the run's results are committed (its ``done.json`` is there): it is not run again."""
+    return os.path.isfile(os.path.join(ledger_dir(ledger, scale, run), "done.json"))
+
+
+def commit_to_ledger(ledger: str, scale: Scale, run_dir: str, run: str, info: Dict[str, Any]) -> str:
+    """
+    Copy a finished run's small files (``LEDGER_FILES``, no checkpoints) and ``done.json`` into the
+    ledger, all at once (written beside, then renamed), so the ledger never holds half a run.
+    """
+    import shutil
+
+    dest = ledger_dir(ledger, scale, run)
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in LEDGER_FILES:
+        if os.path.isfile(os.path.join(run_dir, name)):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, "done.json"), "w") as f:
+        json.dump({"run": run, "scale": scale.name, "total_steps": scale.total_steps, "commit": _commit(), **info},
+                  f, indent=1)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, ref: str,
-                       log: Callable[[str], None] = print) -> Dict[str, Any]:
+                       log: Callable[[str], None] = print, heldout: str = "",
+                       ledger: str = "") -> Dict[str, Any]:
     """
     Train one run (or resume it, or skip it when finished), then measure its FID/KID curve.
 
@@ -291,7 +520,15 @@ def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, 
     t1 = time.time()
     _call([sys.executable, os.path.join(SCRIPTS, "fid_curve.py"), run_dir]
           + flags_to_argv(fid_flags(scale, ref, os.path.join(out, "cache"))), log_path, env)
+    if arm.name in HEADLINE:
+        _call([sys.executable, os.path.join(SCRIPTS, "fid_curve.py"), run_dir]
+              + flags_to_argv({**fid_flags(scale, ref, os.path.join(out, "cache")), **second_sampler(scale),
+                               "steps": str(scale.total_steps)}), log_path, env)
+    if heldout:
+        probe_run(run_dir, scale, heldout)
     info["eval_s"] = time.time() - t1
+    if ledger:
+        commit_to_ledger(ledger, scale, run_dir, info["run"], {k: info[k] for k in ("train_s", "eval_s")})
     log(f"study: {info['run']}: done (train {info['train_s']:.0f} s, eval {info['eval_s']:.0f} s)")
     return info
 
@@ -318,9 +555,14 @@ def _update_timing(out: str, key: str, seconds: float) -> Dict[str, float]:
 
 
 def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optional[Sequence[int]] = None,
-              source: str = "", jobs: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+              source: str = "", jobs: Optional[int] = None, log: Callable[[str], None] = print,
+              ledger: str = "") -> Dict[str, Any]:
     """
     Run (or continue) the study and write its summary.
+
+    With ``ledger`` (the committed results, default ``docs/study/ledger`` from the script), a run
+    whose results are in the ledger is neither trained nor evaluated again, a run that finishes is
+    copied there at once (``commit_to_ledger``), and the summary is computed from the ledger alone.
 
     :param out: the study folder.
     :param scale: the preset.
@@ -339,19 +581,23 @@ def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     train, ref = prepare_data(out, scale, source, log)
     cache_dir = os.path.join(out, "cache")
     todo = [(a, s) for s in seeds for a in arms]
-    pending = [(a, s) for a, s in todo
-               if not run_finished(os.path.join(out, "runs", run_name(a.name, s)), scale.total_steps)
-               or _missing_points(os.path.join(out, "runs", run_name(a.name, s)), scale)]
+    if ledger:
+        pending = [(a, s) for a, s in todo if not in_ledger(ledger, scale, run_name(a.name, s))]
+    else:
+        pending = [(a, s) for a, s in todo
+                   if not run_finished(os.path.join(out, "runs", run_name(a.name, s)), scale.total_steps)
+                   or _missing_points(os.path.join(out, "runs", run_name(a.name, s)), scale)]
     infos: List[Dict[str, Any]] = []
     if pending:
         _warm_reference(scale, ref, cache_dir)
+        heldout = prepare_heldout(out, scale, source, log)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            infos = list(pool.map(lambda job: train_and_evaluate(job[0], job[1], scale, out, train, ref, log),
-                                  pending))
+            infos = list(pool.map(lambda job: train_and_evaluate(job[0], job[1], scale, out, train, ref, log,
+                                                                 heldout=heldout, ledger=ledger), pending))
         _update_timing(out, "wall_s", time.time() - t0)
     else:
         log(f"study: all {len(todo)} runs finished and measured; nothing to train")
-    summary = summarize(out, scale, arms, seeds)
+    summary = summarize(out, scale, arms, seeds, ledger=ledger)
     summary["runs"] = infos
     return summary
 
@@ -361,15 +607,29 @@ def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
 # ---------------------------------------------------------------------------------------------
 
 
-def _curve(run_dir: str, scale: Scale) -> List[Tuple[int, float, float]]:
-    """(step, fid, kid) rows of the run's fid_curve.csv measured with the study's settings."""
+def _sampler_key(use_ddim: bool, respacing: str) -> Tuple[str, int]:
+    """The (sampler, sampling_steps) columns fid_curve.py writes for a DDIM/ancestral respacing."""
+    digits = respacing[len("ddim"):] if respacing.startswith("ddim") else respacing
+    return ("ddim" if use_ddim else "ddpm"), int(digits)
+
+
+def _curve(run_dir: str, scale: Scale, second: bool = False) -> List[Tuple[int, float, float]]:
+    """
+    (step, fid, kid) rows of the run's fid_curve.csv measured with the study's settings: its
+    DDIM sampler, or with ``second`` the ancestral ``SECOND_SAMPLER``.
+    """
     path = os.path.join(run_dir, "fid_curve.csv")
     if not os.path.isfile(path):
         return []
+    second_flags = second_sampler(scale)
+    want = (_sampler_key(second_flags["use_ddim"], second_flags["timestep_respacing"]) if second
+            else _sampler_key(True, scale.sampling))
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
             if int(r["num_samples"]) != scale.num_samples or not r.get("fid"):
+                continue
+            if r.get("sampler") and (r["sampler"], int(r["sampling_steps"])) != want:
                 continue
             rows.append((int(r["step"]), float(r["fid"]), float(r["kid"]) if r.get("kid") else math.nan))
     return sorted(set(rows))
@@ -405,7 +665,7 @@ def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optional[Sequence[int]] = None,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
+              log: Callable[[str], None] = print, ledger: str = "") -> Dict[str, Any]:
     """
     Read every run's FID/KID curve and write ``summary.csv``, ``summary.md`` and ``curves.png``.
 
@@ -415,7 +675,19 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     :return: ``{"arms": {name: {...}}, "table": markdown text}``.
     """
     seeds = tuple(seeds) if seeds else scale.seeds
-    curves = {(a.name, s): _curve(os.path.join(out, "runs", run_name(a.name, s)), scale) for a in arms for s in seeds}
+
+    def folder(arm: str, seed: int) -> str:
+        return (ledger_dir(ledger, scale, run_name(arm, seed)) if ledger
+                else os.path.join(out, "runs", run_name(arm, seed)))
+
+    if ledger:  # the committed results decide: arms without any are left out of the tables
+        out = os.path.join(ledger, scale.name)
+        os.makedirs(out, exist_ok=True)
+        arms = [a for a in arms if any(in_ledger(ledger, scale, run_name(a.name, s)) for s in seeds)]
+        if not arms:
+            log(f"study: no committed results in {out} yet")
+            return {"arms": {}, "table": "", "target_fid": None}
+    curves = {(a.name, s): _curve(folder(a.name, s), scale) for a in arms for s in seeds}
     final = scale.total_steps
     per_arm: Dict[str, Dict[str, Any]] = {}
     for a in arms:
@@ -443,6 +715,13 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                      "iters_to_baseline_fid_mean": rm, "iters_to_baseline_fid_sd": rs,
                      "iters_per_seed": " ".join(_fmt(reach[s], 0) if reach[s] is not None else "never" for s in seeds),
                      "reached": d["reached"], "n": d["n"]})
+        rows[-1].update(_paired(d["final_fid"], per_arm.get("baseline", {}).get("final_fid", {}), "paired_dfid"))
+        second = {s: next((f for st, f, _ in _curve(folder(a.name, s), scale, second=True) if st == final), None)
+                  for s in seeds}
+        base2 = {s: next((f for st, f, _ in _curve(folder("baseline", s), scale, second=True) if st == final), None)
+                 for s in seeds}
+        sm, ss = _mean_sd(list(second.values()))
+        rows[-1].update(second_fid_mean=sm, second_fid_sd=ss, **_paired(second, base2, "second_paired_dfid"))
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -451,8 +730,78 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
     _plot(out, scale, arms, seeds, curves)
+    probes = {(a.name, s): _probe_rows(folder(a.name, s), final) for a in arms for s in seeds}
+    _plot_probe(out, scale, arms, seeds, probes)
     log(table)
-    return {"arms": per_arm, "table": table, "target_fid": target}
+    return {"arms": per_arm, "table": table, "target_fid": target, "rows": rows}
+
+
+def _paired(arm: Dict[int, Optional[float]], base: Dict[int, Optional[float]], key: str) -> Dict[str, Any]:
+    """Per-seed differences arm - baseline of the same seed (the runs share sampling noise): mean, sd, n."""
+    diffs = [arm[s] - base[s] for s in arm if arm.get(s) is not None and base.get(s) is not None]
+    m, sd = _mean_sd(diffs)
+    return {f"{key}_mean": m, f"{key}_sd": sd, f"{key}_n": len(diffs),
+            f"{key}_per_seed": " ".join(f"{d:+.2f}" for d in diffs)}
+
+
+def _probe_rows(run_dir: str, step: int) -> Dict[int, float]:
+    """t -> held-out epsilon-MSE of the run's EMA model at ``step`` (its probe.csv), {} when absent."""
+    path = os.path.join(run_dir, "probe.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["t"]): float(r["mse"]) for r in csv.DictReader(f) if int(r["step"]) == step}
+
+
+def probe_relative(probes: Dict[Tuple[str, int], Dict[int, float]], arm: str,
+                   seeds: Sequence[int]) -> Dict[int, Tuple[float, float, int]]:
+    """t -> (mean, sd, n) over seeds of arm/baseline - 1 of the held-out loss, paired by seed."""
+    out: Dict[int, Tuple[float, float, int]] = {}
+    ts = sorted(set().union(*(probes.get((arm, s), {}).keys() for s in seeds)))
+    for t in ts:
+        rel = [probes[(arm, s)][t] / probes[("baseline", s)][t] - 1.0 for s in seeds
+               if t in probes.get((arm, s), {}) and t in probes.get(("baseline", s), {})]
+        if rel:
+            m, sd = _mean_sd(rel)
+            out[t] = (m, sd, len(rel))
+    return out
+
+
+def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
+                probes: Dict[Tuple[str, int], Dict[int, float]]) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = 0
+    for a in arms:
+        if a.name == "baseline":
+            continue
+        rel = probe_relative(probes, a.name, seeds)
+        if not rel:
+            continue
+        ts = sorted(rel)
+        ax.plot(ts, [100 * rel[t][0] for t in ts], marker="o", label=a.name)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("held-out eps-MSE vs baseline (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"EMA model at step {scale.total_steps}: denoising loss relative to the baseline of the same seed "
+                 f"({PROBE_IMAGES} CIFAR-10 test images, fixed noise)", fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "probe.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(x: Optional[float], digits: int = 2) -> str:
@@ -466,8 +815,9 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
              f"{scale.ema_rate}) vs {scale.ref_images} CIFAR-10 training images at {scale.image_size}x"
              f"{scale.image_size}; mean ± sample sd over seeds. Iterations to reach the baseline's mean final "
              f"FID ({_fmt(target)}), interpolated between checkpoints every {scale.eval_every} steps.", "",
-             "| arm | final FID | per seed | final KID ×1e3 | iters to baseline FID | per seed |",
-             "|---|---|---|---|---|---|"]
+             "| arm | final FID | per seed | ΔFID vs baseline, paired | final KID ×1e3 | iters to baseline FID "
+             "| per seed | ancestral-100 FID | its paired ΔFID |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kid = (f"{r['final_kid_mean'] * 1e3:.1f} ± {r['final_kid_sd'] * 1e3:.1f}"
                if not math.isnan(r["final_kid_mean"]) else "n/a")
@@ -475,8 +825,15 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
         reach = ("never" if not reached else
                  f"{r['iters_to_baseline_fid_mean']:.0f} ± {r['iters_to_baseline_fid_sd']:.0f}" if reached == n else
                  f"{r['iters_to_baseline_fid_mean']:.0f} ({reached} of {n} seeds)")
-        lines.append(f"| {r['arm']} | {_fmt(r['final_fid_mean'])} ± {_fmt(r['final_fid_sd'])} | "
-                     f"{r['final_fid_per_seed']} | {kid} | {reach} | {r['iters_per_seed']} |")
+        paired = (f"{r['paired_dfid_mean']:+.2f} ± {_fmt(r['paired_dfid_sd'])} (n={r['paired_dfid_n']})"
+                  if r["paired_dfid_n"] and r["arm"] != "baseline" else "")
+        second = (f"{_fmt(r['second_fid_mean'])} ± {_fmt(r['second_fid_sd'])}"
+                  if not math.isnan(r["second_fid_mean"]) else "")
+        second_d = (f"{r['second_paired_dfid_mean']:+.2f} ± {_fmt(r['second_paired_dfid_sd'])}"
+                    if r["second_paired_dfid_n"] and r["arm"] != "baseline" else "")
+        lines.append(f"| {r['arm']} | {_fmt(r['final_fid_mean'])} ± {_fmt(r['final_fid_sd'])} (n={r['n']}) | "
+                     f"{r['final_fid_per_seed']} | {paired} | {kid} | {reach} | {r['iters_per_seed']} | "
+                     f"{second} | {second_d} |")
     return "\n".join(lines) + "\n"
 
 

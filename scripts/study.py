@@ -19,7 +19,8 @@ from typing import Any, Dict, Optional, Sequence
 if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.study import ARM_NAMES, ARMS, SCALES, export_results, preset, run_study, summarize  # noqa: E402
+from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
+    run_study, summarize  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -30,7 +31,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--source", default="", help="CIFAR-10: cifar-10-python.tar.gz, an image zip/folder or a "
                                                 "packed .npz (default: .data/cifar10_train.npz, then "
                                                 "../shared/data/cifar10-jpeg/train.zip)")
-    p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated subset of {', '.join(ARM_NAMES)}")
+    p.add_argument("--arms", default="first", help=f"comma-separated arms and/or groups ({', '.join(GROUPS)}); "
+                                                   f"arms: {', '.join(ARM_NAMES)}")
+    p.add_argument("--ledger", default=DEFAULT_LEDGER,
+                   help="the committed results (default docs/study/ledger): runs found there are not run again, "
+                        "finished runs are copied there, tables and figures are computed from it; '' = none")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--jobs", type=int, default=0, help="runs at once (default: the preset's)")
     p.add_argument("--summary_only", type=str2bool, default=False, help="only reprint the saved summary")
@@ -43,19 +48,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     scale = preset(args.scale)
     out = args.out or os.path.join("runs", f"study-{args.scale}")
-    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in wanted if a not in ARM_NAMES]
-    if unknown:
-        raise ValueError(f"--arms: unknown arm(s) {unknown}; expected a subset of {', '.join(ARM_NAMES)}")
-    arms = [a for a in ARMS if a.name in wanted]
+    arms = arms_named(args.arms)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or list(scale.seeds)
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if args.summary_only:
-        summary = summarize(out, scale, arms, seeds)
+        summary = summarize(out, scale, arms, seeds, ledger=args.ledger)
     else:
-        summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None)
+        summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)
     if args.export:
         print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")
     return summary
