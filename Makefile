@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: test demo study install
+.PHONY: test demo study study-run install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(DATA),--data_dir $(DATA),)
 
-# The small-scale CPU study of CLTS and MDLRC (docs/study.md): resumable; once finished it only
-# reprints the table. SOURCE=cifar-10-python.tar.gz (default: ../shared's CIFAR-10 JPEG zip).
+# The small-scale CPU study (docs/study.md). `make study` trains nothing: it reprints every table
+# and redraws every figure from the committed results in docs/study/ledger. `make study-run
+# ARMS=sigma SEEDS=1,2` trains what is not committed yet (resumable; finished runs land in the
+# ledger at once). SOURCE=cifar-10-python.tar.gz (default: ../shared's CIFAR-10 JPEG zip).
 SOURCE ?=
+ARMS ?= first
+SEEDS ?=
 study: $(STAMP)
-	$(PY) scripts/study.py $(if $(SOURCE),--source $(SOURCE),)
+	$(PY) scripts/study.py --summary_only True
+study-run: $(STAMP)
+	$(PY) scripts/study.py --arms $(ARMS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(SOURCE),--source $(SOURCE),)

@@ -680,10 +680,12 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
         return (ledger_dir(ledger, scale, run_name(arm, seed)) if ledger
                 else os.path.join(out, "runs", run_name(arm, seed)))
 
-    if ledger:  # the committed results decide: arms without any are left out of the tables
+    if ledger:  # the committed results decide: every arm and seed committed for this scale, in ARMS' order
         out = os.path.join(ledger, scale.name)
         os.makedirs(out, exist_ok=True)
-        arms = [a for a in arms if any(in_ledger(ledger, scale, run_name(a.name, s)) for s in seeds)]
+        done = [d for d in sorted(os.listdir(out)) if in_ledger(ledger, scale, d)]
+        seeds = tuple(sorted({int(d.rsplit("-s", 1)[1]) for d in done}))
+        arms = [a for a in ARMS if any(run_name(a.name, s) in done for s in seeds)]
         if not arms:
             log(f"study: no committed results in {out} yet")
             return {"arms": {}, "table": "", "target_fid": None}

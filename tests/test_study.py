@@ -102,3 +102,115 @@ def test_iterations_to_reach():
     assert study.iterations_to_reach(curve, 150.0) == pytest.approx(1200.0)
     assert study.iterations_to_reach(curve, 100.0) is None
     assert study.iterations_to_reach(curve, 400.0) == 400.0
+
+
+# --------------------------------------------------------------------------- the issue-17 arms and ledger
+
+
+def test_every_new_arm_is_the_intended_sampler_and_optimizer(tmp_path):
+    from guided_diffusion.resample import LossSecondMomentResampler, SpeeDSampler
+
+    scale = study.SCALES["cpu"]
+    loops = {a.name: loop_for(a.name, tmp_path) for a in study.arms_named("sigma,mu,target,modules,comparisons")}
+    for std in (0.1, 0.2, 0.3, 0.5, 1.0):
+        s = loops[f"clts_s{std:g}" if std != 1.0 else "clts_s1.0"].schedule_sampler
+        assert isinstance(s, CLTSSampler) and s.clts_std == std and s.clts_mean == 0.3
+        assert s.clts_target_steps == 400
+    for mu in (0.1, 0.5, 0.7):
+        s = loops[f"clts_s0.2_mu{mu:g}"].schedule_sampler
+        assert s.clts_mean == mu and s.clts_std == 0.2
+    for target in (1, 1000, 2000):
+        assert loops[f"clts_s0.2_tgt{target}"].schedule_sampler.clts_target_steps == target
+    steps = range(0, scale.total_steps + 1, 50)
+    lr_md, b1_md = schedule(loops["md_only"], steps)
+    assert np.all(lr_md == scale.lr) and b1_md[0] == 0.9 and b1_md[-1] == 0.5  # no compensation
+    lr_m, b1_m = schedule(loops["mdlrc"], steps)
+    lr_cm, b1_cm = schedule(loops["clts_s0.2_mdlrc"], steps)
+    np.testing.assert_array_equal(lr_cm, lr_m)
+    np.testing.assert_array_equal(b1_cm, b1_m)
+    assert loops["clts_s0.2_mdlrc"].schedule_sampler.clts_std == 0.2
+    ac = np.asarray(loops["min_snr"].diffusion.alphas_cumprod, dtype=np.float64)
+    snr = ac / (1 - ac)
+    np.testing.assert_allclose(np.asarray(loops["min_snr"].loss_weights, dtype=np.float64),
+                               np.minimum(snr, 5.0) / snr, rtol=1e-5)  # Min-SNR-5 on the MSE term
+    np.testing.assert_allclose(np.asarray(loops["p2"].loss_weights, dtype=np.float64), 1.0 / (1.0 + snr), rtol=1e-5)
+    assert isinstance(loops["speed"].schedule_sampler, SpeeDSampler)
+    assert np.ptp(np.asarray(loops["speed"].loss_weights, dtype=np.float64)) > 0  # SpeeD's weighting is on
+    assert loops["baseline"].loss_weights is None or np.ptp(np.asarray(loops["baseline"].loss_weights)) == 0
+    assert isinstance(loops["lsm"].schedule_sampler, LossSecondMomentResampler)
+    assert loops["fdm"].diffusion.fdm and isinstance(loops["fdm"].schedule_sampler, UniformSampler)
+    assert study.HEADLINE == ("baseline", "clts_s0.2", "clts_s0.2_mdlrc")
+    with pytest.raises(ValueError, match="unknown arm or group 'nope'"):
+        study.arms_named("sigma,nope")
+
+
+def test_probe_is_deterministic_and_at_the_fixed_timesteps(tmp_path):
+    assert study.probe_timesteps(1000) == [25, 75, 175, 325, 475, 625, 775, 875, 925, 975]
+    from guided_diffusion.image_datasets import synthetic_images, write_npz
+
+    scale = study.SCALES["test"]
+    args = training.parse_args(study.flags_to_argv(study.arm_flags(study.ARMS[0], scale, 1, "synthetic",
+                                                                   str(tmp_path / "r"))))
+    model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    for p in model.parameters():  # a model that is not at its zero-output initialisation
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "ema_0.9_000004.pt"
+    torch.save(model.state_dict(), ckpt)
+    (tmp_path / "config.yaml").write_text("\n".join(f"{k}: {v}" for k, v in vars(args).items()
+                                                    if k in model_and_diffusion_defaults()) + "\n")
+    heldout = tmp_path / "heldout.npz"
+    write_npz(str(heldout), synthetic_images(10, 8, seed=3)[0])
+    a = study.probe_checkpoint(str(ckpt), str(heldout), batch_size=4)
+    b = study.probe_checkpoint(str(ckpt), str(heldout), batch_size=7)
+    assert [r["t"] for r in a] == study.probe_timesteps(scale.diffusion_steps)
+    np.testing.assert_allclose([r["mse"] for r in a], [r["mse"] for r in b], rtol=1e-6)
+    assert len({round(r["mse"], 6) for r in a}) > 1  # the loss depends on t
+
+
+def test_runner_skips_committed_runs_and_summarizes_from_the_ledger_alone(tmp_path, capsys):
+    from guided_diffusion.image_datasets import synthetic_images, write_npz
+
+    scale = study.SCALES["test"]
+    write_npz(str(tmp_path / "c_train.npz"), synthetic_images(64, 32, seed=0)[0])
+    write_npz(str(tmp_path / "c_test.npz"), synthetic_images(300, 32, seed=1)[0])
+    ledger = tmp_path / "ledger"
+    arms = study.arms_named("baseline,clts_s0.2")
+    first = study.run_study(str(tmp_path / "out"), scale, arms, source=str(tmp_path / "c_train.npz"),
+                            ledger=str(ledger))
+    for run in ("baseline-s1", "clts_s0.2-s1"):
+        files = {p.name for p in (ledger / "test" / run).iterdir()}
+        assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"}
+    assert "heldout" in (ledger / "test" / "baseline-s1" / "probe.csv").read_text()  # the test split, not train
+    # a fresh machine: no checkpoints, only the committed ledger -> nothing is trained, same tables
+    capsys.readouterr()
+    again = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(tmp_path / "c_train.npz"),
+                            ledger=str(ledger))
+    printed = capsys.readouterr().out
+    assert "training" not in printed and "nothing to train" in printed and again["runs"] == []
+    assert again["table"] == first["table"]
+    assert (ledger / "test" / "summary.md").read_text() == first["table"]
+    row = next(r for r in again["rows"] if r["arm"] == "clts_s0.2")
+    base = next(r for r in again["rows"] if r["arm"] == "baseline")
+    assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base["final_fid_mean"])
+    assert not np.isnan(row["second_fid_mean"])  # the headline arms have the ancestral sampler too
+
+
+def test_the_ledger_is_not_ignored_by_git():
+    out = subprocess.run(["git", "check-ignore", "-q", "docs/study/ledger/cpu/baseline-s1/probe.csv"], cwd=REPO)
+    assert out.returncode == 1  # 1: not ignored
+
+
+LEDGER = REPO / "docs" / "study" / "ledger"
+
+
+@pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
+def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
+    import shutil
+
+    copy = tmp_path / "ledger"
+    shutil.copytree(LEDGER, copy)
+    res = study.summarize(str(tmp_path / "unused"), study.SCALES["cpu"], ledger=str(copy), log=lambda m: None)
+    assert res["table"] == (LEDGER / "cpu" / "summary.md").read_text()
+    assert (copy / "cpu" / "summary.csv").read_text() == (LEDGER / "cpu" / "summary.csv").read_text()
+    for run in (p for p in (LEDGER / "cpu").iterdir() if p.is_dir()):  # every committed run is complete
+        assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
