@@ -799,8 +799,13 @@ def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"EMA model at step {scale.total_steps}: denoising loss relative to the baseline of the same seed "
                  f"({PROBE_IMAGES} CIFAR-10 test images, fixed noise)", fontsize=8)
+    return _save(fig, os.path.join(out, "probe.png"))
+
+
+def _save(fig: Any, path: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = os.path.join(out, "probe.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -866,11 +871,7 @@ def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
     axes[0].legend(fontsize=8)
     fig.suptitle(f"CIFAR-10 {scale.image_size}px study ({scale.name} preset): mean over seeds "
                  f"{', '.join(map(str, seeds))}, band = min-max", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, os.path.join(out, "curves.png"))
 
 
 def preset(name: str, **overrides: Any) -> Scale:

@@ -753,7 +753,7 @@ def _short_error(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _unknown_flags_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
-    flags = [a for a in extras if a.startswith("-") and a not in ("-", "--") and not _is_number(a)]
+    flags = [a for a in extras if a.startswith("-") and a not in ("-", "--") and not is_number(a)]
     if not flags:
         return f"unrecognized arguments: {' '.join(extras)}"
     valid = list(parser._option_string_actions)
@@ -768,7 +768,8 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, extras: Sequence[str
     return "unknown flags " + ", ".join(f"{name} ({hint})" if hint else name for name, hint in named)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """True when ``text`` parses as a float (``"1e-4"``, ``"-3"``, ``"nan"``)."""
     try:
         float(text)
         return True

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.script_util import run_script, with_flag_suggestions
+from guided_diffusion.script_util import is_number, run_script, with_flag_suggestions
 
 X_COLUMNS = {"iterations": ("step", "training iterations"), "gpu_hours": ("gpu_hours", "GPU-hours")}
 METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
@@ -91,7 +91,7 @@ def read_curve(path: str, metric: str, name: Optional[str] = None) -> Tuple[Dict
     for line, r in enumerate(table, start=2):  # line 1 is the header
         r["_line"] = line
         for col in ("step", "gpu_hours", metric):
-            if r.get(col) not in (None, "") and not _is_number(r[col]):
+            if r.get(col) not in (None, "") and not is_number(r[col]):
                 raise ValueError(f"{path}, line {line} (step {r.get('step')!r}): column {col!r} holds {r[col]!r}, "
                                  "not a number; fix or delete that row (fid_curve.py writes numbers only)")
     rows = [r for r in table if r.get(metric) not in (None, "")]
@@ -134,14 +134,6 @@ def read_curve(path: str, metric: str, name: Optional[str] = None) -> Tuple[Dict
     curve = {"step": [num(r["step"]) for r in kept], "gpu_hours": [num(r.get("gpu_hours")) for r in kept],
              metric: [num(r[metric]) for r in kept]}
     return curve, description
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def run_device(run_dir: str) -> Optional[str]:
