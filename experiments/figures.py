@@ -188,7 +188,7 @@ class Settings:
 
 
 SETTINGS: Dict[str, Settings] = {
-    # ~75 min on 2 CPU cores when the CPU study's baseline-s1/-s2 are there, ~100 min without
+    # ~70 min on 2 CPU cores when the CPU study's baseline-s1/-s2 are there, ~100 min without
     # (docs/figures.md: the measured per-stage costs)
     "cpu": Settings(
         "cpu", preset("cpu"),
