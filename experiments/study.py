@@ -683,7 +683,7 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     if ledger:  # the committed results decide: every arm and seed committed for this scale, in ARMS' order
         out = os.path.join(ledger, scale.name)
         os.makedirs(out, exist_ok=True)
-        done = [d for d in sorted(os.listdir(out)) if in_ledger(ledger, scale, d)]
+        done = [d for d in sorted(os.listdir(out)) if not d.endswith(".tmp") and in_ledger(ledger, scale, d)]
         seeds = tuple(sorted({int(d.rsplit("-s", 1)[1]) for d in done}))
         arms = [a for a in ARMS if any(run_name(a.name, s) in done for s in seeds)]
         if not arms:
