@@ -156,8 +156,10 @@ def test_probe_is_deterministic_and_at_the_fixed_timesteps(tmp_path):
         p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     ckpt = tmp_path / "ema_0.9_000004.pt"
     torch.save(model.state_dict(), ckpt)
-    (tmp_path / "config.yaml").write_text("\n".join(f"{k}: {v}" for k, v in vars(args).items()
-                                                    if k in model_and_diffusion_defaults()) + "\n")
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in vars(args).items()
+                                                          if k in model_and_diffusion_defaults()}))
     heldout = tmp_path / "heldout.npz"
     write_npz(str(heldout), synthetic_images(10, 8, seed=3)[0])
     a = study.probe_checkpoint(str(ckpt), str(heldout), batch_size=4)
@@ -186,7 +188,7 @@ def test_runner_skips_committed_runs_and_summarizes_from_the_ledger_alone(tmp_pa
     again = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(tmp_path / "c_train.npz"),
                             ledger=str(ledger))
     printed = capsys.readouterr().out
-    assert "training" not in printed and "nothing to train" in printed and again["runs"] == []
+    assert ": training (" not in printed and "nothing to train" in printed and again["runs"] == []
     assert again["table"] == first["table"]
     assert (ledger / "test" / "summary.md").read_text() == first["table"]
     row = next(r for r in again["rows"] if r["arm"] == "clts_s0.2")
