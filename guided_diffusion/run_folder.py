@@ -19,6 +19,8 @@ import socket
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .options import method_options
+
 __all__ = [
     "LOCK_NAME",
     "CONFIG_NAME",
@@ -58,12 +60,17 @@ class RunFolderError(RuntimeError):
 
 
 def run_defining_flags(config: Dict[str, Any]) -> List[str]:
-    """The keys of ``config`` that define the run: model/diffusion flags and the training flags above."""
+    """
+    The keys of ``config`` that define the run: model/diffusion flags, the training flags above and
+    every option of a registered timestep sampler or loss weighting (``options.method_options``).
+    """
     from .script_util import model_and_diffusion_defaults
     from .checkpoint import MODEL_FLAGS_IGNORED_ON_RESUME
 
     model = [k for k in model_and_diffusion_defaults() if k not in MODEL_FLAGS_IGNORED_ON_RESUME]
-    return [k for k in list(model) + list(RUN_DEFINING_TRAINING_FLAGS) if k in config]
+    # every option a registered sampler or weighting declares (taken from the classes, not typed here)
+    methods = [k for k in method_options() if k not in RUN_DEFINING_TRAINING_FLAGS]
+    return [k for k in list(model) + list(RUN_DEFINING_TRAINING_FLAGS) + methods if k in config]
 
 
 def parse_allow_change(text: Any) -> List[str]:

@@ -138,3 +138,17 @@ def test_read_only_folder_is_named(run_a, tmp_path):
             train("--log_dir", run, "--total_steps", 4, "--seed", 1)
     finally:
         os.chmod(run, 0o755)
+
+
+@pytest.mark.parametrize("flag,value", [("history_per_term", 5), ("uniform_prob", 0.01), ("speed_dual", False)])
+def test_a_changed_sampler_option_is_refused_on_resume(run_a, tmp_path, flag, value):
+    # these three were missing from a hand-typed list; every method option now comes from its class
+    from guided_diffusion.options import method_options
+    from guided_diffusion.run_folder import run_defining_flags
+
+    assert set(method_options()) <= set(run_defining_flags({k: None for k in method_options()}))
+    run = copy_of(run_a, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(RunFolderError, match=rf"--{flag}: run .*, now {value}"):
+        train("--log_dir", run, "--total_steps", 4, "--seed", 1, f"--{flag}", value)
+    assert snapshot(run) == before
