@@ -580,7 +580,8 @@ def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     t0 = time.time()
     train, ref = prepare_data(out, scale, source, log)
     cache_dir = os.path.join(out, "cache")
-    todo = [(a, s) for s in seeds for a in arms]
+    # arm-major: an arm's seeds finish together, so its paired differences exist as early as possible
+    todo = [(a, s) for a in arms for s in seeds]
     if ledger:
         pending = [(a, s) for a, s in todo if not in_ledger(ledger, scale, run_name(a.name, s))]
     else:
