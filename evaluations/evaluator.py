@@ -57,7 +57,9 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from evaluations import offline_inception
-from guided_diffusion.script_util import str2bool
+from guided_diffusion.config import str2bool
+from guided_diffusion.files import atomic_write
+from guided_diffusion.logger import ProgressLog
 from evaluations.offline_inception import SPATIAL_FEATURE
 
 __all__ = [
@@ -388,8 +390,6 @@ def _extract(ext: Extractor, images: np.ndarray, features: Iterable[str], batch_
     :param desc: what the progress lines call the images (e.g. ``reference features``).
     :param progress: False: report nothing.
     """
-    from guided_diffusion.sample_util import ProgressLog
-
     wanted = [f for f in ext.features if f in set(features)]
     if not wanted:
         return {}
@@ -583,10 +583,8 @@ def read_cache(cfile: str) -> Optional[Dict[str, np.ndarray]]:
 
 
 def write_cache(cfile: str, stats: Dict[str, np.ndarray]) -> None:
-    os.makedirs(os.path.dirname(cfile), exist_ok=True)
-    tmp = cfile + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **stats)
-    os.replace(tmp, cfile)  # atomic: concurrent evaluators never read a half-written file
+    # atomic: concurrent evaluators never read a half-written file
+    atomic_write(cfile, lambda f: np.savez(f, **stats))
 
 
 def _log(message: str) -> None:

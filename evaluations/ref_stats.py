@@ -20,7 +20,6 @@ images/s on 2 cores): a warning says so up front, and ``--max_images N`` uses N 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 
 from evaluations import evaluator as ev
 from evaluations.evaluator import NoExtractorError, load_batch
+from guided_diffusion.files import atomic_write
 
 __all__ = ["main", "write_ref_stats", "cpu_cost_warning"]
 
@@ -122,10 +122,7 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
 
         kept = subset_indices(images.shape[0], keep_images)
         arrays["arr_0"] = images[kept]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out[:-4] + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: np.savez(f, **arrays))
     if kept is not None and len(kept) >= 2 and stats["pool"].shape[0] == images.shape[0]:
         # An evaluation against OUT takes precision/recall/KID from the features of its arr_0: they
         # are the kept rows of the features just computed (or cached), so store them under OUT's

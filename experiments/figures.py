@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from guided_diffusion.files import atomic_write
 from experiments.study import Arm, Scale, arm_flags, prepare_data, preset, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,11 +364,8 @@ def load_ledger(ledger: str) -> Dict[str, Any]:
 
 def save_ledger(ledger: str, data: Dict[str, Any]) -> None:
     os.makedirs(ledger, exist_ok=True)
-    path = os.path.join(ledger, LEDGER_JSON)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(ledger, LEDGER_JSON),
+                 lambda f: f.write(json.dumps(data, indent=1, sort_keys=True) + "\n"), text=True)
 
 
 def check_settings(ledger: str, settings: Settings) -> Dict[str, Any]:
@@ -570,17 +568,14 @@ class Context:
 
 
 def _write_npz(path: str, **arrays: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _copy_into_ledger(src_dir: str, names: Sequence[str], dest_dir: str) -> None:
     os.makedirs(dest_dir, exist_ok=True)
-    for n in names:  # the last file decides completeness: copy to a temporary name, then rename
-        shutil.copyfile(os.path.join(src_dir, n), os.path.join(dest_dir, n + ".tmp"))
-        os.replace(os.path.join(dest_dir, n + ".tmp"), os.path.join(dest_dir, n))
+    for n in names:  # the last file decides completeness: each appears whole or not at all
+        with open(os.path.join(src_dir, n), "rb") as src:
+            atomic_write(os.path.join(dest_dir, n), lambda f: shutil.copyfileobj(src, f))
 
 
 def run_table1(task: Task, ctx: Context) -> str:
@@ -638,13 +633,12 @@ def run_fig2(task: Task, ctx: Context) -> str:
         rows.append({"step": k, "t_train": t, "between_pooled_db": an.pooled_psnr(preds[0][k], preds[1][k]),
                      "between_mean_db": float(an.psnr(preds[0][k], preds[1][k]).mean()),
                      "a_to_final_db": float(to_final[0][k].mean()), "b_to_final_db": float(to_final[1][k].mean())})
-    an.write_csv(os.path.join(ctx.ledger, task.files[0] + ".tmp"), rows)
     cols = an.evenly_spaced_steps(len(t_train), s.fig2_columns)
     _write_npz(os.path.join(ctx.ledger, task.files[1]),
                xstart=np.stack([pr[cols][:, : s.fig2_show] for pr in preds]),  # [2, cols, show, H, W, C]
                final=np.stack([f[: s.fig2_show] for f in finals]), t_train=np.asarray([t_train[c] for c in cols]),
                names=np.asarray(task.runs), final_pooled_db=np.asarray(an.pooled_psnr(finals[0], finals[1])))
-    os.replace(os.path.join(ctx.ledger, task.files[0] + ".tmp"), os.path.join(ctx.ledger, task.files[0]))
+    an.write_csv(os.path.join(ctx.ledger, task.files[0]), rows)  # last (atomic): the task is complete
     return (f"experiments/figures.py: run_fig2 (analysis.predicted_xstart_trajectory of {', '.join(task.runs)} at step "
             f"{p['step']}, EMA {s.ema_rate}, DDPM respaced to {s.respacing}, seeds 0-{len(seeds) - 1}); one model's "
             f"half: python scripts/structure_timesteps.py --run_dir {_rel(ctx.where[task.runs[0]]['dir'])} "
@@ -1246,10 +1240,8 @@ def report(ledger: str, settings: Settings, doc: str = "", log: Callable[[str], 
         plot_fig3(ledger, s3)
         plot_fig4(ledger, s4)
         summary = {"status": status, "table1": t1, "fig2": s2, "fig3": s3, "fig4": s4}
-        with open(os.path.join(ledger, "summary.json.tmp"), "w") as f:
-            json.dump(summary, f, indent=1, default=float)
-            f.write("\n")
-        os.replace(os.path.join(ledger, "summary.json.tmp"), os.path.join(ledger, "summary.json"))
+        atomic_write(os.path.join(ledger, "summary.json"),
+                     lambda f: f.write(json.dumps(summary, indent=1, default=float) + "\n"), text=True)
     md = render_markdown(ledger, settings, status, t1, s2, s3, s4, doc)
     if doc:
         replace_section(doc, md)
@@ -1295,9 +1287,7 @@ def replace_section(doc: str, section: str) -> None:
             new = (text[: at + 1] + head + block + "\n\n" + text[at + 1:]) if at >= 0 else \
                 (text + "\n" + head + block + "\n")
     if new != text:
-        with open(doc + ".tmp", "w") as f:
-            f.write(new)
-        os.replace(doc + ".tmp", doc)
+        atomic_write(doc, lambda f: f.write(new), text=True)
 
 
 def _md_link(doc: str, ledger: str, name: str) -> str:

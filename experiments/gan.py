@@ -20,6 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from guided_diffusion.config import coerce_config, load_config
+
 GAN_CONFIG_NAME = "gan_config.yaml"
 
 
@@ -128,8 +130,6 @@ def load_gan_flags(checkpoint: Union[str, Path]) -> Dict[str, Any]:
 
     :raises FileNotFoundError: naming the missing file.
     """
-    from guided_diffusion.script_util import coerce_config, load_config
-
     cfg_path = find_gan_config(checkpoint)
     if cfg_path is None:
         raise FileNotFoundError(

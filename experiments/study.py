@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from guided_diffusion.files import atomic_write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
@@ -410,7 +412,7 @@ def probe_checkpoint(checkpoint: str, heldout: str, batch_size: int = 64) -> Lis
     """
     import torch
 
-    from guided_diffusion.checkpoint import load_diffusion_model
+    from guided_diffusion.model_loading import load_diffusion_model
 
     model, diffusion, _, _ = load_diffusion_model(checkpoint)
     with np.load(heldout) as f:
@@ -548,9 +550,7 @@ def _update_timing(out: str, key: str, seconds: float) -> Dict[str, float]:
         with open(path) as f:
             timing = json.load(f)
     timing[key] = timing.get(key, 0.0) + seconds
-    with open(path + ".tmp", "w") as f:
-        json.dump(timing, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: json.dump(timing, f, indent=1), text=True)
     return timing
 
 

@@ -6,12 +6,8 @@ safe loading (``weights_only=True``) and the checks that refuse a resume into an
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import re
-import shlex
-import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,6 +16,8 @@ import numpy as np
 import torch
 
 from . import dist_util, logger
+from .errors import CheckpointWriteError, ProjectError
+from .files import atomic_torch_save, atomic_write, atomic_write_text
 
 __all__ = [
     "ResumeError",
@@ -39,32 +37,25 @@ __all__ = [
     "load_weights",
     "saved_config",
     "check_resume_compatible",
+    "same_flag_value",
     "fresh_start_hint",
     "atomic_write",
     "atomic_torch_save",
     "atomic_write_text",
-    "ANALYSIS_OVERRIDES",
-    "parse_model_flags",
-    "resolve_model_flags",
     "checkpoint_file_step",
     "state_config_beside",
     "load_state_dict_file",
     "load_into",
-    "load_diffusion_model",
 ]
 
 # Model flags a resume may change (numerics only, not the model's function).
 MODEL_FLAGS_IGNORED_ON_RESUME = frozenset({"use_fp16", "use_checkpoint"})
 
 
-class ResumeError(ValueError):
+class ResumeError(ProjectError, ValueError):
     """A checkpoint cannot be resumed with the current flags (names what differs)."""
 
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint file could not be written (disk full, read-only folder); names the file and
-    the newest complete set, which is left intact."""
-
+    exit_status = 2  # bad input: the flags or the named checkpoint
 
 
 _MODEL_RE = re.compile(r"^model(\d+)\.pt$")
@@ -390,7 +381,12 @@ def saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional
     return None, None
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def same_flag_value(a: Any, b: Any) -> bool:
+    """
+    Whether a flag's saved value and its new value are the same for the resume checks: equal, or
+    equal as text up to case and surrounding spaces (a YAML ``True`` and a command-line ``true``,
+    ``"0.9999"`` and ``0.9999``).
+    """
     if a == b:
         return True
     return str(a).strip().lower() == str(b).strip().lower()
@@ -439,7 +435,7 @@ def check_resume_compatible(
             for key in model_and_diffusion_defaults():
                 if key in MODEL_FLAGS_IGNORED_ON_RESUME or key not in saved or key not in config:
                     continue
-                if not _same_value(saved[key], config[key]):
+                if not same_flag_value(saved[key], config[key]):
                     diffs.append(f"--{key}: checkpoint {saved[key]!r}, now {config[key]!r}")
             if diffs:
                 raise ResumeError(
@@ -462,159 +458,6 @@ def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Te
     if mismatch:
         raise ResumeError(f"the checkpoint {path} was made for another model configuration: {mismatch}. "
                           "Use the flags it was trained with (see config.yaml in its run folder).")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """
-    ``torch.save`` that never leaves a half-written ``path``: write a temporary file in the
-    same folder, flush + fsync it, then ``os.replace`` it over ``path``.
-    """
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path: str, write_fn) -> None:
-    """
-    Write ``path`` through ``write_fn(binary file)`` atomically: temporary file in the same
-    folder, flush + fsync, rename, fsync of the folder.
-
-    :raises OSError: when the write fails (disk full, file-size limit, read-only folder), naming
-        ``path``; also when ``torch.save``'s zip writer reported the failed write as a
-        ``RuntimeError`` ("unexpected pos"): the ``OSError`` it hides is raised instead.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error_of(e)
-        if cause is not None and (cause is not e or cause.filename is None):
-            raise OSError(cause.errno, cause.strerror, path) from e
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _os_error_of(error: BaseException) -> Optional[OSError]:
-    """
-    The ``OSError`` behind a failed write: ``error`` itself, or the one a ``RuntimeError`` of
-    torch's zip writer holds as its context (torch turns ENOSPC/EFBIG of the file object's write
-    into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``); else None.
-    """
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        if not isinstance(error, RuntimeError):
-            return None
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once: os.umask can only be read by setting it
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, as ``atomic_torch_save``."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the model a checkpoint was trained with
-# ---------------------------------------------------------------------------------------------
-
-# Flags that change nothing for analysis but would get in the way of it.
-ANALYSIS_OVERRIDES = {"use_fp16": False, "use_checkpoint": False}
-
-
-def parse_model_flags(text: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """
-    Parse a ``--model_flags`` string in upstream flag syntax ("--num_channels 64 --learn_sigma
-    True ...") against ``defaults``; return only the flags it sets.
-
-    :raises ValueError: naming an unknown flag or a bad value.
-    """
-    from .script_util import add_dict_to_argparser
-
-    parser = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
-    add_dict_to_argparser(parser, {k: None for k in defaults})  # None defaults: see what was set
-    typed = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
-    add_dict_to_argparser(typed, defaults)
-    tokens = shlex.split(text)
-    try:
-        raw, unknown = parser.parse_known_args(tokens)
-        if unknown:
-            raise ValueError(f"--model_flags: unknown flag(s) {unknown}; valid: {', '.join(sorted(defaults))}")
-        given = [k for k, v in vars(raw).items() if v is not None]
-        parsed = typed.parse_args(tokens)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise ValueError(f"--model_flags {text!r}: {e}") from None
-    return {k: getattr(parsed, k) for k in given}
-
-
-def resolve_model_flags(
-    checkpoint: Union[str, Path],
-    model_flags: Optional[str] = None,
-    defaults: Optional[Dict[str, Any]] = None,
-    flavor: Optional[str] = None,
-) -> Tuple[Dict[str, Any], str]:
-    """
-    The model-and-diffusion flags of a checkpoint: ``defaults`` (guided-diffusion's
-    ``model_and_diffusion_defaults()``) in the run's flavour, overridden by the ``config.yaml``
-    in the checkpoint's folder when there is one (training-only keys ignored; without it, the
-    configuration saved in the run's state file, ``state_config_beside``), overridden by
-    ``model_flags``.
-
-    The flavour (``--flavor improved`` selects Improved-Diffusion's defaults: timestep rescaling
-    etc.) is the one in ``model_flags``, else the run's ``config.yaml``, else ``flavor``, else
-    guided. It matters for a bare upstream checkpoint: our runs' config.yaml spells every flag.
-
-    :param checkpoint: the ``.pt`` file.
-    :param model_flags: a string of upstream flags (may include ``--flavor``), or None.
-    :param flavor: the script's ``--flavor``, or None.
-    :return: ``(flags, source)``; ``source`` says where they came from, for messages.
-    """
-    from .script_util import DEFAULT_FLAVOR, apply_flavor, check_flavor, coerce_config, load_config, \
-        model_and_diffusion_defaults
-
-    defaults = dict(defaults or model_and_diffusion_defaults())
-    cfg_path = Path(checkpoint).resolve().parent / "config.yaml"
-    if cfg_path.is_file():
-        cfg = load_config(cfg_path)
-    else:  # config.yaml lost: every state file holds the run's resolved configuration too
-        cfg, state_path = state_config_beside(checkpoint)
-        cfg_path = Path(state_path) if state_path else cfg_path
-    given = parse_model_flags(model_flags, dict(defaults, flavor=DEFAULT_FLAVOR)) if model_flags else {}
-    chosen = given.pop("flavor", None) or cfg.get("flavor") or flavor or DEFAULT_FLAVOR
-    chosen = check_flavor(chosen, "flavor")
-    flags = apply_flavor(defaults, chosen)
-    sources = ["defaults" if chosen == DEFAULT_FLAVOR else f"{chosen} defaults"]
-    if cfg:
-        cfg = {k: v for k, v in cfg.items() if k in defaults}
-        flags.update(coerce_config(cfg, defaults, str(cfg_path)))
-        sources.append(str(cfg_path))
-    if model_flags:
-        flags.update(given)
-        sources.append(f"--model_flags {model_flags!r}")
-    return flags, " < ".join(sources)
 
 
 def checkpoint_file_step(path: Union[str, Path]) -> Optional[int]:
@@ -670,39 +513,9 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path, source: str = "") -> None:
     """``model.load_state_dict(strict=True)`` with an error naming the mismatched keys/shapes."""
-    from .dist_util import state_dict_mismatch
-
-    mismatch = state_dict_mismatch(state_dict, model.state_dict())
+    mismatch = dist_util.state_dict_mismatch(state_dict, model.state_dict())
     if mismatch:
         raise ValueError(f"checkpoint {path} does not fit the model built from {source or 'the given flags'}: "
                          f"{mismatch} (give the training flags with --model_flags, or put the run's config.yaml "
                          "beside the checkpoint)")
     model.load_state_dict(state_dict, strict=True)
-
-
-def load_diffusion_model(
-    checkpoint: Union[str, Path],
-    model_flags: Optional[str] = None,
-    overrides: Optional[Dict[str, Any]] = None,
-    device: Union[str, torch.device] = "cpu",
-):
-    """
-    Build the model and diffusion a checkpoint was trained with and load its weights
-    (fp32, eval mode, no gradient checkpointing).
-
-    :param checkpoint: a ``model*.pt`` / ``ema_*.pt`` state_dict.
-    :param model_flags: upstream flag string for this checkpoint (see ``resolve_model_flags``).
-    :param overrides: flags set last, e.g. ``{"timestep_respacing": "ddim50"}``.
-    :return: ``(model, diffusion, flags, source)``.
-    """
-    from .script_util import create_model_and_diffusion
-
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    flags, source = resolve_model_flags(checkpoint, model_flags)
-    flags.update(ANALYSIS_OVERRIDES)
-    flags.update(overrides or {})
-    model, diffusion = create_model_and_diffusion(**flags)
-    load_into(model, load_state_dict_file(checkpoint), checkpoint, source)
-    model.to(device).eval()
-    return model, diffusion, flags, source

@@ -55,6 +55,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from . import dist_util
+from .files import atomic_write
 from PIL import Image
 
 __all__ = [
@@ -788,21 +791,13 @@ def write_npz(path: str, images: Union[np.ndarray, ShardedImages], labels: Optio
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     if classes is not None:
         arrays["classes"] = np.array([str(c) for c in classes])
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for key, arr in arrays.items():
-                    with zf.open(key + ".npy", "w", force_zip64=True) as member:
-                        _write_npy(member, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    def write(f) -> None:
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, arr in arrays.items():
+                with zf.open(key + ".npy", "w", force_zip64=True) as member:
+                    _write_npy(member, arr)
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -886,16 +881,7 @@ def synthetic_images(num_samples: int, image_size: int, seed: int = 0) -> Tuple[
 
 
 def _default_rank_world() -> Tuple[int, int]:
-    try:
-        from . import dist_util
-
-        return dist_util.get_rank(), dist_util.get_world_size()
-    except (ImportError, AttributeError):  # dist_util not there yet: ask torch.distributed directly
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+    return dist_util.get_rank(), dist_util.get_world_size()
 
 
 def release_mapped_pages(images: Union[np.ndarray, ShardedImages]) -> None:

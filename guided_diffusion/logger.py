@@ -8,6 +8,7 @@ Only rank 0 writes. ``logkv_mean`` values are averaged over ranks at ``dumpkvs``
 from __future__ import annotations
 
 import csv
+import math
 import datetime
 import json
 import os
@@ -15,7 +16,10 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TextIO
+
+from . import dist_util
+from .files import atomic_write
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
@@ -90,7 +94,7 @@ class JSONOutputFormat(KVWriter):
         dropped = len(lines) - len(keep)
         if dropped:
             self.file.close()
-            _atomic_rewrite(self.filename, lambda f: f.writelines(keep))
+            atomic_write(self.filename, lambda f: f.writelines(keep), text=True, keep_mode=True)
             self.file = open(self.filename, "a")
         return dropped
 
@@ -136,7 +140,7 @@ class CSVOutputFormat(KVWriter):
                 w.writeheader()
                 w.writerows(keep)
 
-            _atomic_rewrite(self.filename, write, newline="")
+            atomic_write(self.filename, write, text=True, newline="", keep_mode=True)
         return len(rows) - len(keep)
 
 
@@ -153,25 +157,6 @@ def _json_value(line: str, key: str) -> Any:
     except ValueError:
         return None
     return row.get(key) if isinstance(row, dict) else None
-
-
-def _atomic_rewrite(path: str, write_fn, newline: Optional[str] = None) -> None:
-    """Replace ``path`` by what ``write_fn(file)`` writes, through a temporary file beside it."""
-    import tempfile
-
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline=newline) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TensorBoardOutputFormat(KVWriter):
@@ -263,8 +248,6 @@ class Logger:
 
 def _average_over_ranks(vals: Dict[str, Any], counts: Dict[str, int]) -> Optional[Dict[str, Any]]:
     """Count-weighted mean of the ``logkv_mean`` keys over ranks; None on ranks other than 0."""
-    from . import dist_util
-
     if not dist_util.is_distributed():
         return vals
     import torch.distributed as dist
@@ -375,8 +358,6 @@ def configure(dir: Optional[str] = None, format_strs: Optional[List[str]] = None
     :param format_strs: outputs among stdout, log, csv, json, tensorboard
         (``OPENAI_LOG_FORMAT``, default stdout,log,csv). Ranks other than 0 write nothing.
     """
-    from . import dist_util
-
     dir = dir or os.environ.get("OPENAI_LOGDIR") or default_log_dir()
     dir = os.path.expanduser(dir)
     if format_strs is None:
@@ -488,3 +469,118 @@ def mpi_weighted_mean(comm, local_name2valcount: Dict[str, Any]) -> Dict[str, fl
             sums[name] += val * count
             counts[name] += count
     return {name: sums[name] / counts[name] for name in sums}
+
+
+# --------------------------------------------------------------------------------------
+# The progress line of long loops (sampling, feature extraction)
+# --------------------------------------------------------------------------------------
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for progress lines: ``42s``, ``3m05s``, ``2h07m``."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class ProgressLog:
+    """
+    The progress of a long loop over ``total`` items (samples drawn, images run through the
+    Inception network).
+
+    On a terminal it is a tqdm bar. Otherwise (output redirected to a file, a batch job, ``nohup``)
+    a tqdm bar is disabled or writes carriage returns that a log file shows as one garbled line,
+    so it writes plain lines instead, flushed: ``desc: done/total unit (p%), r unit/s, ETA t,
+    elapsed t`` each time another ``every`` of the total is done, at least every ``interval_s``
+    seconds, and at the end. A two-hour CPU extraction then shows that it is alive and when it ends.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "images", every: float = 0.1,
+                 interval_s: float = 60.0, stream: Optional[TextIO] = None, enabled: bool = True,
+                 leave: bool = True):
+        """
+        :param total: the number of items.
+        :param desc: what is counted, the start of each line (e.g. ``sampling``).
+        :param unit: the items' name in the lines.
+        :param every: a line each time this fraction of ``total`` more is done.
+        :param interval_s: and a line at least this often (seconds) while items are done.
+        :param stream: where to write (default ``sys.stderr`` at the time of each write).
+        :param enabled: False: report nothing.
+        :param leave: keep the tqdm bar on the terminal when done.
+        """
+        self.total = max(0, int(total))
+        self.desc = desc
+        self.unit = unit
+        self.every = float(every)
+        self.interval_s = float(interval_s)
+        self._stream = stream
+        self.enabled = bool(enabled) and self.total > 0
+        self.done = 0
+        self.start = time.monotonic()
+        self._last_line = self.start
+        self._next_mark = self._mark(1)
+        self._marks = 1
+        self.bar = None
+        if self.enabled and _isatty(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit="img" if unit == "images" else unit,
+                            file=self.stream, leave=leave)
+
+    @property
+    def stream(self) -> TextIO:
+        # looked up at each write: pytest's capsys and redirections replace sys.stderr after import
+        return self._stream if self._stream is not None else sys.stderr
+
+    def _mark(self, k: int) -> int:
+        return min(self.total, max(1, math.ceil(self.total * self.every * k)))
+
+    def line(self) -> str:
+        """The current progress line."""
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        left = (self.total - self.done) / rate if self.done and rate > 0 else float("nan")
+        eta = format_seconds(left) if math.isfinite(left) else "?"
+        shown = f"{rate:.3g}" if math.isfinite(rate) else "?"
+        return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%), "
+                f"{shown} {self.unit}/s, ETA {eta}, elapsed {format_seconds(elapsed)}")
+
+    def update(self, n: int) -> None:
+        """``n`` more items are done."""
+        if not self.enabled:
+            return
+        self.done = min(self.total, self.done + int(n))
+        if self.bar is not None:
+            self.bar.update(int(n))
+            return
+        now = time.monotonic()
+        if self.done >= self._next_mark or now - self._last_line >= self.interval_s or self.done >= self.total:
+            print(self.line(), file=self.stream, flush=True)
+            self._last_line = now
+            while self._next_mark <= self.done and self._next_mark < self.total:
+                self._marks += 1
+                self._next_mark = self._mark(self._marks)
+            if self.done >= self.total:
+                self._next_mark = self.total + 1  # the final line is written once
+
+    def close(self) -> None:
+        """End the bar (a terminal); the lines need no closing."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "ProgressLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -19,7 +19,20 @@ import socket
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .checkpoint import (
+    MODEL_FLAGS_IGNORED_ON_RESUME,
+    check_resume_compatible,
+    fresh_start_hint,
+    list_complete_checkpoints,
+    list_stateless_checkpoints,
+    resolve_resume,
+    same_flag_value,
+    saved_config,
+)
+from .errors import ProjectError
+from .files import atomic_write_text
 from .options import method_options
+from .script_util import model_and_diffusion_defaults
 
 __all__ = [
     "LOCK_NAME",
@@ -55,8 +68,10 @@ RUN_DEFINING_TRAINING_FLAGS: Tuple[str, ...] = (
 )
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(ProjectError, RuntimeError):
     """A run folder cannot be used as asked (in use, would be overwritten, a flag would change)."""
+
+    exit_status = 1  # as the training scripts have always reported it (their ``failures``)
 
 
 def run_defining_flags(config: Dict[str, Any]) -> List[str]:
@@ -64,9 +79,6 @@ def run_defining_flags(config: Dict[str, Any]) -> List[str]:
     The keys of ``config`` that define the run: model/diffusion flags, the training flags above and
     every option of a registered timestep sampler or loss weighting (``options.method_options``).
     """
-    from .script_util import model_and_diffusion_defaults
-    from .checkpoint import MODEL_FLAGS_IGNORED_ON_RESUME
-
     model = [k for k in model_and_diffusion_defaults() if k not in MODEL_FLAGS_IGNORED_ON_RESUME]
     # every option a registered sampler or weighting declares (taken from the classes, not typed here)
     methods = [k for k in method_options() if k not in RUN_DEFINING_TRAINING_FLAGS]
@@ -80,12 +92,6 @@ def parse_allow_change(text: Any) -> List[str]:
     if isinstance(text, (list, tuple)):
         return [str(t).strip() for t in text if str(t).strip()]
     return [t.strip().lstrip("-") for t in str(text).split(",") if t.strip()]
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a == b:
-        return True
-    return str(a).strip().lower() == str(b).strip().lower()
 
 
 def check_allow_change(allow_change: Iterable[str], config: Dict[str, Any]) -> None:
@@ -123,7 +129,7 @@ def check_resume_flags(saved: Optional[Dict[str, Any]], config: Dict[str, Any], 
     check_allow_change(allowed, config)
     changed, refused = {}, []
     for key in run_defining_flags(config):
-        if key not in saved or _same(saved[key], config[key]):
+        if key not in saved or same_flag_value(saved[key], config[key]):
             continue
         if key in allowed:
             changed[key] = (saved[key], config[key])
@@ -247,8 +253,6 @@ def record_config(folder: str, text: str, step: int, changes: Dict[str, Tuple[An
     :param changes: the allowed run-defining changes (logged into the new file's header).
     :return: the history file written, or None.
     """
-    from .checkpoint import atomic_write_text
-
     path = os.path.join(folder, CONFIG_NAME)
     if changes:
         note = "".join(f"# --allow_change at step {step}: {k} {old!r} -> {new!r}\n" for k, (old, new) in changes.items())
@@ -303,9 +307,6 @@ def prepare_resume(
              (``claim_run_folder`` does it, under the lock).
     :raises RunFolderError / ResumeError: naming the folder, the flags and what to do.
     """
-    from .checkpoint import check_resume_compatible, fresh_start_hint, list_complete_checkpoints, \
-        list_stateless_checkpoints, resolve_resume, saved_config
-
     check_allow_change(parse_allow_change(allow_change), config)
     point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rates)
     replace = False

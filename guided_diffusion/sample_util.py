@@ -25,20 +25,31 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
-import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, TextIO, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import dist_util, logger
-from .checkpoint import load_into, load_state_dict_file, resolve_model_flags
-from .dist_util import state_dict_mismatch
-from .script_util import NUM_CLASSES, coerce_config, load_config, parse_args_with_config
+from .logger import ProgressLog, format_seconds  # noqa: F401  (re-exported: their old home)
+from .config import coerce_config, load_config, parse_args_with_config
+from .model_loading import (  # noqa: F401  (re-exported: the sample scripts' names since before model_loading)
+    checkpoint_selection_defaults,
+    checkpoint_step,
+    load_checkpoint_model,
+    model_flags_hint,
+    resolve_checkpoint,
+    run_ema_rates,
+    step_list,
+)
+from .options import training_defaults
+from .script_util import NUM_CLASSES, classifier_and_diffusion_defaults, model_and_diffusion_defaults, \
+    sr_model_and_diffusion_defaults
 from .seeding import mix_seed
+from .files import atomic_write
+from .image_io import to_uint8, write_grid
 
 ModelKwargsFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
 
@@ -122,121 +133,6 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> np.ndarr
         gen.manual_seed(sample_seed(seed, i, LABEL_STREAM))
         out.append(int(torch.randint(int(num_classes), (1,), generator=gen)))
     return np.asarray(out, dtype=np.int64)
-
-
-# ======================================================================================
-# Progress
-# ======================================================================================
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration for progress lines: ``42s``, ``3m05s``, ``2h07m``."""
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
-class ProgressLog:
-    """
-    The progress of a long loop over ``total`` items (samples drawn, images run through the
-    Inception network).
-
-    On a terminal it is a tqdm bar. Otherwise (output redirected to a file, a batch job, ``nohup``)
-    a tqdm bar is disabled or writes carriage returns that a log file shows as one garbled line,
-    so it writes plain lines instead, flushed: ``desc: done/total unit (p%), r unit/s, ETA t,
-    elapsed t`` each time another ``every`` of the total is done, at least every ``interval_s``
-    seconds, and at the end. A two-hour CPU extraction then shows that it is alive and when it ends.
-    """
-
-    def __init__(self, total: int, desc: str, unit: str = "images", every: float = 0.1,
-                 interval_s: float = 60.0, stream: Optional[TextIO] = None, enabled: bool = True,
-                 leave: bool = True):
-        """
-        :param total: the number of items.
-        :param desc: what is counted, the start of each line (e.g. ``sampling``).
-        :param unit: the items' name in the lines.
-        :param every: a line each time this fraction of ``total`` more is done.
-        :param interval_s: and a line at least this often (seconds) while items are done.
-        :param stream: where to write (default ``sys.stderr`` at the time of each write).
-        :param enabled: False: report nothing.
-        :param leave: keep the tqdm bar on the terminal when done.
-        """
-        self.total = max(0, int(total))
-        self.desc = desc
-        self.unit = unit
-        self.every = float(every)
-        self.interval_s = float(interval_s)
-        self._stream = stream
-        self.enabled = bool(enabled) and self.total > 0
-        self.done = 0
-        self.start = time.monotonic()
-        self._last_line = self.start
-        self._next_mark = self._mark(1)
-        self._marks = 1
-        self.bar = None
-        if self.enabled and _isatty(self.stream):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc=desc, unit="img" if unit == "images" else unit,
-                            file=self.stream, leave=leave)
-
-    @property
-    def stream(self) -> TextIO:
-        # looked up at each write: pytest's capsys and redirections replace sys.stderr after import
-        return self._stream if self._stream is not None else sys.stderr
-
-    def _mark(self, k: int) -> int:
-        return min(self.total, max(1, math.ceil(self.total * self.every * k)))
-
-    def line(self) -> str:
-        """The current progress line."""
-        elapsed = time.monotonic() - self.start
-        rate = self.done / elapsed if elapsed > 0 else float("inf")
-        left = (self.total - self.done) / rate if self.done and rate > 0 else float("nan")
-        eta = format_seconds(left) if math.isfinite(left) else "?"
-        shown = f"{rate:.3g}" if math.isfinite(rate) else "?"
-        return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%), "
-                f"{shown} {self.unit}/s, ETA {eta}, elapsed {format_seconds(elapsed)}")
-
-    def update(self, n: int) -> None:
-        """``n`` more items are done."""
-        if not self.enabled:
-            return
-        self.done = min(self.total, self.done + int(n))
-        if self.bar is not None:
-            self.bar.update(int(n))
-            return
-        now = time.monotonic()
-        if self.done >= self._next_mark or now - self._last_line >= self.interval_s or self.done >= self.total:
-            print(self.line(), file=self.stream, flush=True)
-            self._last_line = now
-            while self._next_mark <= self.done and self._next_mark < self.total:
-                self._marks += 1
-                self._next_mark = self._mark(self._marks)
-            if self.done >= self.total:
-                self._next_mark = self.total + 1  # the final line is written once
-
-    def close(self) -> None:
-        """End the bar (a terminal); the lines need no closing."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self) -> "ProgressLog":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ======================================================================================
@@ -349,7 +245,7 @@ def generate_samples(
         with autocast:
             sample = loop(model, (b,) + shape, noise=noise.initial(), clip_denoised=clip_denoised,
                           cond_fn=cond_fn, model_kwargs=kwargs, device=device, step_noise_fn=step_noise, **extra)
-        x = ((sample.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # upstream's conversion, on device
+        x = to_uint8(sample)  # upstream's conversion (truncation), on the device
         images.append(_gather_rank_order(x).permute(0, 2, 3, 1).cpu().numpy())
         if "y" in kwargs:
             out_labels.append(_gather_rank_order(kwargs["y"].long()).cpu().numpy())
@@ -388,8 +284,6 @@ def save_samples_npz(out_dir: Union[str, os.PathLike], images: np.ndarray, label
     :param name: the file name (default ``samples_file_name(images)``).
     :return: the file's path.
     """
-    from .checkpoint import atomic_write
-
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"save_samples_npz: expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
@@ -408,9 +302,8 @@ def save_grid(images: np.ndarray, path: Union[str, os.PathLike], max_images: int
 
     :return: the PNG path.
     """
-    from .image_io import write_grid
-
-    x = torch.from_numpy(np.asarray(images)[:max_images]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # the uint8 pixels as they are: no round trip through [-1, 1] that truncation could shift
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images)[:max_images])).permute(0, 3, 1, 2)
     folder = os.path.dirname(str(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -431,11 +324,7 @@ def sample_defaults() -> Dict[str, Any]:
         batch_size=16,
         use_ddim=False,
         eta=0.0,
-        model_path="",
-        run_dir="",
-        step=-1,
-        ema_rate="",
-        use_ema=True,
+        **checkpoint_selection_defaults(),
         seed=0,
         out_dir="",
         overwrite=False,  # replace an existing samples file (else refused before sampling)
@@ -447,10 +336,6 @@ def sample_defaults() -> Dict[str, Any]:
 
 def _other_known_keys() -> Set[str]:
     """Keys of training/model configs that a sample script may meet in a --config and ignore."""
-    from .script_util import classifier_and_diffusion_defaults, model_and_diffusion_defaults, \
-        sr_model_and_diffusion_defaults
-    from .train_util import training_defaults
-
     keys: Set[str] = set(training_defaults()) | {"flavor"}
     for d in (model_and_diffusion_defaults(), classifier_and_diffusion_defaults(), sr_model_and_diffusion_defaults()):
         keys |= set(d)
@@ -489,8 +374,6 @@ def parse_sample_args(
     :return: ``(args, given)``: ``given`` holds the flags set by the config or the command line
         (they win over the run's ``config.yaml`` when the model flags are resolved).
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, config = _strip_config(argv)
     merged = dict(defaults)
@@ -509,210 +392,6 @@ def parse_sample_args(
     names = {tok[2:].split("=", 1)[0] for tok in rest if tok.startswith("--")}
     given |= {k for k in defaults if k in names}
     return args, given
-
-
-_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
-_EMA_FILE = re.compile(r"^ema_([0-9.eE+-]+)_(\d+)\.pt$")
-
-
-def checkpoint_step(path: Union[str, os.PathLike]) -> Optional[int]:
-    """The step in a ``modelNNNNNN.pt`` / ``ema_R_NNNNNN.pt`` name, or None."""
-    base = os.path.basename(str(path))
-    m = _MODEL_FILE.match(base) or _EMA_FILE.match(base)
-    return int(m.groups()[-1]) if m else None
-
-
-def run_ema_rates(run_dir: str) -> List[str]:
-    """The EMA rates of a run as written in its file names (config order when known)."""
-    rates: List[str] = []
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(cfg_path):
-        rate = load_config(cfg_path).get("ema_rate")
-        if rate not in (None, ""):
-            from .train_util import parse_ema_rates
-
-            rates = [str(r) for r in parse_ema_rates(rate)]
-    found = sorted({m.group(1) for m in map(_EMA_FILE.match, os.listdir(run_dir)) if m})
-    return rates + [r for r in found if r not in rates]
-
-
-def _same_rate(a: str, b: str) -> bool:
-    """Whether two EMA rates as written are the same number ("0.9999" and "0.99990" are)."""
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
-def step_list(steps: Sequence[int], near: Optional[int] = None, show: int = 20) -> str:
-    """
-    Steps for a message: all of them when few, else the first and last few and the ones either
-    side of ``near`` (the step asked for), so that a run with hundreds of checkpoints stays readable.
-    """
-    steps = sorted(set(int(s) for s in steps))
-    if not steps:
-        return "none"
-    if len(steps) <= show:
-        return ", ".join(map(str, steps))
-    keep = set(steps[:3] + steps[-3:])
-    if near is not None:
-        below = [s for s in steps if s < near]
-        above = [s for s in steps if s > near]
-        keep |= set(below[-2:] + above[:2])
-    out, prev = [], None
-    for k, s in enumerate(steps):
-        if s in keep:
-            if prev is not None and k != prev + 1:
-                out.append("...")
-            out.append(str(s))
-            prev = k
-    return f"{', '.join(out)} ({len(steps)} steps)"
-
-
-def resolve_checkpoint(
-    model_path: str = "",
-    run_dir: str = "",
-    step: int = -1,
-    ema_rate: str = "",
-    use_ema: bool = True,
-) -> str:
-    """
-    The checkpoint file a sample script loads.
-
-    ``--model_path`` (a ``modelNNNNNN.pt`` or ``ema_R_NNNNNN.pt``, as upstream) wins. Otherwise
-    ``--run_dir`` with ``--step`` (default: the newest step with a model file) and, with
-    ``--use_ema True`` (default), the EMA file of ``--ema_rate`` (default: the run's first rate;
-    a rate spelled differently from the file names, e.g. ``0.99990``, finds ``ema_0.9999_*``).
-
-    :raises ValueError / FileNotFoundError: naming the flag and what is missing: for a step
-        without a checkpoint, the steps that have one; for a missing EMA rate, the run's rates.
-    """
-    if model_path:
-        if run_dir:
-            raise ValueError("give either --model_path or --run_dir, not both")
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"--model_path: checkpoint not found: {model_path}")
-        return model_path
-    if not run_dir:
-        raise ValueError("--model_path (a modelNNNNNN.pt / ema_R_NNNNNN.pt file) or --run_dir (a training run "
-                         "folder) is required")
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"--run_dir: folder not found: {run_dir}")
-    names = os.listdir(run_dir)
-    steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, names) if m)
-    ema_steps: Dict[str, List[int]] = {}  # rate as written in the file names -> its steps
-    for m in map(_EMA_FILE.match, names):
-        if m:
-            ema_steps.setdefault(m.group(1), []).append(int(m.group(2)))
-    if int(step) < 0:
-        if not steps:
-            raise FileNotFoundError(f"--run_dir {run_dir}: no modelNNNNNN.pt checkpoint in it")
-        step = steps[-1]
-    step = int(step)
-    if not use_ema:
-        path = os.path.join(run_dir, f"model{step:06d}.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: {os.path.basename(path)} not found; "
-                                    f"steps with a model file: {step_list(steps, step)}")
-        return path
-    run_rates = run_ema_rates(run_dir)
-    if ema_rate:
-        rates = [str(ema_rate)] + [r for r in run_rates if r != str(ema_rate) and _same_rate(r, ema_rate)]
-    else:
-        rates = run_rates
-    for rate in rates:
-        path = os.path.join(run_dir, f"ema_{rate}_{step:06d}.pt")
-        if os.path.isfile(path):
-            return path
-    # Nothing to load: say which of step and rate is wrong, listing what the run does have (the
-    # rates found in the run, not the one asked for; the existing steps, not a flag that cannot help).
-    wanted = f"ema_{ema_rate}_{step:06d}.pt" if ema_rate else f"ema_<rate>_{step:06d}.pt"
-    rates_text = ", ".join(run_rates) or "none"
-    of_rate = [s for r, v in ema_steps.items() if not ema_rate or _same_rate(r, ema_rate) for s in v]
-    all_steps = set(steps) | {s for v in ema_steps.values() for s in v}
-    if step not in all_steps:
-        what = f"an EMA {ema_rate} checkpoint" if ema_rate else "an EMA checkpoint"
-        more = f" (the run's EMA rates: {rates_text})" if ema_rate and not of_rate else ""
-        if not of_rate and steps:
-            more += f"; steps with a model file (--use_ema False): {step_list(steps, step)}"
-        raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: the run has no checkpoint of step {step}; "
-                                f"steps with {what}: {step_list(of_rate, step)}{more}")
-    at_step = [r for r, v in ema_steps.items() if step in v]
-    if set(at_step) == set(run_rates):
-        at_step = []  # every rate is there: nothing to add
-    raw = (f"; or --use_ema False for the raw model model{step:06d}.pt" if step in steps else "")
-    if ema_rate:
-        raise FileNotFoundError(f"--run_dir {run_dir} --step {step} --ema_rate {ema_rate}: no EMA checkpoint "
-                                f"{wanted}; the run's EMA rates: {rates_text}"
-                                f"{f' (at step {step}: ' + ', '.join(at_step) + ')' if at_step else ''}. "
-                                f"Pass --ema_rate with one of them{raw}")
-    raise FileNotFoundError(f"--run_dir {run_dir} --step {step}: no EMA checkpoint {wanted} (the run's EMA rates: "
-                            f"{rates_text}; steps with an EMA checkpoint: {step_list(of_rate, step)}){raw}")
-
-
-def model_flags_hint(defaults: Dict[str, Any]) -> str:
-    """
-    How a sample script is given a checkpoint's training flags: upstream's model flags directly
-    on the command line, or a ``--config`` file, or the run's ``config.yaml`` beside the checkpoint.
-
-    :param defaults: the model's flags (their names pick the example).
-    """
-    if "classifier_width" in defaults and "num_channels" not in defaults:
-        example = "--classifier_width 128 --classifier_depth 2"
-    else:
-        example = "--num_channels 128 --num_res_blocks 3"
-    return (f"pass the flags it was trained with on the command line, as upstream's sample scripts take them "
-            f"(e.g. {example}), or in --config FILE.yaml (the run's config.yaml works), or put the run's "
-            "config.yaml beside the checkpoint")
-
-
-def load_checkpoint_model(
-    checkpoint: str,
-    args: argparse.Namespace,
-    given: Set[str],
-    defaults: Dict[str, Any],
-    factory: Callable[..., Tuple[torch.nn.Module, Any]],
-    device: Union[str, torch.device, None] = None,
-    flag_map: Optional[Dict[str, str]] = None,
-    model_flags: Optional[str] = None,
-    flags_hint: Optional[str] = None,
-) -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
-    """
-    Build ``factory(**flags)`` and load ``checkpoint`` into it (strict; errors name keys/shapes).
-
-    Flags: ``defaults`` < the ``config.yaml`` of the checkpoint's run < ``model_flags`` (an
-    upstream flag string, for runs without a config.yaml) < the flags in ``given`` (``--config``
-    and command line; ``timestep_respacing`` etc.).
-
-    :param factory: e.g. ``create_model_and_diffusion``.
-    :param flag_map: script flag -> factory flag, for scripts whose flags are renamed
-        (none of upstream's are; kept for callers).
-    :param flags_hint: how the caller's user gives the training flags, for the error of a
-        checkpoint that does not fit (default: ``model_flags_hint(defaults)``, the sample scripts' way).
-    :return: ``(model, diffusion, flags)``; the model in eval mode on ``device``.
-    """
-    flags, source = resolve_model_flags(checkpoint, model_flags or None, defaults, flavor=getattr(args, "flavor", None))
-    flag_map = flag_map or {}
-    for k in given:
-        key = flag_map.get(k, k)
-        if key in defaults:
-            flags[key] = getattr(args, k)
-    if "use_checkpoint" in flags:
-        flags["use_checkpoint"] = False  # gradient checkpointing only costs time when sampling
-    model, diffusion = factory(**flags)
-    state = load_state_dict_file(checkpoint)
-    # analysis.load_into's hint names --model_flags, a flag of the analysis scripts (and fid_curve)
-    # that the sample scripts do not have: check here and name what this caller accepts
-    mismatch = state_dict_mismatch(state, model.state_dict())
-    if mismatch:
-        built = source + (" < command line" if given else "")
-        raise ValueError(f"checkpoint {checkpoint} does not fit the model built from {built}: {mismatch} "
-                         f"({flags_hint or model_flags_hint(defaults)})")
-    load_into(model, state, checkpoint, source + (" < command line" if given else ""))
-    if flags.get("use_fp16") or flags.get("classifier_use_fp16"):
-        model.convert_to_fp16()
-    model.to(device if device is not None else dist_util.dev()).eval()
-    return model, diffusion, flags
 
 
 def default_out_dir(checkpoint: str, kind: str = "samples") -> str:

@@ -45,12 +45,8 @@ from . import dist_util, logger
 from . import fdm as _fdm
 from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier users import them from here)
     MODEL_FLAGS_IGNORED_ON_RESUME,
-    CheckpointWriteError,
     ResumeError,
     ResumePoint,
-    atomic_torch_save,
-    atomic_write,
-    atomic_write_text,
     check_resume_compatible,
     checkpoint_names,
     find_ema_checkpoint,
@@ -64,6 +60,8 @@ from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier user
     saved_config,
     unreadable_checkpoint,
 )
+from .errors import CheckpointWriteError, TrainingInterrupted  # noqa: F401  (re-exported: their old home)
+from .files import atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
 from .fp16_util import INITIAL_LOG_LOSS_SCALE  # noqa: F401  (upstream's name, re-exported)
 from .image_io import grid_scale, write_grid  # noqa: F401  (re-exported)
 from .nn import update_ema
@@ -115,14 +113,6 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after ``--max_nonfinite`` non-finite steps in a row."""
 
 
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM ended the run cleanly after a step; the message says how to resume."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -32,9 +31,6 @@ import sys
 import time
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(HERE))
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -16,13 +16,8 @@ checkpoint never collide).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F

@@ -11,17 +11,13 @@ Settings are in configs/smoke/demo.yaml; any extra flag is passed to scripts/ima
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import csv
 import glob
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
 
 from guided_diffusion import training  # noqa: E402
 
@@ -69,7 +65,7 @@ def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[s
     import numpy as np
 
     from evaluations.evaluator import evaluate
-    from guided_diffusion.checkpoint import load_diffusion_model
+    from guided_diffusion.model_loading import load_diffusion_model
     from guided_diffusion.image_datasets import load_source, write_npz
     from guided_diffusion.sample_util import generate_samples
 
@@ -107,7 +103,7 @@ def _save_grid(images, path: str) -> None:
 
     from guided_diffusion.image_io import write_grid
 
-    write_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, path)
+    write_grid(torch.from_numpy(images).permute(0, 3, 1, 2), path)  # uint8 as sampled
 
 
 def _report(run: str, minutes: float, train_minutes: float, result: Dict[str, Any]) -> None:

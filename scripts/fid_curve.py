@@ -51,20 +51,17 @@ import argparse
 import contextlib
 import csv
 import fcntl
-import importlib.util
 import os
-import shutil
-import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-if importlib.util.find_spec("evaluations") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist
 
+from evaluations import evaluator
+
 from guided_diffusion import dist_util, logger
-from guided_diffusion.checkpoint import resolve_model_flags
+from guided_diffusion.files import atomic_write
+from guided_diffusion.model_loading import checkpoint_selection_defaults, resolve_model_flags, same_rate
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.sample_util import (
     SAMPLE_PRECISIONS,
@@ -76,7 +73,7 @@ from guided_diffusion.sample_util import (
     save_samples_npz,
 )
 from guided_diffusion.script_util import create_model_and_diffusion, load_config, model_and_diffusion_defaults, \
-    parse_args_with_config
+    parse_args_with_config, run_script
 from guided_diffusion.train_util import list_complete_checkpoints, load_state_file
 
 COLUMNS = ["step", "samples_seen", "gpu_hours", "fid", "inception_score", "precision", "recall", "kid", "sfid",
@@ -107,8 +104,8 @@ def create_argparser_defaults() -> Dict[str, Any]:
         eta=0.0,
         clip_denoised=True,
         seed=0,
-        ema_rate="",
-        use_ema=True,
+        # --ema_rate / --use_ema as every checkpoint-loading script has them (RUN_DIR and --steps pick the rest)
+        **{k: v for k, v in checkpoint_selection_defaults().items() if k in ("ema_rate", "use_ema")},
         steps="",
         metrics="fid,sfid,is,prc,kid",
         extractor="auto",
@@ -174,8 +171,6 @@ def validate_args(args: argparse.Namespace) -> Tuple[str, ...]:
     :return: the metrics to compute.
     :raises ValueError / FileNotFoundError: naming the flag.
     """
-    from evaluations import evaluator
-
     evaluator.check_extractor(args.extractor, args.inception_weights or None)
     metrics = evaluator.parse_metrics(args.metrics)
     for flag in ("num_samples", "batch_size", "eval_batch_size"):
@@ -194,13 +189,6 @@ def validate_args(args: argparse.Namespace) -> Tuple[str, ...]:
     return metrics
 
 
-def _same_rate(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
 def protocol_label(args: argparse.Namespace, ema_rate: str, run_rates: Sequence[str]) -> str:
     """
     The ``protocol`` column: ``paper`` when every paper setting was used (DDPM in fp32,
@@ -215,11 +203,11 @@ def protocol_label(args: argparse.Namespace, ema_rate: str, run_rates: Sequence[
     if args.use_ema and ema_rate:
         paper = PROTOCOLS["paper"]
         if used == ("ddpm", paper["timestep_respacing"], paper["num_samples"]) \
-                and _same_rate(ema_rate, paper["ema_rate"]):
+                and same_rate(ema_rate, paper["ema_rate"]):
             return "paper"
         fast = PROTOCOLS["fast"]
         if used == ("ddim", fast["timestep_respacing"], fast["num_samples"]) \
-                and run_rates and _same_rate(ema_rate, run_rates[0]):
+                and run_rates and same_rate(ema_rate, run_rates[0]):
             return "fast"
     return "custom"
 
@@ -273,22 +261,13 @@ def _add_columns(path: str, fields: List[str], added: List[str]) -> List[str]:
     """Rewrite the CSV at ``path`` atomically with the columns ``added`` (blank); the new header."""
     rows = read_rows(path)
     fields = fields + added
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: ("" if v is None else v) for k, v in r.items() if k is not None})
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items() if k is not None})
+
+    atomic_write(path, write, text=True, newline="", keep_mode=True)
     return fields
 
 
@@ -400,8 +379,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         # before the EMA and resolution checks, whose hints would lead elsewhere
         raise FileNotFoundError(f"RUN_DIR {run_dir}: no checkpoints (modelNNNNNN.pt, ema_R_NNNNNN.pt, "
                                 "stateNNNNNN.pt): is it a training run's folder?")
-    from evaluations import evaluator
-
     dist_util.setup_dist()
     rank = dist_util.get_rank()
     logger.configure(dir=run_dir, format_strs=["stdout"])
@@ -412,13 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         ema_rate = args.ema_rate or next(iter(run_rates), "")
         if not ema_rate:
             raise ValueError(f"RUN_DIR {run_dir}: no EMA checkpoints (ema_R_NNNNNN.pt); use --use_ema False")
-        if run_rates and not any(_same_rate(ema_rate, r) for r in run_rates):
+        if run_rates and not any(same_rate(ema_rate, r) for r in run_rates):
             preset = "ema_rate" not in explicit_flags(args)
             raise ValueError(f"--ema_rate {ema_rate}{f' (set by --protocol {args.protocol})' if preset else ''}: "
                              f"RUN_DIR {run_dir} has no EMA checkpoints of that rate; its EMA rates: "
                              f"{', '.join(run_rates)}. Pass --ema_rate with one of them"
                              f"{' (the rows then say protocol custom)' if preset else ''}, or --use_ema False")
-        ema_rate = next(r for r in run_rates if _same_rate(ema_rate, r)) if run_rates else ema_rate
+        ema_rate = next(r for r in run_rates if same_rate(ema_rate, r)) if run_rates else ema_rate
     sampler = sampler_name(args.use_ddim, args.eta, args.sample_precision)
     protocol = protocol_label(args, ema_rate, run_rates)
 
@@ -495,6 +472,4 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from guided_diffusion.script_util import run_script
-
     run_script(main)

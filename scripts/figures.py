@@ -15,13 +15,9 @@ reprints the tables. Models, analyses and ledger layout: experiments/figures.py 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.figures import ROOT, SETTINGS, report, run_figures, settings_for  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402

@@ -25,15 +25,10 @@ dimension, trace estimate and its standard error, settings) and hessian_spectrum
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

@@ -13,19 +13,16 @@ value per timestep, column 0 = t = T-1). Plus ``--seed`` (the noise of the bound
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.model_loading import checkpoint_selection_defaults
 from guided_diffusion.sample_util import start_sampling
 from guided_diffusion.script_util import run_script
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -34,8 +31,8 @@ TERMS = ("vb", "mse", "xstart_mse")
 
 
 def create_argparser_defaults() -> Dict[str, Any]:
-    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="", run_dir="",
-                    step=-1, ema_rate="", use_ema=True, seed=0, out_dir="")
+    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1,
+                    **checkpoint_selection_defaults(), seed=0, out_dir="")
     defaults.update(model_and_diffusion_defaults())
     return defaults
 

@@ -18,13 +18,8 @@ replaced unless ``--overwrite True``: the run stops before sampling and names th
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import logger
 from guided_diffusion.sample_util import check_samples_file, finish_sampling, generate_samples, sample_defaults, \

@@ -12,13 +12,8 @@ resolved configuration, checkpoints, logs and sample grids.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.training import (  # noqa: E402,F401  (the names this script offered, kept)
     config_yaml,

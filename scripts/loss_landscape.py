@@ -36,15 +36,10 @@ for diffusion also every loss term: mse, vb), loss_landscape.png and loss_landsc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import analysis as an
 

@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import importlib.util
 import os
 import re
 import sys
 import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.script_util import is_number, run_script, with_flag_suggestions
 

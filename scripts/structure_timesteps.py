@@ -21,14 +21,9 @@ min / max PSNR of the predicted x_0 against the final sample) and structure_time
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 

@@ -11,13 +11,9 @@ continues where it stopped and skips finished runs and evaluated checkpoints.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
     run_study, summarize  # noqa: E402

@@ -14,13 +14,9 @@ number of base samples.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

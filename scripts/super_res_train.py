@@ -12,13 +12,8 @@ images at ``large_size`` with ``low_res`` = the same images downsampled to ``sma
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

@@ -153,7 +153,7 @@ def test_file_size_limit_gives_the_named_message(tmp_path):
 
 
 def test_sampling_a_run_without_config_yaml_uses_its_state_file(tiny_run, tmp_path):
-    from guided_diffusion.checkpoint import resolve_model_flags
+    from guided_diffusion.model_loading import resolve_model_flags
 
     sys.path.insert(0, str(REPO / "scripts"))
     import image_sample
@@ -331,7 +331,7 @@ def test_images_smaller_than_image_size_are_upscaled_with_a_warning(tmp_path):
 def test_consistency_warns_about_untrained_models(tiny_run, tmp_path, capsys):
     import torch
 
-    from guided_diffusion.checkpoint import resolve_model_flags
+    from guided_diffusion.model_loading import resolve_model_flags
     from guided_diffusion.script_util import create_model_and_diffusion
 
     sys.path.insert(0, str(REPO / "scripts"))

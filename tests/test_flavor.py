@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import image_train  # noqa: E402
 from guided_diffusion import gaussian_diffusion as gd  # noqa: E402
-from guided_diffusion.checkpoint import resolve_model_flags  # noqa: E402
+from guided_diffusion.model_loading import resolve_model_flags  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
 # openai/improved-diffusion improved_diffusion/script_util.py: model_and_diffusion_defaults()

@@ -19,18 +19,15 @@ logger's log.txt / progress.csv (loss_d, loss_g, d_real, d_fake).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 from typing import Optional, Sequence
 
-if importlib.util.find_spec("experiments") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 import torch.nn.functional as F
 
 from guided_diffusion import logger
+from guided_diffusion.files import atomic_torch_save
 from experiments.analysis import pick_device
 from experiments.gan import GAN_CONFIG_NAME, create_gan, gan_defaults
 from guided_diffusion.script_util import add_dict_to_argparser
@@ -54,8 +51,7 @@ def create_argparser() -> argparse.ArgumentParser:
 def _save(log_dir: str, step: int, g: torch.nn.Module, d: torch.nn.Module) -> None:
     for name, net in (("generator", g), ("discriminator", d)):
         path = os.path.join(log_dir, f"{name}_{step:06d}.pt")
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written checkpoint
+        atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

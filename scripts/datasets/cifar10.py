@@ -22,11 +22,9 @@ one line naming the flag and file, exit status 2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import zipfile
 from typing import Dict, Optional, Sequence, Tuple
@@ -34,8 +32,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from guided_diffusion.image_datasets import center_crop_arr, load_source, subset_indices, write_npz  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402

@@ -16,7 +16,6 @@ when the file was just written).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,8 +24,6 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
 
 SMAPS = "/proc/self/smaps_rollup"
 FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Anonymous")

@@ -17,13 +17,9 @@ Unreadable images are skipped with a count (``--skip_corrupt False``: stop namin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 from typing import Optional, Sequence
 
-if importlib.util.find_spec("guided_diffusion") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from guided_diffusion.image_datasets import load_source, write_npz  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
