@@ -1,6 +1,7 @@
 """
-Checks shared by the samplers, weightings and options: numbers and integers in a range, with
-messages that name the command-line flag, and what a diffusion object must provide.
+Checks shared by the whole package (its base layer): numbers and whole numbers in a range, with
+messages that name the command-line flag (``check_number``, ``check_integer``: the one rule of what
+a whole number is, ``whole_number``), registry names, and what a diffusion object must provide.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["canonical_name", "lookup_registered", "reject_unknown_options", "UnknownNameError", "check_number", "check_integer", "num_timesteps_of", "alphas_cumprod_of"]
+__all__ = ["canonical_name", "lookup_registered", "reject_unknown_options", "UnknownNameError", "check_number",
+           "check_integer", "whole_number", "num_timesteps_of", "alphas_cumprod_of"]
 
 
 class UnknownNameError(NotImplementedError, ValueError):
@@ -44,16 +46,35 @@ def check_number(value: Any, flag: str, *, lo: Optional[float] = None, hi: Optio
     return v
 
 
-def check_integer(value: Any, flag: str, *, lo: int) -> int:
-    """Return ``value`` as an int after checking it is an integer (or integral float) >= lo."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        v: Optional[int] = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        v = int(value)
-    else:
-        v = None
-    if v is None or v < lo:
-        raise ValueError(f"--{flag} must be an integer >= {lo}, got {value!r}")
+def whole_number(value: Any) -> Optional[int]:
+    """
+    ``value`` as an int when it is a whole number, else None: THE rule of the project's integer
+    flags and arguments. An int (numpy's too) is one; so is a finite real number with no fraction
+    (``100.0``, as a YAML file or a computed value may hold it); a bool, a fraction (``1.5``),
+    ``inf``/``nan`` and text (``"3"``) are not.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def check_integer(value: Any, flag: str, *, lo: Optional[int] = None, what: Optional[str] = None,
+                  name: Optional[str] = None) -> int:
+    """
+    Return ``value`` as an int after checking it is a whole number (``whole_number``) >= ``lo``.
+
+    :param flag: the flag the message names (``--flag must be ...``).
+    :param what: what the message says is expected (default ``an integer >= lo``).
+    :param name: the whole subject of the message instead of ``--flag`` (e.g. ``MomentumDecay: step``).
+    """
+    v = whole_number(value)
+    if v is None or (lo is not None and v < lo):
+        expected = what or ("an integer" if lo is None else f"an integer >= {lo}")
+        raise ValueError(f"{name or '--' + flag} must be {expected}, got {value!r}")
     return v
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import fdm as _fdm
+from .checks import check_integer
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -45,12 +46,8 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     :param num_diffusion_timesteps: T, the number of diffusion steps (a positive integer).
     :return: a float64 numpy array of T betas.
     """
-    if isinstance(num_diffusion_timesteps, bool) or not isinstance(num_diffusion_timesteps, (int, np.integer)) \
-            or num_diffusion_timesteps < 1:
-        raise ValueError(
-            f"diffusion_steps must be a positive integer, got {num_diffusion_timesteps!r}"
-        )
-    num_diffusion_timesteps = int(num_diffusion_timesteps)
+    num_diffusion_timesteps = check_integer(num_diffusion_timesteps, "diffusion_steps", lo=1,
+                                            what="a positive integer", name="diffusion_steps")
     if schedule_name == "linear":
         # Ho et al.'s 1e-4..0.02 at T=1000; scaling by 1000/T keeps the total noise similar for other T.
         scale = 1000 / num_diffusion_timesteps

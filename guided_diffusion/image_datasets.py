@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from . import dist_util
+from .checks import check_integer
 from .files import atomic_write
 from PIL import Image
 
@@ -1179,10 +1180,8 @@ def load_data(
     :param workers: image decoding threads (default min(8, CPU count)).
     :return: an ``ImageBatches`` (iterator, with ``state_dict()``/``load_state_dict()``).
     """
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer for the data order, got {seed!r}")
+    batch_size = check_integer(batch_size, "batch_size", lo=1, what="a positive integer")
+    seed = check_integer(seed, "seed", lo=0, what="a non-negative integer for the data order")
     if rank is None or world_size is None:
         default_rank, default_world = _default_rank_world()
         rank = default_rank if rank is None else rank

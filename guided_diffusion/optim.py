@@ -19,25 +19,17 @@ lr0 is whatever base learning rate the caller passes for step i (e.g. already an
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .checks import check_integer, check_number
+
 __all__ = ["create_optimizer", "MomentumDecay", "set_hparam"]
 
 
-def _real(value: Any, flag: str, what: str, ok) -> float:
-    """Check ``value`` is a finite real number passing ``ok``; the message names ``--flag``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
-            or not ok(float(value)):
-        raise ValueError(f"--{flag} must be {what}, got {value!r}")
-    return float(value)
-
-
 def _beta(value: Any, flag: str) -> float:
-    return _real(value, flag, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+    return check_number(value, flag, lo=0.0, hi=1.0, hi_open=True)
 
 
 def _all_params(params: List[Any]) -> List[torch.Tensor]:
@@ -72,8 +64,8 @@ def create_optimizer(
                   the multi-tensor ("foreach") implementation otherwise.
     :return: a ``torch.optim.AdamW``.
     """
-    lr = _real(lr, "lr", "a number > 0", lambda v: v > 0)
-    weight_decay = _real(weight_decay, "weight_decay", "a number >= 0", lambda v: v >= 0)
+    lr = check_number(lr, "lr", lo=0.0, lo_open=True)
+    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
     beta1 = _beta(beta1, "beta1")
     beta2 = _beta(beta2, "beta2")
     params = list(params)
@@ -131,10 +123,8 @@ class MomentumDecay:
         if self.enabled and self.beta1_min > self.beta1:
             raise ValueError(f"--beta1_min ({self.beta1_min:g}) must not exceed --beta1 ({self.beta1:g}): "
                              "momentum decay only lowers beta1")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real)
-                                        or not math.isfinite(float(total_steps))
-                                        or float(total_steps) != int(total_steps)):
-            raise ValueError(f"--total_steps must be a whole number of training steps, got {total_steps!r}")
+        if total_steps is not None:
+            check_integer(total_steps, "total_steps", what="a whole number of training steps")
         if self.enabled and (total_steps is None or int(total_steps) <= 0):
             raise ValueError(f"--momentum_decay needs --total_steps (the run's total number of training "
                              f"steps, >= 1), got {total_steps!r}")
@@ -142,11 +132,7 @@ class MomentumDecay:
 
     @staticmethod
     def _check_step(step: Any) -> int:
-        ok = not isinstance(step, bool) and isinstance(step, numbers.Real) and math.isfinite(float(step)) \
-            and float(step) == int(step) and int(step) >= 0
-        if not ok:
-            raise ValueError(f"MomentumDecay: step must be an integer >= 0, got {step!r}")
-        return int(step)
+        return check_integer(step, "step", lo=0, name="MomentumDecay: step")
 
     def beta1_at(self, step: int) -> float:
         """

@@ -13,6 +13,12 @@ import numpy as np
 import torch
 
 from . import fdm as _fdm
+from .checks import check_integer, check_number, whole_number
+from .method_registry import method_option_defaults
+from .optim import MomentumDecay
+from .resample import create_named_schedule_sampler
+from .script_util import model_and_diffusion_defaults
+from .weighting import create_loss_weighting
 
 __all__ = [
     "training_defaults",
@@ -31,18 +37,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def method_options() -> Dict[str, Any]:
     """
-    The options of every registered timestep sampler and loss weighting, flag name -> default,
-    taken from their classes (so a new sampler's flags need no entry here). Model flags that a
-    weighting reads (``predict_xstart``) stay model flags.
+    The training flags of the registered timestep samplers and loss weightings, flag name ->
+    default: ``method_registry.method_option_defaults()`` (taken from their classes, so a new
+    sampler's flags need no entry here) without the model flags a weighting reads
+    (``predict_xstart`` stays a model flag).
     """
-    from .resample import sampler_option_defaults
-    from .script_util import model_and_diffusion_defaults
-    from .weighting import weighting_option_defaults
-
     model = model_and_diffusion_defaults()
-    out = dict(sampler_option_defaults())
-    out.update(weighting_option_defaults())
-    return {k: v for k, v in out.items() if k not in model}
+    return {k: v for k, v in method_option_defaults().items() if k not in model}
 
 
 def training_defaults() -> Dict[str, Any]:
@@ -203,11 +204,8 @@ def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]
 
 
 def _int_flag(args: Dict[str, Any], flag: str, lo: int) -> None:
-    v = args.get(flag)
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise ValueError(f"--{flag} must be an integer >= {lo}, got {v!r}")
+    if args.get(flag) is not None:
+        check_integer(args[flag], flag, lo=lo)
 
 
 def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
@@ -215,16 +213,11 @@ def _num_flag(args: Dict[str, Any], flag: str, lo: float, hi: float = math.inf,
     v = args.get(flag)
     if v is None:
         return
-    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(float(v))
-    if ok:
-        x = float(v)
-        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        # no upper bound: inf is refused too (never a usable value), so the range is not "(0, inf]"
-        what = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if math.isinf(hi)
-                else f"a number in {lb}{lo:g}, {hi:g}{rb}")
-        raise ValueError(f"--{flag} must be {what}, got {v!r}")
+    lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+    # no upper bound: inf is refused too (never a usable value), so the range is not "(0, inf]"
+    what = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if math.isinf(hi)
+            else f"a number in {lb}{lo:g}, {hi:g}{rb}")
+    check_number(v, flag, lo=lo, hi=None if math.isinf(hi) else hi, lo_open=lo_open, hi_open=hi_open, what=what)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -295,8 +288,8 @@ def validate_training_args(args: Dict[str, Any]) -> None:
                  "max_nonfinite", "seed"):
         _int_flag(args, flag, 0)
     mb = args.get("microbatch")
-    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, np.integer)) or (mb < 1 and mb not in (0, -1))):
-        raise ValueError(f"--microbatch must be -1 (off) or an integer >= 1, got {mb!r}")
+    if mb is not None and whole_number(mb) not in (0, -1):
+        check_integer(mb, "microbatch", lo=1, what="-1 (off) or an integer >= 1")
     _num_flag(args, "lr", 0.0, lo_open=True)
     _num_flag(args, "weight_decay", 0.0)
     _num_flag(args, "grad_clip", 0.0)
@@ -340,10 +333,6 @@ class _StandInDiffusion:
 def _check_methods(args: Dict[str, Any]) -> None:
     # The classes validate their own options (one check per option, messages name the flags):
     # building the chosen sampler, weighting and MDLRC schedule here runs those checks early.
-    from .optim import MomentumDecay
-    from .resample import create_named_schedule_sampler
-    from .weighting import create_loss_weighting
-
     options = {k: args[k] for k in method_options() if k in args}
     if "schedule_sampler" in args:
         create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0, **options)

@@ -7,8 +7,8 @@ Upstream (improved/guided-diffusion) API: ``ScheduleSampler.sample(batch_size, d
 
 - ``CLTSSampler``: the curriculum-learning timestep schedule of Xu et al. (2024);
 - ``SpeeDSampler``: SpeeD's asymmetric + dual timestep sampling;
-- ``loss_weighting(name, diffusion, **options)``: Min-SNR-gamma, P2 and SpeeD's change-aware
-  weighting as length-T numpy arrays (and small callable classes behind them).
+- the loss weightings (Min-SNR-gamma, P2, SpeeD's change-aware weighting) live in ``weighting``,
+  below this module, and are re-exported here (``loss_weighting(name, diffusion, **options)``).
 
 Every sampler draws from its own numpy ``Generator`` (seedable, per-rank stream) whose state is
 part of ``state_dict()``, so a resumed run draws exactly the timesteps the uninterrupted run
@@ -19,7 +19,6 @@ host-to-device copy per returned tensor, so ``sample()`` never waits for the GPU
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -56,15 +55,22 @@ __all__ = [
 ]
 
 
-from .checks import (  # noqa: E402,F401
-    UnknownNameError,
-    alphas_cumprod_of,
-    canonical_name,
-    check_integer,
-    check_number,
-    lookup_registered,
-    num_timesteps_of,
-    reject_unknown_options,
+from .checks import UnknownNameError, alphas_cumprod_of, canonical_name, check_integer, check_number, \
+    num_timesteps_of
+from .method_registry import MethodRegistry, known_method_options  # noqa: F401  (re-exported: its old home)
+# Loss weightings live in ``weighting.py`` (below this module); their names stay importable from here.
+from .weighting import (  # noqa: F401  (re-exported)
+    WEIGHTING_FLAGS,
+    WEIGHTING_NAMES,
+    LossWeighting,
+    MinSNRWeighting,
+    P2Weighting,
+    SpeeDWeighting,
+    UniformWeighting,
+    create_loss_weighting,
+    loss_weighting,
+    register_weighting,
+    snr,
 )
 
 _number, _integer = check_number, check_integer
@@ -548,7 +554,10 @@ class SpeeDSampler(ScheduleSampler):
 
 
 COMMON_SAMPLER_FLAGS = ("seed", "rank")
-_SAMPLER_CLASSES: Dict[str, type] = {}
+SAMPLERS = MethodRegistry("schedule sampler", "schedule_sampler", common=COMMON_SAMPLER_FLAGS)
+#: registered name -> its options (then ``seed``, ``rank``); the registry's table
+SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = SAMPLERS.flags
+SAMPLER_NAMES: Tuple[str, ...] = ()
 
 
 def register_sampler(cls: type) -> type:
@@ -558,42 +567,15 @@ def register_sampler(cls: type) -> type:
     the command-line flags of ``--schedule_sampler cls.name``, with the constructor's defaults
     as the flags' defaults (``sampler_option_defaults``). Adding a sampler is this one class.
     """
-    _SAMPLER_CLASSES[canonical_name(cls.name)] = cls
-    _refresh_tables()
+    global SAMPLER_NAMES
+    SAMPLERS.register(cls)
+    SAMPLER_NAMES = SAMPLERS.names
     return cls
-
-
-def _constructor_options(cls: type, skip: Sequence[str] = ("self", "diffusion", "seed", "rank")) -> Dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items()
-            if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def known_method_options() -> set:
-    """Every option name of every registered sampler and weighting (a caller may pass them all)."""
-    from .weighting import weighting_option_defaults
-
-    return set(sampler_option_defaults()) | set(COMMON_SAMPLER_FLAGS) | set(weighting_option_defaults())
 
 
 def sampler_option_defaults() -> Dict[str, Any]:
     """Every registered sampler's options (flag name -> default), in registration order."""
-    out: Dict[str, Any] = {}
-    for cls in _SAMPLER_CLASSES.values():
-        out.update(_constructor_options(cls))
-    return out
-
-
-SAMPLER_FLAGS: Dict[str, Tuple[str, ...]] = {}
-SAMPLER_NAMES: Tuple[str, ...] = ()
-
-
-def _refresh_tables() -> None:
-    global SAMPLER_NAMES
-    SAMPLER_FLAGS.clear()
-    for key, cls in _SAMPLER_CLASSES.items():
-        SAMPLER_FLAGS[cls.name] = tuple(_constructor_options(cls)) + COMMON_SAMPLER_FLAGS
-    SAMPLER_NAMES = tuple(SAMPLER_FLAGS)
+    return SAMPLERS.option_defaults()
 
 
 for _cls in (UniformSampler, LossSecondMomentResampler, CLTSSampler, SpeeDSampler):
@@ -613,23 +595,5 @@ def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> 
                     an error.
     :return: the sampler.
     """
-    cls = lookup_registered(_SAMPLER_CLASSES, name, "schedule sampler", "schedule_sampler", SAMPLER_NAMES)
-    reject_unknown_options(options, known_method_options(), "schedule_sampler", cls.name, SAMPLER_FLAGS[cls.name])
-    kwargs = {k: v for k, v in options.items() if k in SAMPLER_FLAGS[cls.name]}
-    return cls(diffusion, **kwargs)
-
-
-# Loss weightings live in ``weighting.py``; their names stay importable from here.
-from .weighting import (  # noqa: E402,F401  (re-exported)
-    WEIGHTING_FLAGS,
-    WEIGHTING_NAMES,
-    LossWeighting,
-    MinSNRWeighting,
-    P2Weighting,
-    SpeeDWeighting,
-    UniformWeighting,
-    create_loss_weighting,
-    loss_weighting,
-    register_weighting,
-    snr,
-)
+    cls = SAMPLERS.lookup(name)
+    return cls(diffusion, **SAMPLERS.options_for(cls, options))

@@ -32,13 +32,11 @@ A new schedule is one class: subclass ``LRSchedule`` and define ``lr_at``::
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Tuple
 
 import torch
 
-from .checks import check_number
+from .checks import check_integer, check_number
 from .optim import MomentumDecay, set_hparam
 
 __all__ = ["LRSchedule", "ConstantLR", "LinearDecayLR", "WithMomentumDecay", "lr_schedule_from_flags"]
@@ -57,11 +55,7 @@ class LRSchedule:
     @staticmethod
     def check_step(step: Any) -> int:
         """``step`` as an int; ValueError unless it is a whole number >= 0."""
-        ok = not isinstance(step, bool) and isinstance(step, numbers.Real) and math.isfinite(float(step)) \
-            and float(step) == int(step) and int(step) >= 0
-        if not ok:
-            raise ValueError(f"learning-rate schedule: step must be an integer >= 0, got {step!r}")
-        return int(step)
+        return check_integer(step, "step", lo=0, name="learning-rate schedule: step")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the update performed at global step ``step``."""
@@ -111,11 +105,7 @@ class LinearDecayLR(LRSchedule):
 
     def __init__(self, lr: float, anneal_steps: int):
         super().__init__(lr)
-        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, numbers.Real) \
-                or not math.isfinite(float(anneal_steps)) or float(anneal_steps) != int(anneal_steps) \
-                or int(anneal_steps) < 1:
-            raise ValueError(f"--lr_anneal_steps must be a whole number of steps >= 1, got {anneal_steps!r}")
-        self.anneal_steps = int(anneal_steps)
+        self.anneal_steps = check_integer(anneal_steps, "lr_anneal_steps", lo=1, what="a whole number of steps >= 1")
 
     def lr_at(self, step: int) -> float:
         step = self.check_step(step)

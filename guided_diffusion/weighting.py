@@ -3,19 +3,21 @@ Loss weightings w(t) over timesteps, for the methods the paper compares with: Mi
 (Hang et al. 2023), P2 (Choi et al. 2022) and SpeeD's change-aware weighting (Wang et al. 2024).
 A weighting multiplies the MSE term of the loss only, as in their authors' code.
 
-Each weighting is one class in the registry (``register_weighting``); its ``flags`` name the
-command-line options, whose defaults are the constructor's.
+Each weighting is one class in the registry (``register_weighting``); as for the timestep
+samplers, its options are its constructor's parameters, named as the command-line flags, with the
+constructor's defaults (``method_registry``). A weighting owns its whole table: ``table(diffusion)``
+gives the weights and refuses what cannot be a table of weights; ``loss_weight_table`` adds the
+refusals of a training (no MSE term to weight, weights given as an array of the wrong length).
 """
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .checks import alphas_cumprod_of, canonical_name, check_number, lookup_registered, num_timesteps_of, \
-    reject_unknown_options
+from .checks import alphas_cumprod_of, canonical_name, check_number, num_timesteps_of
+from .method_registry import MethodRegistry
 
 __all__ = [
     "LossWeighting",
@@ -29,6 +31,8 @@ __all__ = [
     "weighting_option_defaults",
     "create_loss_weighting",
     "loss_weighting",
+    "loss_weight_table",
+    "WEIGHTINGS",
     "snr",
     "canonical_name",
 ]
@@ -46,20 +50,32 @@ class LossWeighting(ABC):
     A per-timestep loss weighting: ``weighting(alphas_cumprod) -> float64 array of length T``,
     multiplying the MSE term of the loss (``TrainLoop.weighted_objective``).
 
-    ``flags`` maps each command-line flag to the constructor parameter it sets; the constructor's
-    defaults are the flags' defaults (``weighting_option_defaults``). Adding a weighting is one
-    class decorated with ``register_weighting``.
+    The constructor's parameters are the weighting's options, named as their command-line flags
+    (``--min_snr_gamma``), and its defaults the flags' defaults (``weighting_option_defaults``).
+    Adding a weighting is one class registered with ``register_weighting``.
     """
 
     name: str = "custom"
     aliases: Tuple[str, ...] = ()
-    flags: Dict[str, str] = {}
 
     @classmethod
     def from_options(cls, diffusion: Any = None, **options: Any) -> "LossWeighting":
-        """Build from flag-named options (those of other methods are ignored)."""
-        return cls(**{param: options[flag] for flag, param in cls.flags.items()
-                      if flag in options and options[flag] is not None})
+        """Build from its options (None: the constructor's default); ``diffusion`` for those that read it."""
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def table(self, diffusion: Any) -> np.ndarray:
+        """
+        The weights of ``diffusion``'s timesteps (over its respaced ``alphas_cumprod`` for a
+        SpacedDiffusion): float64, one per timestep.
+
+        :raises ValueError: the diffusion's tables disagree, or the weights are not one finite
+            number per timestep (naming --loss_weighting).
+        """
+        ac = alphas_cumprod_of(diffusion)
+        T = num_timesteps_of(diffusion)
+        if len(ac) != T:
+            raise ValueError(f"diffusion.alphas_cumprod has length {len(ac)} but num_timesteps is {T}")
+        return check_weight_table(self(ac), T)
 
     @abstractmethod
     def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -90,7 +106,6 @@ class MinSNRWeighting(LossWeighting):
     """
 
     name = "min_snr"
-    flags = {"min_snr_gamma": "gamma", "predict_xstart": "predict_xstart"}
 
     @classmethod
     def from_options(cls, diffusion: Any = None, **options: Any) -> "MinSNRWeighting":
@@ -100,12 +115,12 @@ class MinSNRWeighting(LossWeighting):
             options["predict_xstart"] = getattr(mean_type, "name", None) == "START_X"
         return super().from_options(diffusion, **options)
 
-    def __init__(self, gamma: float = 5.0, predict_xstart: bool = False):
+    def __init__(self, min_snr_gamma: float = 5.0, predict_xstart: bool = False):
         """
-        :param gamma: the SNR clamp gamma (--min_snr_gamma), > 0.
+        :param min_snr_gamma: the SNR clamp gamma, > 0.
         :param predict_xstart: the model predicts x_0 (the weight is then min(SNR, gamma)).
         """
-        self.gamma = check_number(gamma, "min_snr_gamma", lo=0.0, lo_open=True)
+        self.gamma = check_number(min_snr_gamma, "min_snr_gamma", lo=0.0, lo_open=True)
         self.predict_xstart = bool(predict_xstart)
 
     def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -121,15 +136,14 @@ class P2Weighting(LossWeighting):
     """P2 weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
 
     name = "p2"
-    flags = {"p2_k": "k", "p2_gamma": "gamma"}
 
-    def __init__(self, k: float = 1.0, gamma: float = 1.0):
+    def __init__(self, p2_k: float = 1.0, p2_gamma: float = 1.0):
         """
-        :param k: offset k (--p2_k), > 0 so the weight stays finite where SNR -> 0.
-        :param gamma: exponent gamma (--p2_gamma), >= 0.
+        :param p2_k: offset k, > 0 so the weight stays finite where SNR -> 0.
+        :param p2_gamma: exponent gamma, >= 0.
         """
-        self.k = check_number(k, "p2_k", lo=0.0, lo_open=True)
-        self.gamma = check_number(gamma, "p2_gamma", lo=0.0)
+        self.k = check_number(p2_k, "p2_k", lo=0.0, lo_open=True)
+        self.gamma = check_number(p2_gamma, "p2_gamma", lo=0.0)
 
     def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
         return 1.0 / (self.k + snr(alphas_cumprod)) ** self.gamma
@@ -148,16 +162,15 @@ class SpeeDWeighting(LossWeighting):
     """
 
     name = "speed"
-    flags = {"speed_lambda": "lam", "speed_tau": "tau"}
 
-    def __init__(self, lam: float = 0.6, tau: float = 0.7):
+    def __init__(self, speed_lambda: float = 0.6, speed_tau: float = 0.7):
         """
-        :param lam: lambda (--speed_lambda), in [0, 1].
-        :param tau: tau (--speed_tau), the boundary as a fraction of T, in (0, 1].
+        :param speed_lambda: lambda, in [0, 1].
+        :param speed_tau: tau, the boundary as a fraction of T, in (0, 1] (the same flag as SpeeD's sampler).
         """
-        self.lam = check_number(lam, "speed_lambda", lo=0.0, hi=1.0)
-        self.tau = check_number(tau, "speed_tau", lo=0.0, hi=1.0, lo_open=True,
-                           what="a number in (0, 1] (a fraction of T)")
+        self.lam = check_number(speed_lambda, "speed_lambda", lo=0.0, hi=1.0)
+        self.tau = check_number(speed_tau, "speed_tau", lo=0.0, hi=1.0, lo_open=True,
+                                what="a number in (0, 1] (a fraction of T)")
 
     def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
         ac = np.asarray(alphas_cumprod, dtype=np.float64)
@@ -177,29 +190,23 @@ class SpeeDWeighting(LossWeighting):
         return w
 
 
-_WEIGHTINGS: Dict[str, type] = {}
-WEIGHTING_FLAGS: Dict[str, Tuple[str, ...]] = {}
+WEIGHTINGS = MethodRegistry("loss weighting", "loss_weighting", order=1)  # after the samplers' options
+#: registered name (and alias) -> its options; the registry's table
+WEIGHTING_FLAGS: Dict[str, Tuple[str, ...]] = WEIGHTINGS.flags
 WEIGHTING_NAMES: Tuple[str, ...] = ()
 
 
 def register_weighting(cls: type) -> type:
     """Add a ``LossWeighting`` subclass to the registry under ``cls.name`` (and its aliases)."""
     global WEIGHTING_NAMES
-    for key in (cls.name,) + tuple(cls.aliases):
-        _WEIGHTINGS[canonical_name(key)] = cls
-        WEIGHTING_FLAGS[key] = tuple(cls.flags)
-    WEIGHTING_NAMES = tuple(WEIGHTING_FLAGS)
+    WEIGHTINGS.register(cls)
+    WEIGHTING_NAMES = WEIGHTINGS.names
     return cls
 
 
 def weighting_option_defaults() -> Dict[str, Any]:
     """Every registered weighting's options (flag name -> the constructor's default)."""
-    out: Dict[str, Any] = {}
-    for cls in dict.fromkeys(_WEIGHTINGS.values()):
-        params = inspect.signature(cls.__init__).parameters
-        for flag, param in cls.flags.items():
-            out[flag] = params[param].default
-    return out
+    return WEIGHTINGS.option_defaults()
 
 
 for _cls in (UniformWeighting, MinSNRWeighting, P2Weighting, SpeeDWeighting):
@@ -219,12 +226,8 @@ def create_loss_weighting(name: Optional[str], diffusion: Any = None, **options:
                     other weightings are ignored, anything else is an error.
     :return: a ``LossWeighting``.
     """
-    from .resample import known_method_options
-
-    cls = lookup_registered(_WEIGHTINGS, "none" if name is None else name, "loss weighting", "loss_weighting",
-                            WEIGHTING_NAMES)
-    reject_unknown_options(options, known_method_options(), "loss_weighting", cls.name, cls.flags)
-    return cls.from_options(diffusion, **options)
+    cls = WEIGHTINGS.lookup("none" if name is None else name)
+    return cls.from_options(diffusion, **WEIGHTINGS.options_for(cls, options))
 
 
 def loss_weighting(name: Optional[str], diffusion: Any, **options: Any) -> np.ndarray:
@@ -237,10 +240,45 @@ def loss_weighting(name: Optional[str], diffusion: Any, **options: Any) -> np.nd
     :param options: as for ``create_loss_weighting``.
     :return: float64 numpy array of length T (multiply the per-sample loss at t by w[t]).
     """
-    weighting = create_loss_weighting(name, diffusion, **options)
-    ac = alphas_cumprod_of(diffusion)
-    T = num_timesteps_of(diffusion)
-    if len(ac) != T:
-        raise ValueError(f"diffusion.alphas_cumprod has length {len(ac)} but num_timesteps is {T}")
-    w = np.asarray(weighting(ac), dtype=np.float64)
-    return w
+    return create_loss_weighting(name, diffusion, **options).table(diffusion)
+
+
+def check_weight_table(weights: Any, num_timesteps: int) -> np.ndarray:
+    """``weights`` as float64, refused (naming --loss_weighting) unless one finite number per timestep."""
+    arr = np.asarray(weights, dtype=np.float64)
+    if arr.shape != (int(num_timesteps),):
+        raise ValueError(f"--loss_weighting: expected one weight per diffusion step ({num_timesteps}), "
+                         f"got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("--loss_weighting: the weights must be finite")
+    return arr
+
+
+def loss_weight_table(weighting: Union[str, "LossWeighting", Sequence[float], np.ndarray, None], diffusion: Any,
+                      options: Optional[Dict[str, Any]] = None) -> Optional[np.ndarray]:
+    """
+    The loss weights a training multiplies its MSE term by, with every refusal of a weighting:
+
+    - None, "none" or "uniform": None (no weighting);
+    - a diffusion trained on the variational bound alone (``--use_kl True``) has no MSE term to
+      weight: refused;
+    - a name: the registered weighting built with ``options`` (``create_loss_weighting``);
+      a ``LossWeighting``: its table; an array: one finite weight per timestep (options refused).
+
+    :return: float64 weights, one per timestep of ``diffusion``, or None.
+    :raises ValueError: naming --loss_weighting (or the option) and what was expected.
+    """
+    if weighting is None or (isinstance(weighting, str) and canonical_name(weighting) in ("", "none", "uniform")):
+        return None
+    loss_type = getattr(getattr(diffusion, "loss_type", None), "name", "MSE")
+    if loss_type in ("KL", "RESCALED_KL"):
+        raise ValueError("--loss_weighting weights the MSE term of the loss, and --use_kl True trains on the "
+                         "variational bound alone (no MSE term); use one or the other")
+    if isinstance(weighting, str):
+        return loss_weighting(weighting, diffusion, **dict(options or {}))
+    if options:
+        raise ValueError("loss_weighting_options only apply to a named loss_weighting; the weights "
+                         "were given as an array")
+    if isinstance(weighting, LossWeighting):
+        return weighting.table(diffusion)
+    return check_weight_table(weighting, num_timesteps_of(diffusion))
