@@ -58,6 +58,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from evaluations import offline_inception
 from guided_diffusion.config import str2bool
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, list_image_files, load_source, subset_indices
 from guided_diffusion.files import atomic_write
 from guided_diffusion.logger import ProgressLog
 from evaluations.offline_inception import SPATIAL_FEATURE
@@ -313,8 +314,6 @@ def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
 
 def _is_image_member(name: str) -> bool:
     """An image file name inside a zip, as the training data reader counts them."""
-    from guided_diffusion.image_datasets import IMAGE_EXTENSIONS
-
     base = name.rsplit("/", 1)[-1]
     return (not name.startswith("__MACOSX/") and not base.startswith("._") and "." in base
             and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
@@ -323,8 +322,6 @@ def _is_image_member(name: str) -> bool:
 def _first_image_side(path: str) -> int:
     """The shorter side of the first image of a folder or zip (the size its images are read at)."""
     from PIL import Image
-
-    from guided_diffusion.image_datasets import list_image_files
 
     if os.path.isdir(path):
         names = list_image_files(path)
@@ -350,8 +347,6 @@ def load_batch(path: Union[str, Path], max_images: Optional[int] = None) -> np.n
     :param max_images: keep at most this many, spread evenly over the listing / array.
     :return: uint8 [N, H, W, 3].
     """
-    from guided_diffusion.image_datasets import load_source, subset_indices
-
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder (expected an image folder, .zip, .npz or .npy)")
@@ -522,8 +517,6 @@ def _fingerprint(path: str) -> str:
     st = os.stat(path)
     parts = [os.path.abspath(path), str(st.st_mtime_ns), str(st.st_size)]
     if os.path.isdir(path):
-        from guided_diffusion.image_datasets import list_image_files
-
         for rel in list_image_files(path):
             s = os.stat(os.path.join(path, rel))
             parts.append(f"{rel}:{s.st_mtime_ns}:{s.st_size}")
@@ -737,8 +730,6 @@ def reference_warnings(ref: Union[str, Path, ReferenceInfo], num_samples: Option
 
 def _count_images(path: str) -> int:
     """Number of reference images without decoding them (0 for statistics-only files)."""
-    from guided_diffusion.image_datasets import list_image_files
-
     if path.lower().endswith(".npz"):
         shape = _npz_shapes(path).get("arr_0")  # the header only: a 50k-image arr_0 is not read
         return int(shape[0]) if shape else 0
@@ -862,8 +853,6 @@ def compute_statistics(images: Union[str, Path, np.ndarray], *, extractor: str =
     if isinstance(images, np.ndarray):
         arr = _check_batch(images, "images")
         if max_images:
-            from guided_diffusion.image_datasets import subset_indices
-
             arr = arr[subset_indices(arr.shape[0], max_images)]
     else:
         arr = load_batch(images, max_images=max_images)

@@ -29,6 +29,7 @@ import numpy as np
 from evaluations import evaluator as ev
 from evaluations.evaluator import NoExtractorError, load_batch
 from guided_diffusion.files import atomic_write
+from guided_diffusion.image_datasets import subset_indices
 
 __all__ = ["main", "write_ref_stats", "cpu_cost_warning"]
 
@@ -118,8 +119,6 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
             arrays["image_shape"] = np.asarray(size, dtype=np.int64)
     kept = None
     if keep_images:
-        from guided_diffusion.image_datasets import subset_indices
-
         kept = subset_indices(images.shape[0], keep_images)
         arrays["arr_0"] = images[kept]
     atomic_write(out, lambda f: np.savez(f, **arrays))

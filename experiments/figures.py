@@ -258,7 +258,7 @@ def _same(a: Any, b: Any) -> bool:
 def config_mismatches(run_dir: str, flags: Dict[str, Any], keys: Sequence[str] = _REUSE_KEYS,
                       config_name: str = "config.yaml") -> List[str]:
     """``key: have X, want Y`` for each of ``keys`` where the run's saved config differs from ``flags``."""
-    from guided_diffusion.script_util import load_config
+    from guided_diffusion.config import load_config
 
     path = os.path.join(run_dir, config_name)
     if not os.path.isfile(path):

@@ -302,7 +302,7 @@ def prepare_data(out: str, scale: Scale, source: str = "", log: Callable[[str], 
 
 def run_finished(run_dir: str, total_steps: int) -> bool:
     """True when the run's final checkpoint set (step ``total_steps``) is complete."""
-    from guided_diffusion.train_util import list_complete_checkpoints
+    from guided_diffusion.checkpoint import list_complete_checkpoints
 
     return os.path.isdir(run_dir) and total_steps in list_complete_checkpoints(run_dir)
 

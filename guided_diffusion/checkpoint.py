@@ -18,6 +18,7 @@ import torch
 from . import dist_util, logger
 from .errors import CheckpointWriteError, ProjectError
 from .files import atomic_torch_save, atomic_write, atomic_write_text
+from .script_util import model_and_diffusion_defaults
 
 __all__ = [
     "ResumeError",
@@ -429,8 +430,6 @@ def check_resume_compatible(
     if config is not None:
         saved, source = saved_config(point)
         if saved is not None:
-            from .script_util import model_and_diffusion_defaults
-
             diffs = []
             for key in model_and_diffusion_defaults():
                 if key in MODEL_FLAGS_IGNORED_ON_RESUME or key not in saved or key not in config:

@@ -13,8 +13,6 @@ import os
 import tempfile
 from typing import Any, Callable, IO, Optional
 
-import torch
-
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save"]
 
 
@@ -92,4 +90,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` that never leaves a half-written ``path`` (``atomic_write``)."""
+    import torch  # lazy: the orchestrating processes (experiments.study) write JSON here without torch
+
     atomic_write(path, lambda f: torch.save(obj, f))

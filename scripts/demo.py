@@ -19,7 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from guided_diffusion import training  # noqa: E402
+from evaluations.evaluator import evaluate
+from guided_diffusion import training
+from guided_diffusion.image_datasets import load_source, write_npz
+from guided_diffusion.image_io import write_grid
+from guided_diffusion.model_loading import load_diffusion_model
+from guided_diffusion.sample_util import generate_samples
 
 DEMO_CONFIG = os.path.join(ROOT, "configs", "smoke", "demo.yaml")
 
@@ -63,12 +68,6 @@ def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[s
     :return: ``{"grid", "data_grid", "kid_samples", "kid_noise", "extractor"}``.
     """
     import numpy as np
-
-    from evaluations.evaluator import evaluate
-    from guided_diffusion.model_loading import load_diffusion_model
-    from guided_diffusion.image_datasets import load_source, write_npz
-    from guided_diffusion.sample_util import generate_samples
-
     import yaml
 
     with open(os.path.join(run, "config.yaml")) as f:
@@ -100,8 +99,6 @@ def sample_and_measure(run: str, num_samples: int, metric_images: int) -> Dict[s
 def _save_grid(images, path: str) -> None:
     """uint8 NHWC images as an enlarged PNG grid (the library's grid writer)."""
     import torch
-
-    from guided_diffusion.image_io import write_grid
 
     write_grid(torch.from_numpy(images).permute(0, 3, 1, 2), path)  # uint8 as sampled
 

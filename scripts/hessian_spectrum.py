@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from experiments import analysis as an
+from experiments.gan import gan_latents
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -71,8 +72,6 @@ def build_loss(args: argparse.Namespace, device: torch.device):
     """The model's parameters and a closure computing its loss on the fixed batch."""
     kind = an.checkpoint_kind(args.model_path, args.kind)
     if kind == "gan":
-        from experiments.gan import gan_latents
-
         g, d, flags = an.load_gan_model(args.model_path, device, discriminator=True)
         for q in d.parameters():
             q.requires_grad_(False)

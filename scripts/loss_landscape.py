@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 
 from experiments import analysis as an
+from experiments.gan import discriminator_path_for, gan_latents
 
 DIFFUSION_LOSS = "diffusion training loss (training_losses()['loss'], mean over the fixed batch)"
 
@@ -144,8 +145,6 @@ def diffusion_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
 
 def gan_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
     """The GAN generator loss along the line (G and D interpolated together)."""
-    from experiments.gan import discriminator_path_for, gan_latents
-
     if args.model_flags:
         raise ValueError("--model_flags applies to diffusion checkpoints; a GAN's flags come from gan_config.yaml")
     if args.data_dir:

@@ -25,7 +25,8 @@ import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
-from guided_diffusion.script_util import is_number, run_script, with_flag_suggestions
+from guided_diffusion.checkpoint import load_state_file
+from guided_diffusion.config import is_number, run_script, with_flag_suggestions
 
 X_COLUMNS = {"iterations": ("step", "training iterations"), "gpu_hours": ("gpu_hours", "GPU-hours")}
 METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
@@ -143,8 +144,6 @@ def run_device(run_dir: str) -> Optional[str]:
     states = sorted((int(m.group(1)), n) for n in os.listdir(run_dir) if (m := _STATE_FILE.match(n)))
     if states:
         try:
-            from guided_diffusion.train_util import load_state_file
-
             device = load_state_file(os.path.join(run_dir, states[-1][1])).get("device_type")
             if device:
                 return str(device)

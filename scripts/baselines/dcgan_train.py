@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from guided_diffusion import logger
 from guided_diffusion.files import atomic_torch_save
+from guided_diffusion.image_datasets import load_data
 from experiments.analysis import pick_device
 from experiments.gan import GAN_CONFIG_NAME, create_gan, gan_defaults
 from guided_diffusion.script_util import add_dict_to_argparser
@@ -84,8 +85,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     with open(os.path.join(log_dir, GAN_CONFIG_NAME), "w") as f:
         f.write("# DCGAN run: architecture flags (read by scripts/consistency.py) and training flags\n")
         yaml.safe_dump({**arch, **{k: getattr(args, k) for k in training_defaults()}}, f, sort_keys=False)
-
-    from guided_diffusion.image_datasets import load_data
 
     data = iter(load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
                           seed=args.seed, rank=0, world_size=1))
