@@ -202,6 +202,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_rank0(value: Any) -> Any:
+    """
+    Rank 0's ``value`` on every rank (any picklable object; itself in one process): for the decisions
+    every rank must take alike (a folder name with a timestamp, whether a file exists), so that all
+    ranks raise or none does, and none waits alone.
+    """
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over ranks in place (a no-op in one process); returns it."""
     if is_distributed():

@@ -430,15 +430,6 @@ def setup_sampling(args: argparse.Namespace, checkpoint: str, kind: str = "sampl
     return args.out_dir
 
 
-def _rank0_decides(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (so that all ranks raise, or none, and none waits alone)."""
-    if dist_util.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def check_samples_file(args: argparse.Namespace, num_samples: int, image_size: int, channels: int = 3) -> str:
     """
     The samples file this run will write, ``<--out_dir>/samples_{N}x{H}x{W}x{C}.npz``; refused when
@@ -454,7 +445,7 @@ def check_samples_file(args: argparse.Namespace, num_samples: int, image_size: i
     :raises FileExistsError: naming the file and ``--overwrite True``.
     """
     path = os.path.join(args.out_dir, samples_file_name((num_samples, image_size, image_size, channels)))
-    exists = _rank0_decides(os.path.exists(path) if dist_util.get_rank() == 0 else None)
+    exists = dist_util.broadcast_from_rank0(os.path.exists(path) if dist_util.get_rank() == 0 else None)
     if exists and not getattr(args, "overwrite", False):
         raise FileExistsError(f"{path} exists (samples of an earlier run); pass --overwrite True to replace it, "
                               "or --out_dir for another folder")

@@ -94,10 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     dist_util.setup_dist()
     dev = dist_util.dev()
     log_dir = args.log_dir or logger.default_log_dir("classifier")
-    if dist_util.get_world_size() > 1:
-        box = [log_dir]
-        torch.distributed.broadcast_object_list(box, src=0)  # timestamps may differ between ranks
-        log_dir = box[0]
+    log_dir = dist_util.broadcast_from_rank0(log_dir)  # timestamps may differ between ranks
     logger.configure(dir=log_dir)
     torch.manual_seed(args.seed)
     keys = classifier_and_diffusion_defaults().keys()

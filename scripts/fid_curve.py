@@ -55,7 +55,6 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 
-import torch.distributed as dist
 
 from evaluations import evaluator
 
@@ -356,14 +355,6 @@ def pending_steps(run_dir: str, args: argparse.Namespace, csv_path: str, setting
     return todo
 
 
-def _broadcast(obj: Any) -> Any:
-    if dist_util.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """
     Measure every checkpoint not yet in the CSV.
@@ -414,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 "ema_rate": ema_rate if args.use_ema else "none", "seed": args.seed, "protocol": protocol})
         except (ValueError, FileNotFoundError) as e:
             error = e
-    todo, error = _broadcast((todo, error))
+    todo, error = dist_util.broadcast_from_rank0((todo, error))
     if error is not None:
         raise error
 
@@ -424,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                     "num_samples": args.num_samples, "ema_rate": ema_rate if args.use_ema else "none",
                     "seed": args.seed, "protocol": protocol}
         # another fid_curve.py on this run may have measured it since the list was made
-        if _broadcast(is_measured(settings, {row_key(r) for r in read_rows(csv_path)}) if rank == 0 else None):
+        if dist_util.broadcast_from_rank0(is_measured(settings, {row_key(r) for r in read_rows(csv_path)}) if rank == 0 else None):
             logger.log(f"step {step}: measured meanwhile (another fid_curve.py?), skipped")
             continue
         checkpoint = resolve_checkpoint("", run_dir, step, ema_rate, args.use_ema)

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.method_registry import method_option_defaults
 from guided_diffusion.resample import CLTSSampler, SpeeDSampler, loss_weighting, snr
 
 
@@ -33,19 +34,20 @@ def create_argparser() -> argparse.ArgumentParser:
     """The command-line flags (named as the training flags they mirror)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = method_option_defaults()  # the methods' own defaults, as the training flags have them
     p.add_argument("--diffusion_steps", type=int, default=1000, help="T, the number of diffusion steps")
     p.add_argument("--noise_schedule", type=str, default="linear", help="beta schedule: linear or cosine")
-    p.add_argument("--clts_mean", type=float, default=0.3, help="CLTS Gaussian centre, fraction of T")
-    p.add_argument("--clts_std", type=float, default=1.0, help="CLTS Gaussian std, fraction of T")
-    p.add_argument("--clts_target_steps", type=int, default=100000, help="CLTS I_target (training steps)")
+    p.add_argument("--clts_mean", type=float, default=d["clts_mean"], help="CLTS Gaussian centre, fraction of T")
+    p.add_argument("--clts_std", type=float, default=d["clts_std"], help="CLTS Gaussian std, fraction of T")
+    p.add_argument("--clts_target_steps", type=int, default=d["clts_target_steps"], help="CLTS I_target (training steps)")
     p.add_argument("--clts_fractions", type=str, default="0,0.25,0.5,1",
                    help="comma-separated fractions of --clts_target_steps at which to plot p_i(t)")
-    p.add_argument("--speed_tau", type=float, default=0.7, help="SpeeD tau, fraction of T")
-    p.add_argument("--speed_k", type=float, default=5.0, help="SpeeD sampling weight k of t < tau*T")
-    p.add_argument("--speed_lambda", type=float, default=0.6, help="SpeeD weighting lambda")
-    p.add_argument("--min_snr_gamma", type=float, default=5.0, help="Min-SNR gamma")
-    p.add_argument("--p2_k", type=float, default=1.0, help="P2 k")
-    p.add_argument("--p2_gamma", type=float, default=1.0, help="P2 gamma")
+    p.add_argument("--speed_tau", type=float, default=d["speed_tau"], help="SpeeD tau, fraction of T")
+    p.add_argument("--speed_k", type=float, default=d["speed_k"], help="SpeeD sampling weight k of t < tau*T")
+    p.add_argument("--speed_lambda", type=float, default=d["speed_lambda"], help="SpeeD weighting lambda")
+    p.add_argument("--min_snr_gamma", type=float, default=d["min_snr_gamma"], help="Min-SNR gamma")
+    p.add_argument("--p2_k", type=float, default=d["p2_k"], help="P2 k")
+    p.add_argument("--p2_gamma", type=float, default=d["p2_gamma"], help="P2 gamma")
     p.add_argument("--out", type=str, required=True, help="output figure (.png)")
     p.add_argument("--csv", type=str, default=None, help="optional CSV of the plotted arrays")
     return p
