@@ -10,15 +10,16 @@ Sampling helpers shared by the sample scripts (``image_sample.py``, ``classifier
   the floating-point differences of batched kernels).
 - ``save_samples_npz`` / ``save_grid``: upstream's ``samples_{N}x{H}x{W}x3.npz`` (``arr_0``
   uint8 NHWC, ``arr_1`` labels) and a PNG grid.
-- The flag handling of the sample scripts: ``sample_defaults``, ``parse_sample_args``
-  (``--config`` with training keys allowed), ``resolve_checkpoint`` (``--model_path`` or
-  ``--run_dir`` + ``--step`` + ``--ema_rate``), ``load_checkpoint_model`` (model flags:
-  command line > ``--config`` > the run's ``config.yaml`` beside the checkpoint > defaults).
+- The flag handling of the sample scripts: ``sample_defaults`` (with the checkpoint-selection
+  flags of ``model_loading``), ``parse_sample_args`` (``--config`` with training keys allowed);
+  ``resolve_checkpoint`` (``--model_path`` or ``--run_dir`` + ``--step`` + ``--ema_rate``) and
+  ``load_checkpoint_model`` (model flags: command line > ``--config`` > the run's ``config.yaml``
+  beside the checkpoint > defaults) live in ``model_loading`` and are re-exported here.
 - Where the outputs go (``default_out_dir``): ``--out_dir``, else ``$OPENAI_LOGDIR`` (as upstream's
   ``logger.configure()``), else ``<run>/samples/<checkpoint stem>/``; an existing samples file is
   never overwritten without ``--overwrite True`` (``check_samples_file``, before sampling).
-- ``ProgressLog``: progress of a long loop (sampling, feature extraction) as a tqdm bar on a
-  terminal and as periodic plain lines (done/total, images/s, ETA) when the output is redirected.
+- ``ProgressLog`` (``logger``'s, re-exported): progress of a long loop as a tqdm bar on a terminal
+  and as periodic plain lines (done/total, images/s, ETA) when the output is redirected.
 """
 from __future__ import annotations
 
