@@ -1,6 +1,7 @@
 """
 The CPU study (experiments/study.py): its arms produce the intended sampler and optimizer
-settings, and an interrupted study resumes without redoing finished runs.
+settings, an interrupted study resumes without redoing finished runs, and the committed
+ledger reprints every table on a fresh machine.
 """
 import os
 import subprocess
@@ -62,38 +63,6 @@ def test_arms_are_the_intended_settings(tmp_path):
     assert np.all(b1_c == 0.9)  # ... with beta1 held
     np.testing.assert_array_equal(lr_cm, lr_m)
     np.testing.assert_array_equal(b1_cm, b1_m)
-
-
-def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, capsys):
-    scale = study.SCALES["test"]
-    arms = [a for a in study.ARMS if a.name in ("baseline", "lr_only")]
-    out = tmp_path / "study"
-    source = tmp_path / "cifar.npz"
-    from guided_diffusion.image_datasets import synthetic_images, write_npz
-
-    write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
-    # the first invocation finished the baseline ...
-    study.run_study(str(out), scale, arms[:1], source=str(source))
-    base = out / "runs" / "baseline-s1"
-    stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
-    # ... and was stopped in the middle of lr_only (a checkpoint at step 2 of 4)
-    train, _ = study.prepare_data(str(out), scale)
-    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / "lr_only-s1"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
-                   + ["--stop_at", "2"], check=True, env=env, capture_output=True)
-    capsys.readouterr()
-    summary = study.run_study(str(out), scale, arms, source=str(source))
-    printed = capsys.readouterr().out
-    assert "baseline-s1: training" not in printed and "lr_only-s1: training" in printed
-    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
-    log = (out / "logs" / "lr_only-s1.log").read_text()
-    assert "resumed from step 2" in log
-    assert set(summary["arms"]) == {"baseline", "lr_only"}
-    # a finished study trains nothing and reprints its table from the saved results
-    again = study.run_study(str(out), scale, arms, source=str(source))
-    assert "nothing to train" in capsys.readouterr().out and again["runs"] == []
-    assert (out / "summary.md").read_text() == again["table"]
 
 
 def test_iterations_to_reach():
@@ -169,31 +138,52 @@ def test_probe_is_deterministic_and_at_the_fixed_timesteps(tmp_path):
     assert len({round(r["mse"], 6) for r in a}) > 1  # the loss depends on t
 
 
-def test_runner_skips_committed_runs_and_summarizes_from_the_ledger_alone(tmp_path, capsys):
+def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tmp_path, capsys):
+    """One small study covers the runner's three promises (one scenario, to keep the suite short):
+    a committed run is not trained again, a run stopped midway resumes from its checkpoint, and a
+    fresh machine reprints the same tables from the ledger without training."""
     from guided_diffusion.image_datasets import synthetic_images, write_npz
 
     scale = study.SCALES["test"]
-    write_npz(str(tmp_path / "c_train.npz"), synthetic_images(64, 32, seed=0)[0])
+    source = tmp_path / "c_train.npz"
+    write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
     write_npz(str(tmp_path / "c_test.npz"), synthetic_images(300, 32, seed=1)[0])
-    ledger = tmp_path / "ledger"
+    ledger, out = tmp_path / "ledger", tmp_path / "out"
     arms = study.arms_named("baseline,clts_s0.2")
-    first = study.run_study(str(tmp_path / "out"), scale, arms, source=str(tmp_path / "c_train.npz"),
-                            ledger=str(ledger))
+    # the first invocation finished the baseline ...
+    study.run_study(str(out), scale, arms[:1], source=str(source), ledger=str(ledger))
+    base = out / "runs" / "baseline-s1"
+    stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
+    # ... and was stopped in the middle of clts_s0.2 (a checkpoint at step 2 of 4)
+    train, _ = study.prepare_data(str(out), scale)
+    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / "clts_s0.2-s1"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
+                   + ["--stop_at", "2"], check=True, env=env, capture_output=True)
+    capsys.readouterr()
+    first = study.run_study(str(out), scale, arms, source=str(source), ledger=str(ledger))
+    printed = capsys.readouterr().out
+    assert "baseline-s1: training" not in printed and "clts_s0.2-s1: training" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
+    assert "resumed from step 2" in (out / "logs" / "clts_s0.2-s1.log").read_text()
+    assert set(first["arms"]) == {"baseline", "clts_s0.2"}
     for run in ("baseline-s1", "clts_s0.2-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
         assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"}
     assert "heldout" in (ledger / "test" / "baseline-s1" / "probe.csv").read_text()  # the test split, not train
+    # without a ledger the study folder's own finished runs are not trained again either
+    again = study.run_study(str(out), scale, arms, source=str(source), ledger="")
+    assert "nothing to train" in capsys.readouterr().out and again["runs"] == []
+    assert (out / "summary.md").read_text() == again["table"]
     # a fresh machine: no checkpoints, only the committed ledger -> nothing is trained, same tables
-    capsys.readouterr()
-    again = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(tmp_path / "c_train.npz"),
-                            ledger=str(ledger))
+    fresh = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(source), ledger=str(ledger))
     printed = capsys.readouterr().out
-    assert ": training (" not in printed and "nothing to train" in printed and again["runs"] == []
-    assert again["table"] == first["table"]
+    assert ": training (" not in printed and "nothing to train" in printed and fresh["runs"] == []
+    assert fresh["table"] == first["table"]
     assert (ledger / "test" / "summary.md").read_text() == first["table"]
-    row = next(r for r in again["rows"] if r["arm"] == "clts_s0.2")
-    base = next(r for r in again["rows"] if r["arm"] == "baseline")
-    assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base["final_fid_mean"])
+    row = next(r for r in fresh["rows"] if r["arm"] == "clts_s0.2")
+    base_row = next(r for r in fresh["rows"] if r["arm"] == "baseline")
+    assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base_row["final_fid_mean"])
     assert not np.isnan(row["second_fid_mean"])  # the headline arms have the ancestral sampler too
 
 
