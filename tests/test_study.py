@@ -169,7 +169,11 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     assert set(first["arms"]) == {"baseline", "clts_s0.2"}
     for run in ("baseline-s1", "clts_s0.2-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
-        assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"}
+        # both are headline arms: their final samples are committed too (the FID's own images)
+        assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json", study.SAMPLES_FILE}
+    boot = (ledger / "test" / study.BOOTSTRAP_FILE).read_text().splitlines()
+    assert boot[0] == "arm,seed,draw,dfid" and len(boot) == 1 + study.BOOTSTRAP_DRAWS
+    assert all(r.startswith("clts_s0.2,1,") for r in boot[1:])
     assert "heldout" in (ledger / "test" / "baseline-s1" / "probe.csv").read_text()  # the test split, not train
     # without a ledger the study folder's own finished runs are not trained again either
     again = study.run_study(str(out), scale, arms, source=str(source), ledger="")
@@ -185,6 +189,8 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     base_row = next(r for r in fresh["rows"] if r["arm"] == "baseline")
     assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base_row["final_fid_mean"])
     assert not np.isnan(row["second_fid_mean"])  # the headline arms have the ancestral sampler too
+    assert row["boot_n"] == 1 and row["boot_dfid_lo"] <= row["boot_dfid_hi"]
+    assert (ledger / "test" / study.BOOTSTRAP_FILE).read_text().splitlines() == boot  # not bootstrapped twice
 
 
 def test_the_ledger_is_not_ignored_by_git():
@@ -206,3 +212,56 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
     assert (copy / "cpu" / "summary.csv").read_text() == (LEDGER / "cpu" / "summary.csv").read_text()
     for run in (p for p in (LEDGER / "cpu").iterdir() if p.is_dir()):  # every committed run is complete
         assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
+    boot = LEDGER / "cpu" / study.BOOTSTRAP_FILE
+    for arm, seed, _ in study.read_bootstrap(str(boot)):  # a bootstrapped pair's samples are committed
+        for name in (arm, "baseline"):
+            assert (LEDGER / "cpu" / study.run_name(name, seed) / study.SAMPLES_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- the paired bootstrap
+
+
+def _features(n, d, seed):
+    return np.random.default_rng(seed).gamma(2.0, 0.5, size=(n, d))
+
+
+def test_bootstrap_fid_is_the_evaluators_fid_for_any_resample():
+    from evaluations.evaluator import fid_from_features
+
+    ref = _features(400, 24, 0)
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    boot = study.PairedBootstrap(mu, sigma)
+    x = _features(20, 24, 1) + 0.3  # N <= D (the study's 300 x 2048) ...
+    wide = _features(20, 64, 2)
+    wref = _features(400, 64, 3)
+    wboot = study.PairedBootstrap(wref.mean(0), np.cov(wref, rowvar=False))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        idx = rng.integers(0, 20, size=20)  # ... and resamples with repeated rows
+        assert boot.fid(x, idx) == pytest.approx(fid_from_features(x[idx], mu, sigma), rel=1e-6)
+        assert wboot.fid(wide, idx) == pytest.approx(fid_from_features(wide[idx], wref.mean(0),
+                                                                       np.cov(wref, rowvar=False)), rel=1e-6)
+
+
+def test_paired_bootstrap_keeps_the_pairs():
+    ref = _features(400, 16, 0)
+    boot = study.PairedBootstrap(ref.mean(0), np.cov(ref, rowvar=False))
+    base = _features(30, 16, 1)
+    same = boot.replicates(base, base.copy(), draws=50)
+    assert np.all(same == 0.0)  # identical runs: every paired draw is exactly 0, however noisy one FID is
+    worse = boot.replicates(base + 0.5, base, draws=50)  # a shifted run is worse in every draw
+    assert np.all(worse > 0)
+    np.testing.assert_array_equal(worse, boot.replicates(base + 0.5, base, draws=50))  # deterministic
+    with pytest.raises(ValueError, match="differ in shape"):
+        boot.replicates(base[:10], base, draws=2)
+
+
+def test_bootstrap_interval_is_of_the_seed_mean(tmp_path):
+    path = tmp_path / "bootstrap.csv"
+    rows = ["arm,seed,draw,dfid"] + [f"a,{s},{i},{v}" for s, vals in ((1, range(100)), (2, range(100, 200)))
+                                     for i, v in enumerate(vals)]
+    path.write_text("\n".join(rows) + "\n")
+    lo, hi, n = study.bootstrap_interval(str(path), "a", [1, 2])
+    mean = (np.arange(100) + np.arange(100, 200)) / 2
+    assert (lo, hi, n) == (pytest.approx(np.percentile(mean, 2.5)), pytest.approx(np.percentile(mean, 97.5)), 2)
+    assert study.bootstrap_interval(str(path), "b", [1, 2]) is None
