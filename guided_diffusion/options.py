@@ -14,6 +14,9 @@ import torch
 
 from . import fdm as _fdm
 from .optim import MomentumDecay
+from .resample import create_named_schedule_sampler, sampler_option_defaults
+from .script_util import model_and_diffusion_defaults
+from .weighting import create_loss_weighting, weighting_option_defaults
 
 __all__ = [
     "training_defaults",
@@ -43,10 +46,6 @@ def method_options() -> Dict[str, Any]:
     taken from their classes (so a new sampler's flags need no entry here). Model flags that a
     weighting reads (``predict_xstart``) stay model flags.
     """
-    from .resample import sampler_option_defaults
-    from .script_util import model_and_diffusion_defaults
-    from .weighting import weighting_option_defaults
-
     model = model_and_diffusion_defaults()
     out = dict(sampler_option_defaults())
     out.update(weighting_option_defaults())
@@ -361,11 +360,7 @@ class _StandInDiffusion:
 
 def _check_methods(args: Dict[str, Any]) -> None:
     # The classes validate their own options (one check per option, messages name the flags):
-    # building the chosen sampler, weighting and MDLRC schedule here runs those checks early.
-    from .optim import MomentumDecay
-    from .resample import create_named_schedule_sampler
-    from .weighting import create_loss_weighting
-
+    # building the chosen sampler and weighting here runs those checks early.
     options = {k: args[k] for k in method_options() if k in args}
     if "schedule_sampler" in args:
         create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0, **options)
@@ -505,7 +500,8 @@ class LoopSettings(Mapping):
         unknown = sorted(set(changes) - set(self._values))
         if unknown:
             raise TypeError(f"LoopSettings has no {', '.join(unknown)}")
-        _check_flags({k: v for k, v in changes.items() if k in LOOP_FLAG_NAMES and isinstance(v, (str, int, float))})
+        # "resume" here is the decision a caller took (a ResumePoint or "none"), not a flag to check
+        _check_flags({k: v for k, v in changes.items() if k in LOOP_FLAG_NAMES and k != "resume"})
         new = object.__new__(type(self))
         new._values = dict(self._values, **changes)
         momentum_flags = {"beta1", "beta1_min", "total_steps", "lr_compensation", "momentum_decay", "decay_beta1"}
