@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist

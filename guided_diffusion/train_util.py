@@ -30,7 +30,6 @@ import copy
 import functools
 import math
 import os
-import time
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -66,7 +65,6 @@ from .image_io import grid_scale, write_grid  # noqa: F401  (re-exported)
 from .nn import update_ema
 from .optim import MomentumDecay, create_optimizer  # noqa: F401  (MomentumDecay re-exported)
 from .options import (  # noqa: F401  (re-exported)
-    LOOP_GROUPS,
     PRECISIONS,
     LoopSettings,
     parse_ema_rates,

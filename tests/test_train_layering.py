@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import image_train  # noqa: E402
 import super_res_train  # noqa: E402
-from guided_diffusion import logger, options, optim, train_util  # noqa: E402
+from guided_diffusion import logger, options, optim  # noqa: E402
 from guided_diffusion.options import (  # noqa: E402
     LOOP_GROUPS,
     LOOP_OBJECTS,
