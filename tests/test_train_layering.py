@@ -175,7 +175,7 @@ def test_super_res_train_has_print_config(tmp_path, capsys):
         super_res_train.main(["--large_size", "16", "--small_size", "32", "--print_config", "True"])
 
 
-def test_super_res_train_does_not_write_into_the_run_its_config_names(tmp_path, capsys, monkeypatch):
+def test_super_res_train_does_not_write_into_the_run_its_config_names(tmp_path, capsys):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"large_size": 64, "small_size": 16, "log_dir": str(tmp_path / "old")}))
     super_res_train.main(["--config", str(cfg), "--print_config", "True"])
