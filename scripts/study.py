@@ -20,7 +20,7 @@ if importlib.util.find_spec("experiments") is None:  # a checkout without `pip i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, bootstrap_study, \
-    export_results, prepare_data, preset, run_study, summarize  # noqa: E402
+    export_results, prepare_data, preset, run_study, summarize, write_claims  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -66,6 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         summary = summarize(out, scale, arms, seeds, ledger=args.ledger)
     else:
         summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)
+    # the ledger's docs page (docs/study/ledger -> docs/study.md), also when the runner works from a worktree
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ledger))), "study.md") if args.ledger else ""
+    if doc and summary.get("claims") and write_claims(doc, scale.name, summary["claims"]):
+        print(f"study: {doc}: the {scale.name} claims section rewritten from the ledger")
     if args.export:
         print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")
     return summary

@@ -212,6 +212,11 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
     assert (copy / "cpu" / "summary.csv").read_text() == (LEDGER / "cpu" / "summary.csv").read_text()
     for run in (p for p in (LEDGER / "cpu").iterdir() if p.is_dir()):  # every committed run is complete
         assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
+    # docs/study.md's generated claims section is the one the committed ledger gives
+    begin, end = study.claims_markers("cpu")
+    doc = (REPO / "docs" / "study.md").read_text()
+    assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + res["claims"]
+    assert (LEDGER / "cpu" / "claims.md").read_text() == res["claims"]
     boot = LEDGER / "cpu" / study.BOOTSTRAP_FILE
     for arm, seed, _ in study.read_bootstrap(str(boot)):  # a bootstrapped pair's samples are committed
         for name in (arm, "baseline"):
@@ -265,3 +270,32 @@ def test_bootstrap_interval_is_of_the_seed_mean(tmp_path):
     mean = (np.arange(100) + np.arange(100, 200)) / 2
     assert (lo, hi, n) == (pytest.approx(np.percentile(mean, 2.5)), pytest.approx(np.percentile(mean, 97.5)), 2)
     assert study.bootstrap_interval(str(path), "b", [1, 2]) is None
+
+
+def test_verdicts_follow_their_stated_rules():
+    v = study.verdict
+    assert v([-5.0, -6.0]) == "supported" and v([5.0, 6.0]) == "contradicted"
+    assert v([-5.0, 1.0]) == "inconclusive"  # the seeds disagree
+    assert v([-1.0, -9.0]) == "inconclusive"  # same sign, but the mean is within 2 sd of 0
+    assert v([]) == "not measured" and v([-5.0]) == "inconclusive"
+    assert v([-5.0, 1.0], (-3.0, -0.5, 2)) == "supported"  # a bootstrap interval decides when there is one
+    assert v([-5.0, -6.0], (-3.0, 0.5, 2)) == "inconclusive" and v([], (0.2, 0.9, 1)) == "contradicted"
+
+
+def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
+    scale = study.SCALES["cpu"]
+    per_arm = {"baseline": {"final_fid": {1: 100.0, 2: 102.0}},
+               "clts_s0.2": {"final_fid": {1: 90.0, 2: 91.0}},
+               "clts_s0.2_mdlrc": {"final_fid": {1: 95.0, 2: 92.0}},
+               "clts_s0.2_mu0.1": {"final_fid": {1: 99.0, 2: 97.0}}}
+    rows = [{"arm": a, "reached": 0, "n": 2} for a in per_arm]
+    table = study.claims_table(scale, per_arm, rows, str(tmp_path / "none.csv"), [1, 2])
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert "ΔFID -7.50 ± 3.54 (n=2: -5.00, -10.00)" in lines["CLTS + MDLRC (clts_s0.2_mdlrc) trains faster than "
+                                                            "the baseline (Fig. 5)"]
+    assert lines["CLTS (clts_s0.2) helps on its own (Fig. 6a)"].endswith("| supported |")
+    assert lines["MDLRC (mdlrc) helps on its own (Fig. 6a)"].endswith("| no paired runs yet | not measured |")
+    mu = lines["μ of the target Gaussian: best near 0.3 (Fig. 6b)"]
+    assert "best μ 0.3" in mu and mu.endswith("| supported |")  # 0.3 beats 0.1 in both seeds by > 2 sd
+    assert lines["CLTS + MDLRC beats fdm (Tables 2-3)"].endswith("| not measured |")
+    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 2  # header + every claim
