@@ -72,6 +72,7 @@ __all__ = [
     "check_extractor",
     "compute_statistics",
     "evaluate",
+    "fid_from_features",
     "frechet_distance",
     "get_extractor",
     "inception_score",
@@ -468,7 +469,12 @@ def _frechet_distance_low_rank(feats: np.ndarray, mu2: np.ndarray, sigma2: np.nd
     return float(diff.dot(diff) + np.sum(xc * xc) / (n - 1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(eig)))
 
 
-def _fid(sample_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+def fid_from_features(sample_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """
+    FID of samples given by their features [N, D] against reference statistics: exact through the
+    N x N form when N <= D (``_frechet_distance_low_rank``), else through the sample covariance and
+    ``frechet_distance``. Rows may repeat (bootstrap resamples).
+    """
     n, d = sample_feats.shape
     if n < 2:
         raise ValueError(f"FID needs at least 2 samples, got {n}")
@@ -922,9 +928,9 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
 
     result: dict = {"extractor": ext.name, "extractor_weights": ext.weights}
     if "fid" in todo:
-        result["fid"] = _fid(feats[POOL], reference.stats["mu"], reference.stats["sigma"])
+        result["fid"] = fid_from_features(feats[POOL], reference.stats["mu"], reference.stats["sigma"])
     if "sfid" in todo:
-        result["sfid"] = _fid(feats[SPATIAL_FEATURE], reference.stats["mu_s"], reference.stats["sigma_s"])
+        result["sfid"] = fid_from_features(feats[SPATIAL_FEATURE], reference.stats["mu_s"], reference.stats["sigma_s"])
     if "is" in todo:
         result["inception_score"] = inception_score(feats[LOGITS])
     if "prc" in todo:

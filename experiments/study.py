@@ -42,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 __all__ = ["Arm", "Scale", "ARMS", "SCALES", "arm_flags", "run_name", "prepare_data", "run_study",
-           "summarize", "iterations_to_reach", "export_results"]
+           "summarize", "iterations_to_reach", "export_results", "PairedBootstrap", "bootstrap_study",
+           "bootstrap_interval", "backfill_samples"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "target": (f"{_BEST}_tgt1", _BEST, f"{_BEST}_tgt1000", f"{_BEST}_tgt2000"),
     "modules": ("md_only", "mdlrc", "lr_only", _BEST, f"{_BEST}_mdlrc"),
     "comparisons": ("min_snr", "p2", "speed", "lsm", "fdm"),
+    "long": ("baseline", _BEST, f"{_BEST}_mdlrc", "min_snr"),  # with --scale cpu_long
 }
 # the headline arms: 3 seeds, and a second sampler at the final checkpoint
 HEADLINE = ("baseline", _BEST, f"{_BEST}_mdlrc")
@@ -161,6 +163,7 @@ class Scale:
     diffusion_steps: int = 1000
     noise_schedule: str = "cosine"
     dropout: float = 0.1
+    second_sampler_all: bool = False  # every arm (not only HEADLINE) also gets the ancestral sampler at the end
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -177,6 +180,11 @@ SCALES: Dict[str, Scale] = {
                  attention_resolutions="4", total_steps=2000, batch_size=64, lr=3e-4, ema_rate="0.995",
                  eval_every=400, num_samples=300, ref_images=2000, sampling="ddim25", seeds=(1, 2),
                  jobs=2, threads=1),
+    # the long horizon (issue 17, 5.): the cpu model for 5x the steps, CLTS target and MDLRC horizon alike
+    "cpu_long": Scale("cpu_long", image_size=16, num_channels=32, channel_mult="1,2,2", num_res_blocks=1,
+                      attention_resolutions="4", total_steps=10000, batch_size=64, lr=3e-4, ema_rate="0.995",
+                      eval_every=1000, num_samples=300, ref_images=2000, sampling="ddim25", seeds=(1, 2),
+                      jobs=2, threads=1, second_sampler_all=True),
     # one GPU (documented, not run here): the mini_* configs' model at 32x32, 40k steps
     "gpu": Scale("gpu", image_size=32, num_channels=64, channel_mult="1,2,2,2", num_res_blocks=2,
                  attention_resolutions="16,8", total_steps=40000, batch_size=128, lr=1e-4, ema_rate="0.9999",
@@ -346,6 +354,24 @@ def second_sampler(scale: Scale) -> Dict[str, Any]:
     return dict(SECOND_SAMPLER, timestep_respacing=str(min(100, scale.diffusion_steps)))
 DEFAULT_LEDGER = os.path.join(ROOT, "docs", "study", "ledger")
 LEDGER_FILES = ("config.yaml", "progress.csv", "fid_curve.csv", "probe.csv")
+# the headline runs' final DDIM samples (the FID's own images, uint8, ~0.2 MB): anyone can recompute
+# that FID, and the paired bootstrap resamples their features
+SAMPLES_FILE = "samples_final.npz"
+BOOTSTRAP_FILE = "bootstrap.csv"  # per scale: the replicates of each headline arm's paired FID difference
+BOOTSTRAP_DRAWS = 500
+BOOTSTRAP_SEED = 0
+
+
+def keeps_samples(arm: str, scale: Scale) -> bool:
+    """True for the runs that get the second sampler and keep their final samples (the headline arms)."""
+    return arm in HEADLINE or scale.second_sampler_all
+
+
+def final_samples(run_dir: str, scale: Scale) -> Optional[str]:
+    """The final checkpoint's DDIM samples that ``fid_curve.py --keep_samples True`` kept, or None."""
+    folder = os.path.join(run_dir, "fid_curve_samples", f"step{scale.total_steps:06d}")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".npz")) if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
 
 
 def probe_timesteps(num_timesteps: int) -> List[int]:
@@ -481,6 +507,9 @@ def commit_to_ledger(ledger: str, scale: Scale, run_dir: str, run: str, info: Di
     for name in LEDGER_FILES:
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
+    samples = final_samples(run_dir, scale)
+    if samples:
+        shutil.copyfile(samples, os.path.join(tmp, SAMPLES_FILE))
     with open(os.path.join(tmp, "done.json"), "w") as f:
         json.dump({"run": run, "scale": scale.name, "total_steps": scale.total_steps, "commit": _commit(), **info},
                   f, indent=1)
@@ -495,6 +524,195 @@ def _commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+
+
+class PairedBootstrap:
+    """
+    Replicates of FID(arm) - FID(baseline) with the samples drawn with replacement, the same
+    indices for both runs: sample i of either run starts from the same noise (``fid_curve.py``'s
+    seed), so a draw keeps the pairs and the spread is that of the difference, not of two FIDs.
+
+    Each FID is exact (as ``evaluator.fid_from_features``) and costs O(N^2) per draw: with the
+    Gram matrices ``X Sigma_ref X^T`` and ``X X^T`` of the N sample features X computed once, the
+    centred resample's N x N matrix, trace and mean term are sums over those (N <= D).
+    """
+
+    def __init__(self, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.mu = np.asarray(mu_ref, np.float64)
+        self.sigma = np.asarray(sigma_ref, np.float64)
+
+    def _terms(self, feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.asarray(feats, np.float64)
+        return x @ self.sigma @ x.T, x @ x.T, x @ self.mu
+
+    def _fid(self, terms: Tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray) -> float:
+        g_full, k_full, xm = terms
+        n = idx.shape[0]
+        g, k = g_full[np.ix_(idx, idx)], k_full[np.ix_(idx, idx)]
+        gw = g.sum(axis=1) / n  # x_i^T Sigma mu_b
+        m = (g - gw[:, None] - gw[None, :] + gw.sum() / n) / (n - 1)
+        eig = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+        mean_sq = k.sum() / n ** 2  # |mu_b|^2
+        trace_b = (np.trace(k) - n * mean_sq) / (n - 1)
+        diff_sq = mean_sq - 2 * xm[idx].sum() / n + self.mu.dot(self.mu)
+        return float(diff_sq + trace_b + np.trace(self.sigma) - 2 * np.sum(np.sqrt(eig)))
+
+    def fid(self, feats: np.ndarray, idx: Optional[np.ndarray] = None) -> float:
+        """The FID of ``feats[idx]`` (all rows when ``idx`` is None)."""
+        idx = np.arange(len(feats)) if idx is None else np.asarray(idx)
+        return self._fid(self._terms(feats), idx)
+
+    def replicates(self, arm_feats: np.ndarray, base_feats: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                   seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+        """``draws`` paired replicates of FID(arm) - FID(base) (deterministic for a ``seed``)."""
+        if np.shape(arm_feats) != np.shape(base_feats):
+            raise ValueError(f"paired bootstrap: the runs' features differ in shape, {np.shape(arm_feats)} vs "
+                             f"{np.shape(base_feats)} (were both sampled with the study's settings?)")
+        a, b = self._terms(arm_feats), self._terms(base_feats)
+        rng = np.random.default_rng(seed)
+        n = len(arm_feats)
+        out = np.empty(draws)
+        for i in range(draws):
+            idx = rng.integers(0, n, size=n)
+            out[i] = self._fid(a, idx) - self._fid(b, idx)
+        return out
+
+
+def _reference_statistics(scale: Scale, ref: str, cache_dir: str) -> Tuple[np.ndarray, np.ndarray]:
+    from evaluations.evaluator import get_extractor, read_cache, reference_cache_file
+
+    cfile = reference_cache_file(ref, get_extractor("offline", None, "cpu"), cache_dir)
+    if read_cache(cfile) is None:
+        _warm_reference(scale, ref, cache_dir)
+    stats = read_cache(cfile)
+    return stats["mu"], stats["sigma"]
+
+
+def _sample_features(samples: str, cache_dir: str) -> np.ndarray:
+    """Inception pool features of a samples file (offline extractor), cached by the file's content."""
+    import hashlib
+
+    from evaluations.evaluator import compute_statistics
+
+    with open(samples, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"pool-{digest}.npy")
+    if os.path.isfile(path):
+        return np.load(path)
+    feats = compute_statistics(samples, extractor="offline", device="cpu", batch_size=32)["pool"]
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path + ".tmp.npy", feats)
+    os.replace(path + ".tmp.npy", path)
+    return feats
+
+
+def _final_fid(run_dir: str, scale: Scale) -> Optional[float]:
+    return next((f for st, f, _ in _curve(run_dir, scale) if st == scale.total_steps), None)
+
+
+def backfill_samples(out: str, scale: Scale, ledger: str, run: str, ref: str,
+                     log: Callable[[str], None] = print) -> Optional[str]:
+    """
+    The committed final samples of a ledger run; for a run committed without them, sample its final
+    checkpoint again (``out/runs/<run>``, the same ``fid_curve.py`` settings) and commit them,
+    after checking that their FID is the committed one. None when neither exists.
+    """
+    import shutil
+
+    dest = os.path.join(ledger_dir(ledger, scale, run), SAMPLES_FILE)
+    if os.path.isfile(dest):
+        return dest
+    run_dir = os.path.join(out, "runs", run)
+    if not run_finished(run_dir, scale.total_steps):
+        log(f"study: {run}: no committed samples and no final checkpoint in {run_dir}; not bootstrapped")
+        return None
+    redo = os.path.join(out, "backfill", run)
+    os.makedirs(redo, exist_ok=True)
+    csv_path = os.path.join(redo, "fid_curve.csv")
+    _call([sys.executable, os.path.join(SCRIPTS, "fid_curve.py"), run_dir]
+          + flags_to_argv({**fid_flags(scale, ref, os.path.join(out, "cache")), "keep_samples": True,
+                           "csv": csv_path, "steps": str(scale.total_steps)}),
+          os.path.join(out, "logs", run + ".log"), _env(scale.threads))
+    with open(csv_path, newline="") as f:
+        again = float(next(r for r in csv.DictReader(f) if int(r["step"]) == scale.total_steps)["fid"])
+    committed = _final_fid(ledger_dir(ledger, scale, run), scale)
+    if committed is None or abs(again - committed) > 1e-3 * max(1.0, abs(committed)):
+        raise ValueError(f"study: {run}: sampling the final checkpoint again gave FID {again:.4f}, the ledger says "
+                         f"{committed}: the samples would not be the ones measured; not committed")
+    shutil.copyfile(final_samples(run_dir, scale), dest + ".tmp")
+    os.replace(dest + ".tmp", dest)
+    log(f"study: {run}: final samples committed (FID {again:.3f} again, as measured)")
+    return dest
+
+
+def bootstrap_arms(scale: Scale) -> List[str]:
+    """The arms whose paired FID difference is bootstrapped: those that keep their samples, not the baseline."""
+    return [a.name for a in ARMS if a.name != "baseline" and keeps_samples(a.name, scale)]
+
+
+def bootstrap_study(out: str, scale: Scale, ledger: str, ref: str, log: Callable[[str], None] = print) -> str:
+    """
+    Append to ``<ledger>/<scale>/bootstrap.csv`` the ``PairedBootstrap`` replicates of every
+    committed (arm, seed) of ``bootstrap_arms`` whose baseline of the same seed is committed too
+    and not yet bootstrapped (final samples from the ledger, or sampled again by ``backfill_samples``).
+
+    :return: the file's path.
+    """
+    path = os.path.join(ledger, scale.name, BOOTSTRAP_FILE)
+    done = {(a, s) for a, s, _ in read_bootstrap(path)}
+    cache_dir = os.path.join(out, "cache")
+    boot: Optional[PairedBootstrap] = None
+    for arm in bootstrap_arms(scale):
+        for seed in sorted(_committed_seeds(ledger, scale)):
+            run, base = run_name(arm, seed), run_name("baseline", seed)
+            if (arm, seed) in done or not (in_ledger(ledger, scale, run) and in_ledger(ledger, scale, base)):
+                continue
+            files = [backfill_samples(out, scale, ledger, r, ref, log) for r in (run, base)]
+            if None in files:
+                continue
+            boot = boot or PairedBootstrap(*_reference_statistics(scale, ref, cache_dir))
+            reps = boot.replicates(*(_sample_features(f, cache_dir) for f in files))
+            new = not os.path.isfile(path)
+            with open(path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["arm", "seed", "draw", "dfid"])
+                w.writerows([arm, seed, i, f"{d:.6f}"] for i, d in enumerate(reps))
+            log(f"study: {run}: paired bootstrap of FID - baseline's, {len(reps)} draws: "
+                f"2.5-97.5% [{np.percentile(reps, 2.5):+.2f}, {np.percentile(reps, 97.5):+.2f}]")
+    return path
+
+
+def _committed_seeds(ledger: str, scale: Scale) -> List[int]:
+    folder = os.path.join(ledger, scale.name)
+    runs = [d for d in os.listdir(folder) if in_ledger(ledger, scale, d)] if os.path.isdir(folder) else []
+    return sorted({int(d.rsplit("-s", 1)[1]) for d in runs})
+
+
+def read_bootstrap(path: str) -> List[Tuple[str, int, float]]:
+    """The (arm, seed, paired FID difference) rows of a ``bootstrap.csv`` ([] when it is missing)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [(r["arm"], int(r["seed"]), float(r["dfid"])) for r in csv.DictReader(f)]
+
+
+def bootstrap_interval(path: str, arm: str, seeds: Sequence[int]) -> Optional[Tuple[float, float, int]]:
+    """
+    The 95% interval (2.5 and 97.5 percentiles) of the seed-mean paired FID difference of ``arm``:
+    draw i of the mean is the mean over seeds of each seed's draw i (the seeds' draws are independent).
+
+    :return: (low, high, number of seeds), or None when no seed of ``arm`` is bootstrapped.
+    """
+    per_seed: Dict[int, List[float]] = {}
+    for a, s, d in read_bootstrap(path):
+        if a == arm and s in seeds:
+            per_seed.setdefault(s, []).append(d)
+    if not per_seed:
+        return None
+    draws = min(len(v) for v in per_seed.values())
+    mean = np.mean([v[:draws] for v in per_seed.values()], axis=0)
+    return float(np.percentile(mean, 2.5)), float(np.percentile(mean, 97.5)), len(per_seed)
 
 
 def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, ref: str,
@@ -520,9 +738,10 @@ def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, 
         info["trained"] = True
         info["train_s"] = time.time() - t0
     t1 = time.time()
+    keep = {"keep_samples": True} if keeps_samples(arm.name, scale) else {}
     _call([sys.executable, os.path.join(SCRIPTS, "fid_curve.py"), run_dir]
-          + flags_to_argv(fid_flags(scale, ref, os.path.join(out, "cache"))), log_path, env)
-    if arm.name in HEADLINE:
+          + flags_to_argv({**fid_flags(scale, ref, os.path.join(out, "cache")), **keep}), log_path, env)
+    if keeps_samples(arm.name, scale):
         _call([sys.executable, os.path.join(SCRIPTS, "fid_curve.py"), run_dir]
               + flags_to_argv({**fid_flags(scale, ref, os.path.join(out, "cache")), **second_sampler(scale),
                                "steps": str(scale.total_steps)}), log_path, env)
@@ -596,7 +815,9 @@ def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
             infos = list(pool.map(lambda job: train_and_evaluate(job[0], job[1], scale, out, train, ref, log,
                                                                  heldout=heldout, ledger=ledger), pending))
         _update_timing(out, "wall_s", time.time() - t0)
-    else:
+    if ledger:
+        bootstrap_study(out, scale, ledger, ref, log)
+    if not pending:
         log(f"study: all {len(todo)} runs finished and measured; nothing to train")
     summary = summarize(out, scale, arms, seeds, ledger=ledger)
     summary["runs"] = infos
@@ -719,12 +940,22 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                      "iters_per_seed": " ".join(_fmt(reach[s], 0) if reach[s] is not None else "never" for s in seeds),
                      "reached": d["reached"], "n": d["n"]})
         rows[-1].update(_paired(d["final_fid"], per_arm.get("baseline", {}).get("final_fid", {}), "paired_dfid"))
+        # the other way round: where the baseline of the same seed reaches this arm's final FID (the speed-up)
+        back = {s: iterations_to_reach([(st, f) for st, f, _ in curves.get(("baseline", s), [])], d["final_fid"][s])
+                for s in seeds if d["final_fid"][s] is not None and curves.get(("baseline", s))}
+        bm, bsd = _mean_sd([v for v in back.values() if v is not None])
+        rows[-1].update(baseline_iters_to_arm_mean=bm, baseline_iters_to_arm_sd=bsd,
+                        baseline_iters_to_arm_per_seed=" ".join(_fmt(v, 0) if v is not None else "never"
+                                                                for v in back.values()))
         second = {s: next((f for st, f, _ in _curve(folder(a.name, s), scale, second=True) if st == final), None)
                   for s in seeds}
         base2 = {s: next((f for st, f, _ in _curve(folder("baseline", s), scale, second=True) if st == final), None)
                  for s in seeds}
         sm, ss = _mean_sd(list(second.values()))
         rows[-1].update(second_fid_mean=sm, second_fid_sd=ss, **_paired(second, base2, "second_paired_dfid"))
+        ci = bootstrap_interval(os.path.join(out, BOOTSTRAP_FILE), a.name, seeds) if ledger else None
+        rows[-1].update(boot_dfid_lo=ci[0] if ci else math.nan, boot_dfid_hi=ci[1] if ci else math.nan,
+                        boot_n=ci[2] if ci else 0)
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -735,8 +966,161 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     _plot(out, scale, arms, seeds, curves)
     probes = {(a.name, s): _probe_rows(folder(a.name, s), final) for a in arms for s in seeds}
     _plot_probe(out, scale, arms, seeds, probes)
+    claims = claims_table(scale, per_arm, rows, os.path.join(out, BOOTSTRAP_FILE), seeds) if ledger else ""
+    if ledger:
+        with open(os.path.join(out, "claims.md"), "w") as f:
+            f.write(claims)
     log(table)
-    return {"arms": per_arm, "table": table, "target_fid": target, "rows": rows}
+    return {"arms": per_arm, "table": table, "target_fid": target, "rows": rows, "claims": claims}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's claims against the ledger (docs/study.md's generated section)
+# ---------------------------------------------------------------------------------------------
+
+def claims_markers(scale: str) -> Tuple[str, str]:
+    """The lines around a scale's generated claims section in docs/study.md."""
+    return (f"<!-- claims {scale}: generated by `make study` from the ledger; do not edit -->",
+            f"<!-- claims {scale}: end -->")
+
+
+def _seed_diffs(per_arm: Dict[str, Dict[str, Any]], arm: str, other: str) -> List[float]:
+    """Final FID of ``arm`` minus that of ``other``, per seed both have (they share the sampling noise)."""
+    a = per_arm.get(arm, {}).get("final_fid", {})
+    b = per_arm.get(other, {}).get("final_fid", {})
+    return [a[s] - b[s] for s in sorted(a) if a.get(s) is not None and b.get(s) is not None]
+
+
+def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None) -> str:
+    """
+    The verdict on "the arm has the lower FID" from paired differences (arm - other, per seed):
+
+    - with a bootstrap interval of the seed mean: ``supported`` when it lies below 0,
+      ``contradicted`` when it lies above 0, ``inconclusive`` when it holds 0;
+    - without one: ``supported`` when every seed's difference is negative and their mean is
+      more than twice their sd below 0 (``contradicted``: the same, above 0), else ``inconclusive``;
+    - ``not measured`` with no paired seed, ``inconclusive`` with a single seed and no interval.
+    """
+    if interval is not None:
+        lo, hi, _ = interval
+        return "supported" if hi < 0 else "contradicted" if lo > 0 else "inconclusive"
+    if not diffs:
+        return "not measured"
+    if len(diffs) < 2:
+        return "inconclusive"
+    m, sd = _mean_sd(diffs)
+    if all(d < 0 for d in diffs) and m < -2 * sd:
+        return "supported"
+    if all(d > 0 for d in diffs) and m > 2 * sd:
+        return "contradicted"
+    return "inconclusive"
+
+
+def _diff_text(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None) -> str:
+    if not diffs:
+        return "no paired runs yet"
+    m, sd = _mean_sd(diffs)
+    text = f"ΔFID {m:+.2f} ± {sd:.2f} (n={len(diffs)}: {', '.join(f'{d:+.2f}' for d in diffs)})"
+    if interval is not None:
+        text += f", 95% [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    return text
+
+
+def _best_of(per_arm: Dict[str, Dict[str, Any]], names: Sequence[str], label: Callable[[str], str],
+             expected: str) -> Tuple[str, str]:
+    """(measured, verdict) of "``expected`` is the best of ``names``": the lowest mean final FID, and
+    whether each other arm is worse than ``expected`` (paired by seed)."""
+    have = [n for n in names if per_arm.get(n, {}).get("final_fid")
+            and any(v is not None for v in per_arm[n]["final_fid"].values())]
+    if len(have) < 2 or expected not in have:
+        return f"{len(have)} of {len(names)} arms measured", "not measured"
+    means = {n: _mean_sd(list(per_arm[n]["final_fid"].values()))[0] for n in have}
+    best = min(have, key=lambda n: means[n])
+    others = [verdict(_seed_diffs(per_arm, expected, n)) for n in have if n != expected]
+    text = "; ".join(f"{label(n)}: {means[n]:.2f}" for n in have) + f" (best {label(best)})"
+    if best == expected and all(v == "supported" for v in others):
+        return text, "supported"
+    if best != expected and verdict(_seed_diffs(per_arm, best, expected)) == "supported":
+        return text, "contradicted"
+    return text, "inconclusive"
+
+
+def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequence[Dict[str, Any]],
+                 bootstrap_path: str, seeds: Sequence[int]) -> str:
+    """
+    The paper's claims, what it reports, what the ledger measured at ``scale`` and a ``verdict``
+    each (markdown): the CLTS/MDLRC speed-up (Fig. 5), the modules (Fig. 6a), mu (Fig. 6b), the
+    target iteration (Fig. 6c), the comparisons (Tables 2-3) and the reading of sigma.
+    """
+    by_arm = {r["arm"]: r for r in rows}
+    full = f"{_BEST}_mdlrc"
+
+    def vs(arm: str, other: str = "baseline") -> Tuple[str, str]:
+        ci = bootstrap_interval(bootstrap_path, arm, seeds) if other == "baseline" else None
+        d = _seed_diffs(per_arm, arm, other)
+        return _diff_text(d, ci), verdict(d, ci)
+
+    def speedup(arm: str) -> str:
+        r = by_arm.get(arm)
+        if not r or not r["reached"]:
+            return "" if not r else f"; never reaches the baseline's final FID in {scale.total_steps} steps"
+        return (f"; reaches the baseline's final FID at step {r['iters_to_baseline_fid_mean']:.0f} "
+                f"({scale.total_steps / r['iters_to_baseline_fid_mean']:.2f}× fewer iterations, "
+                f"{r['reached']} of {r['n']} seeds)")
+
+    lines = [f"Scale `{scale.name}`: final step {scale.total_steps}, FID of {scale.num_samples} samples; ΔFID = the "
+             "first arm's final FID minus the second's, per seed (shared sampling noise), mean ± sd; the interval "
+             "is the paired bootstrap's, where committed. Verdict rules: `experiments/study.py: verdict`.", "",
+             "| claim | the paper | measured here | verdict |", "|---|---|---|---|"]
+
+    def add(claim: str, paper: str, measured: str, v: str) -> None:
+        lines.append(f"| {claim} | {paper} | {measured} | {v} |")
+
+    m, v = vs(full)
+    add(f"CLTS + MDLRC ({full}) trains faster than the baseline (Fig. 5)",
+        "about 2× fewer iterations to the baseline's FID on CIFAR-10 (2.6× on ImageNet-128)", m + speedup(full), v)
+    for arm, what in (("md_only", "momentum decay alone"), ("mdlrc", "MDLRC"), (_BEST, "CLTS")):
+        m, v = vs(arm)
+        add(f"{what} ({arm}) helps on its own (Fig. 6a)", "each module lowers FID; all together lowest",
+            m + speedup(arm), v)
+    for arm in ("md_only", "mdlrc", _BEST):
+        m, v = vs(full, arm)
+        add(f"all modules beat {arm} (Fig. 6a)", "all together lowest", m, v)
+    m, v = _best_of(per_arm, GROUPS["mu"], lambda n: "μ " + (n.split("_mu")[1] if "_mu" in n else "0.3"), _BEST)
+    add("μ of the target Gaussian: best near 0.3 (Fig. 6b)", "best FID at μ ≈ 0.3", m, v)
+    tgt = lambda n: "target " + (n.split("_tgt")[1] if "_tgt" in n else str(scale.clts_target_steps))  # noqa: E731
+    m, v = _best_of(per_arm, GROUPS["target"], tgt, _BEST)
+    add(f"target iteration: best near 1/5 of the run ({scale.clts_target_steps}) (Fig. 6c)",
+        "best FID near 100k of about 500k iterations", m, v)
+    for arm in GROUPS["comparisons"]:
+        m, v = vs(full, arm)
+        add(f"CLTS + MDLRC beats {arm} (Tables 2-3)", "ahead of Min-SNR and FDM (and of the other baselines)", m, v)
+    m, v = _best_of(per_arm, [n for n in GROUPS["sigma"] if n != "baseline"],
+                    lambda n: "σ " + n[len("clts_s"):], _BEST)
+    add(f"σ of the target Gaussian: {BEST_SIGMA} (this repository's study reading)", "Eq. 7: \"standard variance 1\"",
+        m, v)
+    m, v = vs("clts_s1.0")
+    add("CLTS with σ = 1.0 (the README's default reading) helps", "(the paper's legible text)", m, v)
+    return "\n".join(lines) + "\n"
+
+
+def write_claims(doc: str, scale: str, table: str) -> bool:
+    """Replace the scale's section (``claims_markers``) of ``doc`` by ``table``; True when it changed."""
+    begin, end = claims_markers(scale)
+    if not os.path.isfile(doc):
+        return False
+    with open(doc) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = head + begin + "\n" + table + end + tail
+    if new != text:
+        with open(doc + ".tmp", "w") as f:
+            f.write(new)
+        os.replace(doc + ".tmp", doc)
+    return new != text
 
 
 def _paired(arm: Dict[int, Optional[float]], base: Dict[int, Optional[float]], key: str) -> Dict[str, Any]:
@@ -822,10 +1206,13 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
     lines = [f"Final step {scale.total_steps}; FID/KID from {scale.num_samples} samples ({scale.sampling}, EMA "
              f"{scale.ema_rate}) vs {scale.ref_images} CIFAR-10 training images at {scale.image_size}x"
              f"{scale.image_size}; mean ± sample sd over seeds. Iterations to reach the baseline's mean final "
-             f"FID ({_fmt(target)}), interpolated between checkpoints every {scale.eval_every} steps.", "",
-             "| arm | final FID | per seed | ΔFID vs baseline, paired | final KID ×1e3 | iters to baseline FID "
-             "| per seed | ancestral-100 FID | its paired ΔFID |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"FID ({_fmt(target)}), interpolated between checkpoints every {scale.eval_every} steps. "
+             f"Paired ΔFID: arm minus the baseline of the same seed (common sampling noise); its interval: "
+             f"{BOOTSTRAP_DRAWS} paired resamples of the final samples per seed, 2.5-97.5% of the seed mean.", "",
+             "| arm | final FID | per seed | ΔFID vs baseline, paired | its 95% bootstrap interval | final KID ×1e3 "
+             "| iters to baseline FID | per seed | baseline's iters to this FID (per seed) "
+             "| ancestral-100 FID | its paired ΔFID |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kid = (f"{r['final_kid_mean'] * 1e3:.1f} ± {r['final_kid_sd'] * 1e3:.1f}"
                if not math.isnan(r["final_kid_mean"]) else "n/a")
@@ -839,8 +1226,11 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
                   if not math.isnan(r["second_fid_mean"]) else "")
         second_d = (f"{r['second_paired_dfid_mean']:+.2f} ± {_fmt(r['second_paired_dfid_sd'])}"
                     if r["second_paired_dfid_n"] and r["arm"] != "baseline" else "")
+        boot = (f"[{r['boot_dfid_lo']:+.2f}, {r['boot_dfid_hi']:+.2f}] ({r['boot_n']} seeds)"
+                if r["boot_n"] else "")
         lines.append(f"| {r['arm']} | {_fmt(r['final_fid_mean'])} ± {_fmt(r['final_fid_sd'])} (n={r['n']}) | "
-                     f"{r['final_fid_per_seed']} | {paired} | {kid} | {reach} | {r['iters_per_seed']} | "
+                     f"{r['final_fid_per_seed']} | {paired} | {boot} | {kid} | {reach} | {r['iters_per_seed']} | "
+                     f"{r['baseline_iters_to_arm_per_seed'] if r['arm'] != 'baseline' else ''} | "
                      f"{second} | {second_d} |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,7 @@ entry point shares). One owner for "what does this flag mean and what values are
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,13 @@ __all__ = [
     "parse_save_steps",
     "PRECISIONS",
     "COMPILE_MODES",
+    "LOOP_GROUPS",
+    "UPSTREAM_LOOP_ARGS",
+    "LOOP_OBJECTS",
+    "LOOP_FLAG_NAMES",
+    "train_loop_defaults",
+    "momentum_decay_from_flags",
+    "LoopSettings",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -46,6 +53,64 @@ def method_options() -> Dict[str, Any]:
     return {k: v for k, v in method_option_defaults().items() if k not in model}
 
 
+# The training flags but the methods' options, in --help / config.yaml order (the methods'
+# options go between the two parts).
+_FLAGS_BEFORE_METHODS: Dict[str, Any] = dict(
+    flavor="guided",  # improved | guided: which upstream codebase's defaults (recorded in config.yaml)
+    # upstream image_train.py
+    data_dir="",
+    schedule_sampler="uniform",
+    lr=1e-4,
+    weight_decay=0.0,
+    lr_anneal_steps=0,
+    batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
+    global_batch_size=0,  # > 0: the batch over all processes (per process = this / world size)
+    random_flip=True,  # left-right flips of training images (guided-diffusion; improved-diffusion: False)
+    save_steps="",  # comma-separated extra steps at which a checkpoint set is saved (e.g. epoch ends)
+    microbatch=-1,  # -1 disables microbatches
+    ema_rate="0.9999",  # comma-separated list of EMA rates
+    log_interval=10,
+    save_interval=10000,
+    resume_checkpoint="",
+    use_fp16=False,
+    fp16_scale_growth=1e-3,
+)
+_FLAGS_AFTER_METHODS: Dict[str, Any] = dict(
+    # loss weighting: none | min_snr | p2 | speed
+    loss_weighting="none",
+    # FDM's loss-weight warm-up (with --fdm True; the FDM model flags are script_util.fdm_defaults()):
+    # VP's 1/sigma^2 clamped at 5 -> 500 over this many steps (0: off)
+    fdm_warmup_steps=_fdm.DEFAULT_WARMUP_STEPS,
+    # optimizer and MDLRC
+    beta1=0.9,
+    beta2=0.999,
+    momentum_decay=False,
+    beta1_min=0.5,
+    total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
+    lr_compensation=True,
+    decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
+    allow_change="",  # run-defining flags that may change on resume (comma-separated)
+    overwrite=False,  # --resume none into a folder with checkpoints: move them aside and start over
+    stop_at=0,  # end this process at this step after a checkpoint (job time limits)
+    # speed / numerics
+    precision="auto",  # auto | fp32 | bf16 | fp16
+    compile="auto",  # auto | True | False
+    channels_last="auto",  # auto | True | False
+    fused_optimizer="auto",  # auto | True | False (fused AdamW; auto: on CUDA)
+    compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    grad_clip=0.0,  # max global gradient norm; 0 = off
+    sample_interval=0,  # steps between EMA sample grids; 0 = off
+    # run bookkeeping
+    log_dir="",
+    seed=0,
+    resume="auto",  # auto | none | PATH
+    max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
+    skip_corrupt=True,  # corrupt/unreadable images in --data_dir: skip and count (False: error)
+    deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
+)
+_LOOP_FLAG_DEFAULTS: Dict[str, Any] = {**_FLAGS_BEFORE_METHODS, **_FLAGS_AFTER_METHODS}
+
+
 def training_defaults() -> Dict[str, Any]:
     """
     Defaults of the training flags of ``scripts/image_train.py`` (upstream's plus this
@@ -54,60 +119,9 @@ def training_defaults() -> Dict[str, Any]:
     ``precision``/``compile``/``channels_last`` "auto" mean: bf16 autocast, torch.compile and
     channels_last on CUDA; exact float32 without them on CPU.
     """
-    return dict(
-        flavor="guided",  # improved | guided: which upstream codebase's defaults (recorded in config.yaml)
-        # upstream image_train.py
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,  # per process, as upstream: the global batch is batch_size x processes
-        global_batch_size=0,  # > 0: the batch over all processes (per process = this / world size)
-        random_flip=True,  # left-right flips of training images (guided-diffusion; improved-diffusion: False)
-        save_steps="",  # comma-separated extra steps at which a checkpoint set is saved (e.g. epoch ends)
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA rates
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        # each sampler's and weighting's options (clts_*, speed_*, min_snr_gamma, p2_*, ...) are
-        # declared once, by its class's constructor (resample.py, weighting.py): see method_options()
-        **method_options(),
-        # loss weighting: none | min_snr | p2 | speed
-        loss_weighting="none",
-        # FDM's loss-weight warm-up (with --fdm True; the FDM model flags are script_util.fdm_defaults()):
-        # VP's 1/sigma^2 clamped at 5 -> 500 over this many steps (0: off)
-        fdm_warmup_steps=_fdm.DEFAULT_WARMUP_STEPS,
-        # optimizer and MDLRC
-        beta1=0.9,
-        beta2=0.999,
-        momentum_decay=False,
-        beta1_min=0.5,
-        total_steps=0,  # 0: no end (as upstream) unless lr_anneal_steps
-        lr_compensation=True,
-        decay_beta1=True,  # False: lr-only control (MDLRC's lr schedule, beta1 held at --beta1)
-        allow_change="",  # run-defining flags that may change on resume (comma-separated)
-        overwrite=False,  # --resume none into a folder with checkpoints: move them aside and start over
-        stop_at=0,  # end this process at this step after a checkpoint (job time limits)
-        # speed / numerics
-        precision="auto",  # auto | fp32 | bf16 | fp16
-        compile="auto",  # auto | True | False
-        channels_last="auto",  # auto | True | False
-        fused_optimizer="auto",  # auto | True | False (fused AdamW; auto: on CUDA)
-        compile_mode="default",  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-        grad_clip=0.0,  # max global gradient norm; 0 = off
-        sample_interval=0,  # steps between EMA sample grids; 0 = off
-        # run bookkeeping
-        log_dir="",
-        seed=0,
-        resume="auto",  # auto | none | PATH
-        max_nonfinite=20,  # stop after this many non-finite steps in a row; 0 = never
-        skip_corrupt=True,  # corrupt/unreadable images in --data_dir: skip and count (False: error)
-        deterministic=False,  # torch deterministic algorithms (cuDNN benchmark off)
-    )
+    # each sampler's and weighting's options (clts_*, speed_*, min_snr_gamma, p2_*, ...) are
+    # declared once, by its class's constructor (resample.py, weighting.py): see method_options()
+    return {**_FLAGS_BEFORE_METHODS, **method_options(), **_FLAGS_AFTER_METHODS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +296,13 @@ def validate_training_args(args: Dict[str, Any]) -> None:
                  are not checked.
     :raises ValueError: naming the flag, the value and what was expected.
     """
+    _check_flags(args)
+    if args.get("momentum_decay"):
+        momentum_decay_from_flags(args)
+
+
+def _check_flags(args: Mapping[str, Any]) -> None:
+    """Every check of ``validate_training_args`` but building the MDLRC schedule."""
     for flag in ("batch_size", "log_interval"):
         _int_flag(args, flag, 1)
     for flag in ("save_interval", "lr_anneal_steps", "total_steps", "stop_at", "sample_interval",
@@ -332,13 +353,167 @@ class _StandInDiffusion:
 
 def _check_methods(args: Dict[str, Any]) -> None:
     # The classes validate their own options (one check per option, messages name the flags):
-    # building the chosen sampler, weighting and MDLRC schedule here runs those checks early.
+    # building the chosen sampler and weighting here runs those checks early.
     options = {k: args[k] for k in method_options() if k in args}
     if "schedule_sampler" in args:
         create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0, **options)
     if "loss_weighting" in args:
         create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
-    if args.get("momentum_decay"):
-        MomentumDecay(beta1=args.get("beta1", 0.9), beta1_min=args.get("beta1_min", 0.5),
-                      total_steps=args.get("total_steps") or None, lr_compensation=args.get("lr_compensation", True),
-                      enabled=True)
+
+
+def momentum_decay_from_flags(args: Mapping[str, Any]) -> MomentumDecay:
+    """
+    The run's MDLRC schedule from its flags (``--momentum_decay``, ``--beta1``, ``--beta1_min``,
+    ``--total_steps``, ``--lr_compensation``, ``--decay_beta1``; absent ones at their defaults).
+    Building it is its check: the constructor refuses bad values naming the flag.
+    """
+    d = _LOOP_FLAG_DEFAULTS
+    get = lambda k: args.get(k, d[k])  # noqa: E731
+    return MomentumDecay(beta1=get("beta1"), beta1_min=get("beta1_min"), total_steps=get("total_steps") or None,
+                         lr_compensation=get("lr_compensation"), enabled=bool(get("momentum_decay")),
+                         decay_beta1=bool(get("decay_beta1")))
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainLoop's settings: upstream's keyword arguments plus the new ones, grouped (as EDM groups its
+# options into *_kwargs dicts), every default the flag's
+# ---------------------------------------------------------------------------------------------
+
+#: upstream's TrainLoop keywords (the first six have no default, as upstream)
+UPSTREAM_LOOP_ARGS: Tuple[str, ...] = (
+    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
+    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "schedule_sampler", "weight_decay", "lr_anneal_steps",
+)
+_REQUIRED_LOOP_ARGS = UPSTREAM_LOOP_ARGS[:6]
+
+#: the new TrainLoop keywords, by group. ``run_kwargs``: the run's length, checkpoints, folder,
+#: seed, resume point and recorded configuration; ``optimizer_kwargs``: AdamW's betas, MDLRC,
+#: clipping and the base-lr schedule; ``loss_kwargs``: the loss weighting and FDM's warm-up;
+#: ``speed_kwargs``: the fast path (``resolve_fast_path``) and determinism; ``guard_kwargs``: the
+#: non-finite step guard and the periodic EMA sample grid.
+LOOP_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "run_kwargs": ("total_steps", "stop_at", "save_steps", "log_dir", "seed", "resume", "config"),
+    "optimizer_kwargs": ("beta1", "beta2", "momentum_decay", "beta1_min", "lr_compensation", "decay_beta1",
+                         "grad_clip", "lr_schedule"),
+    "loss_kwargs": ("loss_weighting", "loss_weighting_options", "fdm_warmup_steps"),
+    "speed_kwargs": ("precision", "compile", "compile_mode", "channels_last", "fused_optimizer", "deterministic"),
+    "guard_kwargs": ("max_nonfinite", "sample_interval"),
+}
+
+#: TrainLoop keywords that take objects a caller builds, not flag values, with their defaults:
+#: the run's configuration, a ``schedules.LRSchedule``, a weighting given by name or as a
+#: length-T array, and a named weighting's options. ``schedule_sampler`` (upstream's) is one too.
+LOOP_OBJECTS: Dict[str, Any] = {"config": None, "lr_schedule": None, "loss_weighting": "none",
+                                "loss_weighting_options": None}
+
+_LOOP_NAMES: Tuple[str, ...] = UPSTREAM_LOOP_ARGS + tuple(k for names in LOOP_GROUPS.values() for k in names)
+#: the TrainLoop settings that are training flags (what ``LoopSettings.from_flags`` reads and checks)
+LOOP_FLAG_NAMES: Tuple[str, ...] = tuple(k for k in _LOOP_NAMES if k not in LOOP_OBJECTS and k != "schedule_sampler")
+
+
+def train_loop_defaults() -> Dict[str, Any]:
+    """
+    The default of every ``TrainLoop`` keyword that has one: the flag's default from
+    ``training_defaults()`` (``LOOP_OBJECTS``' for the object-valued ones). ``TrainLoop`` takes
+    its defaults from here and nowhere else.
+    """
+    names = _LOOP_NAMES[len(_REQUIRED_LOOP_ARGS):]
+    return {k: LOOP_OBJECTS[k] if k in LOOP_OBJECTS else _LOOP_FLAG_DEFAULTS[k] for k in names}
+
+
+class LoopSettings(Mapping):
+    """
+    Every setting of one ``TrainLoop`` (upstream's keywords but the built sampler, and every group
+    member), with the defaults of ``train_loop_defaults()`` filled in, checked once when built:
+    the flag-valued ones by ``validate_training_args``' checks, the MDLRC schedule by building it
+    (``momentum``, which the loop then uses: it is built once per run). Read-only mapping.
+
+    ``training.train`` builds one from the flags before the run folder is touched and passes it
+    to ``TrainLoop(settings=...)``, which then checks nothing again.
+    """
+
+    def __init__(self, values: Mapping[str, Any]):
+        """
+        :param values: setting name -> value; absent ones take their defaults, except upstream's
+                       six required ones (batch_size, microbatch, lr, ema_rate, log_interval,
+                       save_interval).
+        :raises TypeError: naming an unknown or missing setting.
+        :raises ValueError: naming the flag of a bad value.
+        """
+        unknown = sorted(set(values) - set(_LOOP_NAMES) - {"schedule_sampler"})
+        if unknown:
+            raise TypeError(f"TrainLoop got unknown keyword(s) {', '.join(unknown)}; its keywords are upstream's "
+                            f"and those of {', '.join(LOOP_GROUPS)}: {', '.join(_LOOP_NAMES)}")
+        missing = [k for k in _REQUIRED_LOOP_ARGS if k not in values]
+        if missing:
+            raise TypeError(f"TrainLoop needs {', '.join(missing)} (upstream's required keywords)")
+        self._values = dict(train_loop_defaults())
+        self._values.update(values)
+        self._values.pop("schedule_sampler", None)  # an object the loop gets on its own
+        # objects (and a resolved ResumePoint) are the loop's to check when it uses them
+        _check_flags({k: v for k, v in self._values.items()
+                      if k not in LOOP_OBJECTS and not (k == "resume" and not isinstance(v, str))})
+        self.momentum = momentum_decay_from_flags(self._values)
+
+    @classmethod
+    def from_groups(cls, upstream: Mapping[str, Any], groups: Mapping[str, Optional[Mapping[str, Any]]],
+                    flat: Mapping[str, Any]) -> "LoopSettings":
+        """
+        Settings from ``TrainLoop``'s arguments: upstream's keywords, the ``*_kwargs`` groups, and
+        new keywords given flat (``TrainLoop(..., total_steps=8)``, as earlier versions took them).
+
+        :raises TypeError: a group member in the wrong group, or given twice.
+        """
+        values = dict(upstream)
+        for group, members in groups.items():
+            for k, v in (members or {}).items():
+                if k not in LOOP_GROUPS[group]:
+                    raise TypeError(f"{group} has no {k!r}; its keywords: {', '.join(LOOP_GROUPS[group])}")
+                values[k] = v
+        twice = sorted(set(values) & set(flat))
+        if twice:
+            raise TypeError(f"TrainLoop got {', '.join(twice)} twice (in a *_kwargs group and as a keyword)")
+        values.update(flat)
+        return cls(values)
+
+    @classmethod
+    def from_flags(cls, args: Mapping[str, Any], **objects: Any) -> "LoopSettings":
+        """Settings from parsed flags (``vars(args)``): every setting that is a flag, then ``objects``."""
+        values = {k: args[k] for k in LOOP_FLAG_NAMES if k in args}
+        values.update(objects)
+        return cls(values)
+
+    def replace(self, **changes: Any) -> "LoopSettings":
+        """
+        A copy with some settings changed: objects (the run's config, a resolved ``ResumePoint``
+        as ``resume``, built weights) need no check; a changed flag (e.g. the per-process
+        ``batch_size`` resolved from ``--global_batch_size``) is checked on its own. The MDLRC
+        schedule is kept unless one of its flags changes.
+        """
+        unknown = sorted(set(changes) - set(self._values))
+        if unknown:
+            raise TypeError(f"LoopSettings has no {', '.join(unknown)}")
+        # "resume" here is the decision a caller took (a ResumePoint or "none"), not a flag to check
+        _check_flags({k: v for k, v in changes.items() if k in LOOP_FLAG_NAMES and k != "resume"})
+        new = object.__new__(type(self))
+        new._values = dict(self._values, **changes)
+        momentum_flags = {"beta1", "beta1_min", "total_steps", "lr_compensation", "momentum_decay", "decay_beta1"}
+        new.momentum = momentum_decay_from_flags(new._values) if momentum_flags & set(changes) else self.momentum
+        return new
+
+    def upstream_kwargs(self) -> Dict[str, Any]:
+        """Upstream's keywords (but the sampler) with these values, for ``TrainLoop(**..., settings=self)``."""
+        return {k: self._values[k] for k in UPSTREAM_LOOP_ARGS if k != "schedule_sampler"}
+
+    def group(self, name: str) -> Dict[str, Any]:
+        """The values of one ``*_kwargs`` group."""
+        return {k: self._values[k] for k in LOOP_GROUPS[name]}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)

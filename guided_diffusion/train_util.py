@@ -30,11 +30,7 @@ import copy
 import functools
 import math
 import os
-import random
-import signal
-import threading
-import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -62,28 +58,46 @@ from .checkpoint import (  # noqa: F401  (re-exported: upstream and earlier user
 )
 from .errors import CheckpointWriteError, TrainingInterrupted  # noqa: F401  (re-exported: their old home)
 from .files import atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
-from .fp16_util import INITIAL_LOG_LOSS_SCALE  # noqa: F401  (upstream's name, re-exported)
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, GradScalerTrainer  # noqa: F401  (upstream's name, re-exported)
 from .image_io import grid_scale, write_grid  # noqa: F401  (re-exported)
 from .nn import update_ema
-from .seeding import derive_seed
-from .optim import MomentumDecay, create_optimizer
-from .resample import LossAwareSampler, UniformSampler
+from .optim import MomentumDecay, create_optimizer  # noqa: F401  (MomentumDecay re-exported)
 from .options import (  # noqa: F401  (re-exported)
     PRECISIONS,
+    LoopSettings,
     parse_ema_rates,
     parse_save_steps,
     resolve_batch_size,
     resolve_fast_path,
+    train_loop_defaults,
     training_defaults,
     validate_training_args,
 )
-from .resample import loss_weighting as named_loss_weighting
+from .resample import LossAwareSampler, create_named_schedule_sampler
+from .resample import loss_weighting as named_loss_weighting  # noqa: F401  (re-exported: an earlier name)
+from .weighting import loss_weight_table as weighting_table
+from .schedules import WithMomentumDecay, lr_schedule_from_flags
+from .seeding import derive_seed
+from .train_guards import (  # noqa: F401  (re-exported: these names lived here)
+    SAMPLE_GRID_DDIM_STEPS,
+    SAMPLE_GRID_SIZE,
+    EmaHorizonWarning,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SampleGrid,
+    StopSignals,
+    TrainingInterrupted,
+)
+from .train_logs import LossMeter, RunClock, log_loss_dict
+from .train_state import cpu_state_dict, load_optimizer_state, restore_run_state, rng_state
 
 __all__ = [
     "TrainLoop",
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "ResumeError",
     "ResumePoint",
+    "LoopSettings",
     "training_defaults",
     "resolve_fast_path",
     "validate_training_args",
@@ -101,47 +115,179 @@ __all__ = [
     "MODEL_FLAGS_IGNORED_ON_RESUME",
 ]
 
-# Periodic EMA sample grid: number of images and DDIM steps.
-SAMPLE_GRID_SIZE = 16
-SAMPLE_GRID_DDIM_STEPS = 50
-# Flags of model_and_diffusion_defaults() that change how, not what, is computed; a resumed run
-# may change them freely (params stay float32 whatever use_fp16 says: autocast does the rest).
 _STATE_FORMAT = 1
+_DEFAULTS = train_loop_defaults()  # every keyword default of TrainLoop (options.py owns them)
+# settings kept as attributes under upstream's (and earlier versions') names, with their types
+_SCALAR_ATTRIBUTES: Dict[str, Callable[[Any], Any]] = dict(
+    batch_size=int, lr=float, log_interval=int, save_interval=int, fp16_scale_growth=float, weight_decay=float,
+    lr_anneal_steps=int, total_steps=int, stop_at=int, grad_clip=float, sample_interval=int, seed=int,
+    max_nonfinite=int, fdm_warmup_steps=int, beta2=float,
+)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped after ``--max_nonfinite`` non-finite steps in a row."""
+# ---------------------------------------------------------------------------------------------
+# The pieces TrainLoop is built from
+# ---------------------------------------------------------------------------------------------
 
 
-
-
-def _cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    # Plain, contiguous CPU tensors: loadable anywhere, keys of the uncompiled module.
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _numpy_rng_state() -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    # a tensor, not an ndarray, so the state file loads with torch.load(weights_only=True)
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _set_numpy_rng_state(s: Dict[str, Any]) -> None:
-    keys = s["keys"].numpy() if isinstance(s["keys"], torch.Tensor) else s["keys"]
-    np.random.set_state((s["name"], np.asarray(keys).astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
-
-
-def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+def loop_settings(settings: Optional[LoopSettings], upstream: Dict[str, Any],
+                  groups: Dict[str, Optional[Dict[str, Any]]], flat: Dict[str, Any]) -> LoopSettings:
     """
-    Upstream's host-side loss logging: the mean of each term and its mean per quartile of t/T
-    (``loss_q0`` .. ``loss_q3``). TrainLoop itself accumulates on the device instead.
+    ``TrainLoop``'s settings: ``settings`` as given (checked when it was built; upstream's
+    keywords must then agree with it, or be left at their defaults, and no group or new keyword
+    may be given), else built and checked from the arguments.
     """
-    for key, values in losses.items():
-        logger.logkv_mean(key, values.mean().item())
-        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
-            quartile = int(4 * sub_t / diffusion.num_timesteps)
-            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+    if settings is None:
+        return LoopSettings.from_groups(upstream, groups, flat)
+    if flat or any(groups.values()):
+        raise TypeError("TrainLoop(settings=...) takes every new setting from settings: pass no *_kwargs group "
+                        f"or new keyword besides it (got {', '.join(sorted(flat) + [g for g in groups if groups[g]])})")
+    for k, v in upstream.items():
+        if v != settings[k] and (k not in _DEFAULTS or v != _DEFAULTS[k]):
+            raise ValueError(f"TrainLoop got {k}={v!r} and settings with {k}={settings[k]!r}; pass one of them")
+    return settings
+
+
+def loss_weight_table(weighting: Any, options: Optional[Dict[str, Any]], diffusion: Any,
+                      device: torch.device) -> Optional[torch.Tensor]:
+    """The per-timestep weights of the MSE term (a name or a length-T array), on the device; None: off.
+    The weighting owns the table and its refusals (``weighting.loss_weight_table``)."""
+    weights = weighting_table(weighting, diffusion, options)
+    return None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
+
+
+def fdm_warmup_table(diffusion: Any, warmup_steps: int, device: torch.device) -> Optional[torch.Tensor]:
+    """sigma_t^2 = (1 - abar_t) / abar_t on the device when FDM's warm-up is on, else None."""
+    if not getattr(diffusion, "fdm", False) or warmup_steps <= 0:
+        return None
+    loss_type = getattr(getattr(diffusion, "loss_type", None), "name", "MSE")
+    if loss_type in ("KL", "RESCALED_KL"):
+        raise ValueError("--fdm_warmup_steps weights the MSE term of the loss, and --use_kl True trains on the "
+                         "variational bound alone (no MSE term); set --fdm_warmup_steps 0 or --use_kl False")
+    abar = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+    return torch.as_tensor((1.0 - abar) / abar, dtype=torch.float32, device=device)
+
+
+def checked_lr_schedule(lr_schedule: Any, lr: float, lr_anneal_steps: int) -> Any:
+    """The base-lr schedule: the given one (checked against ``lr``/``lr_anneal_steps``) or the flags'."""
+    if lr_schedule is None:
+        return lr_schedule_from_flags(lr, lr_anneal_steps)
+    if not callable(getattr(lr_schedule, "lr_at", None)):
+        raise TypeError(f"lr_schedule needs an lr_at(step) method, got {lr_schedule!r}")
+    if lr_anneal_steps:
+        raise ValueError("lr_schedule replaces --lr_anneal_steps' linear decay: pass one or the other "
+                         "(set total_steps to end the run at a given step)")
+    own_lr = getattr(lr_schedule, "lr", None)
+    if own_lr is not None and float(own_lr) != lr:
+        raise ValueError(f"lr_schedule's lr ({float(own_lr):g}) differs from lr ({lr:g})")
+    return lr_schedule
+
+
+def configure_backends(device: torch.device, precision: str, deterministic: bool) -> None:
+    """Deterministic algorithms when asked; cuDNN autotuning otherwise; no TF32 under fp32."""
+    on_cuda = device.type == "cuda"
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif on_cuda:
+        torch.backends.cudnn.benchmark = True
+    if on_cuda and precision == "fp32":
+        # fp32 means float32 arithmetic: cuDNN would otherwise run convolutions in TF32
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The context the forward passes run in: nothing for fp32, autocast to bf16/fp16 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def resolve_point(log_dir: str, resume: Any, resume_checkpoint: str, ema_rate: Sequence[float],
+                  config: Optional[Dict[str, Any]], model: torch.nn.Module) -> Optional[ResumePoint]:
+    """
+    Where the run continues from (None: step 0). A ``ResumePoint`` the caller passes was checked by
+    it (``run_folder.prepare_resume``); one looked up here is checked against ``config`` and
+    ``model``. Warns when checkpoints of later steps will be overwritten.
+    """
+    checked = isinstance(resume, ResumePoint)
+    point = resolve_resume(log_dir, resume, resume_checkpoint, ema_rate)
+    done = list_complete_checkpoints(log_dir)
+    if point is not None:
+        if not checked:
+            check_resume_compatible(point, config, model)
+        newer = [s for s in done if s > point.step]
+        if point.how != "auto" and newer:
+            logger.warn(f"{point.how} resumes from step {point.step} although {log_dir} has a newer "
+                        f"complete checkpoint set (step {newer[-1]}); later checkpoints will be overwritten")
+    elif done:
+        logger.warn(f"--resume {resume}: starting from step 0 in {log_dir}, which has checkpoints up to step "
+                    f"{done[-1]}; they are overwritten as the run reaches them")
+    return point
+
+
+def ema_copies(model: torch.nn.Module, rates: Sequence[float], point: Optional[ResumePoint]) -> List[torch.nn.Module]:
+    """One frozen copy of ``model`` per EMA rate, with the checkpoint's EMA weights when resuming."""
+    out = []
+    for rate in rates:
+        ema = copy.deepcopy(model)
+        if point is not None and rate in point.ema_paths:
+            ema.load_state_dict(load_weights(point.ema_paths[rate]))
+        elif point is not None:
+            logger.warn(f"no EMA checkpoint for rate {rate} at step {point.step}: starting it from the model")
+        ema.eval().requires_grad_(False)
+        out.append(ema)
+    return out
+
+
+def wrap_model(model: torch.nn.Module, use_ddp: bool, device: torch.device, use_compile: bool,
+               compile_mode: Optional[str]) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """
+    ``(ddp_model, forward_model)``: upstream's ``ddp_model`` (the DDP wrapper when distributed,
+    else the model itself) and what the forward passes call (it, compiled when asked). The raw
+    module stays the model: checkpoints keep its keys and the EMAs copy it.
+    """
+    ddp_model = forward = model
+    if use_ddp:
+        on_cuda = device.type == "cuda"
+        dist_util.sync_params(model.parameters())
+        ddp_model = forward = DDP(model, device_ids=[device] if on_cuda else None,
+                                  output_device=device if on_cuda else None, broadcast_buffers=False,
+                                  bucket_cap_mb=128, find_unused_parameters=False)
+    if use_compile:
+        # under DDP the wrapper is compiled, as PyTorch recommends: DDP's hooks run eagerly and the
+        # module's graph is split at the gradient buckets
+        forward = torch.compile(forward, mode=compile_mode)
+    return ddp_model, forward
+
+
+@contextlib.contextmanager
+def naming_write_errors(log_dir: str, step: int) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only folder) into a message naming the file and the
+    newest complete set, which the atomic writes leave intact."""
+    try:
+        yield
+    except OSError as e:
+        done = [s for s in list_complete_checkpoints(log_dir) if s != step]
+        last = (f"the newest complete set, step {done[-1]}, is intact" if done
+                else "there is no complete checkpoint set yet")
+        raise CheckpointWriteError(
+            f"cannot write {e.filename or 'a checkpoint file'} into {log_dir} "
+            f"({e.strerror or e}) while saving the checkpoint set of step {step}; {last}. Free space or "
+            "fix the folder's permissions, then rerun the same command to resume") from e
+
+
+def write_checkpoint_set(log_dir: str, names: Dict[str, Any], model: torch.nn.Module, emas: Dict[float, torch.nn.Module],
+                         opt: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Model, one EMA per rate, optimizer, then the state file (last: it marks the set complete)."""
+    atomic_torch_save(cpu_state_dict(model), os.path.join(log_dir, names["model"]))
+    for rate, ema in emas.items():
+        atomic_torch_save(cpu_state_dict(ema), os.path.join(log_dir, names["ema"][rate]))
+    atomic_torch_save(opt.state_dict(), os.path.join(log_dir, names["opt"]))
+    atomic_torch_save(state, os.path.join(log_dir, names["state"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +297,8 @@ def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tens
 
 class TrainLoop:
     """
-    Train a diffusion model (upstream's ``TrainLoop``, same keyword arguments, plus the new
-    ones below). ``run_loop()`` trains until ``total_steps``/``lr_anneal_steps``/``stop_at``.
+    Train a diffusion model (upstream's ``TrainLoop``: its keyword arguments, attributes and
+    hooks). ``run_loop()`` trains until ``total_steps``/``lr_anneal_steps``/``stop_at``.
 
     Upstream's surface: ``mp_trainer`` (a ``fp16_util.GradScalerTrainer``: upstream's
     ``MixedPrecisionTrainer`` interface over this loop's float32 parameters and loss scaler;
@@ -175,297 +321,114 @@ class TrainLoop:
     ``super()._anneal_lr()`` first and then changes ``param_group["lr"]`` composes with the
     schedule and MDLRC. The logged ``lr``/``beta1`` are read back from the optimizer after it.
 
-    :param model: the model (float32 parameters; mixed precision is autocast).
-    :param diffusion: the (possibly respaced) GaussianDiffusion.
-    :param data: an iterable of ``(images NCHW in [-1, 1], {"y": labels} or {})``; with
-                 ``state_dict()``/``load_state_dict()`` its position is part of the checkpoints.
-    :param batch_size: images per step and process.
-    :param microbatch: images per forward/backward (-1/0: the whole batch).
-    :param lr: base learning rate.
-    :param ema_rate: EMA rate(s), "0.9999,0.999" or a float.
-    :param log_interval: steps between log rows.
-    :param save_interval: steps between checkpoints (0: only at the end/``stop_at``).
-    :param save_steps: extra steps at which a checkpoint set is saved (e.g. "3906,39062", the ends of
-                       epochs 10 and 100 of CIFAR-10 at batch 128: the paper's Fig. 4 endpoints).
-    :param resume_checkpoint: upstream's explicit ``modelNNNNNN.pt`` to resume from.
-    :param use_fp16: upstream's flag; the same as ``precision="fp16"``.
-    :param fp16_scale_growth: log2 loss-scale growth per good fp16 step (upstream's meaning).
-    :param schedule_sampler: timestep sampler (default: uniform, seeded with ``seed``).
-    :param weight_decay: AdamW's decoupled weight decay.
-    :param lr_anneal_steps: anneal the lr linearly to 0 over this many steps; the run ends there
-                            (``schedules.LinearDecayLR``).
-    :param total_steps: the run's length I (ends there; MDLRC's horizon). 0: no end.
-    :param stop_at: end this process at this step after a checkpoint (0: off).
-    :param loss_weighting: per-timestep loss weights: a name ("none", "min_snr", "p2",
-                           "speed") or a length-T array.
-    :param loss_weighting_options: options of a named ``loss_weighting``, named as the flags
-                                   (``min_snr_gamma``, ``predict_xstart``, ``p2_k``, ``p2_gamma``,
-                                   ``speed_lambda``, ``speed_tau``); None: the weighting's defaults.
-    :param fdm_warmup_steps: FDM's loss-weight warm-up, used when ``diffusion.fdm``: the MSE
-                             term of step i is multiplied by min(1, clamp(i) * sigma_t^2),
-                             clamp(i) = 5 * 100**(i / W) for i < W (then 1), a function of the
-                             global step (``fdm.warmup_clamp``); 0: off.
-    :param beta1: Adam's beta1 (beta1_init of MDLRC).
-    :param beta2: Adam's beta2.
-    :param momentum_decay: MDLRC momentum decay on.
-    :param beta1_min: MDLRC's floor of beta1.
-    :param lr_compensation: MDLRC's learning-rate compensation.
-    :param decay_beta1: False: the lr-only control (MDLRC's lr, beta1 held at ``beta1``).
-    :param precision: "auto" | "fp32" | "bf16" | "fp16" (auto: bf16 on CUDA, fp32 on CPU).
-    :param compile: torch.compile the model's forward (auto: on CUDA).
-    :param compile_mode: ``torch.compile`` mode (None/"default", "reduce-overhead" for CUDA
-                         graphs, "max-autotune", ...).
-    :param channels_last: channels_last memory format (auto: on CUDA).
-    :param fused_optimizer: fused AdamW kernel, which also skips non-finite steps on the device
-                            (auto: when every parameter is on CUDA).
-    :param grad_clip: clip the global gradient norm to this (0: off).
-    :param sample_interval: steps between EMA sample grids written to the run folder (0: off).
-    :param log_dir: the run folder (default: the logger's folder).
-    :param seed: seeds timesteps, noise and dropout (the caller seeds model init and data).
-    :param resume: "auto" | "none" | a checkpoint path, or the ``ResumePoint`` a caller already
-                   resolved and checked (``run_folder.prepare_resume``), so it is not looked up again.
-    :param max_nonfinite: stop after this many non-finite steps in a row (0: never).
-    :param deterministic: torch deterministic algorithms (cuDNN benchmark off).
-    :param config: the run's resolved configuration (saved in the state file; used to refuse
-                   resuming with other model flags and to build the sample-grid diffusion).
-    :param lr_schedule: the base-lr schedule, any object with ``lr_at(step)`` (e.g. a
-                        ``schedules.LRSchedule`` subclass such as a warm-up); MDLRC multiplies
-                        it. Default: ``LinearDecayLR(lr, lr_anneal_steps)`` or ``ConstantLR(lr)``.
-                        It replaces ``lr_anneal_steps`` (set ``total_steps`` for the run's end)
-                        and its ``lr`` attribute, when it has one, must equal ``lr``.
+    Arguments: upstream's (``model``, ``diffusion``, ``data`` yielding ``(NCHW images in [-1, 1],
+    {"y": labels} or {})``, ``batch_size`` per process, ``microbatch`` (-1: off), ``lr``,
+    ``ema_rate`` ("0.9999,0.999"), ``log_interval``, ``save_interval``, ``resume_checkpoint``,
+    ``use_fp16``, ``fp16_scale_growth``, ``schedule_sampler`` (a sampler or a registered name),
+    ``weight_decay``, ``lr_anneal_steps``), then this project's in five groups, as EDM groups its
+    options (``options.LOOP_GROUPS`` lists them; each member means what its ``--flag`` means in
+    the README's flag table, and its default is the flag's): ``run_kwargs`` (total_steps,
+    stop_at, save_steps, log_dir, seed, resume: "auto" | "none" | a path | a checked
+    ``ResumePoint``, config), ``optimizer_kwargs`` (beta1, beta2, momentum_decay, beta1_min,
+    lr_compensation, decay_beta1, grad_clip, lr_schedule: any object with ``lr_at(step)``, which
+    replaces ``lr_anneal_steps``), ``loss_kwargs`` (loss_weighting: a name or a length-T array,
+    loss_weighting_options, fdm_warmup_steps), ``speed_kwargs`` (precision, compile,
+    compile_mode, channels_last, fused_optimizer, deterministic) and ``guard_kwargs``
+    (max_nonfinite, sample_interval). A member may also be given as a keyword of its own
+    (``TrainLoop(..., total_steps=8)``), or everything as one checked ``options.LoopSettings``
+    (``settings=``, what ``training.train`` passes). Every setting is checked once, where the
+    settings are built.
     """
 
     def __init__(
-        self,
-        *,
-        model: torch.nn.Module,
-        diffusion: Any,
-        data: Iterable,
-        batch_size: int,
-        microbatch: int,
-        lr: float,
-        ema_rate: Union[str, float, Sequence[float]],
-        log_interval: int,
-        save_interval: int,
-        resume_checkpoint: str = "",
-        use_fp16: bool = False,
-        fp16_scale_growth: float = 1e-3,
-        schedule_sampler: Any = None,
-        weight_decay: float = 0.0,
-        lr_anneal_steps: int = 0,
-        total_steps: int = 0,
-        stop_at: int = 0,
-        loss_weighting: Union[str, np.ndarray, Sequence[float], None] = None,
-        loss_weighting_options: Optional[Dict[str, Any]] = None,
-        fdm_warmup_steps: int = _fdm.DEFAULT_WARMUP_STEPS,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        momentum_decay: bool = False,
-        beta1_min: float = 0.5,
-        lr_compensation: bool = True,
-        decay_beta1: bool = True,
-        precision: str = "auto",
-        compile: Union[bool, str] = "auto",
-        channels_last: Union[bool, str] = "auto",
-        fused_optimizer: Union[bool, str] = "auto",
-        compile_mode: Optional[str] = None,
-        grad_clip: float = 0.0,
-        sample_interval: int = 0,
-        save_steps: Union[str, Sequence[int], None] = "",
-        log_dir: Optional[str] = None,
-        seed: int = 0,
-        resume: Union[str, ResumePoint] = "auto",
-        max_nonfinite: int = 20,
-        deterministic: bool = False,
-        config: Optional[Dict[str, Any]] = None,
-        lr_schedule: Any = None,
+        self, *, model: torch.nn.Module, diffusion: Any, data: Iterable, batch_size: int, microbatch: int,
+        lr: float, ema_rate: Union[str, float, Sequence[float]], log_interval: int, save_interval: int,
+        resume_checkpoint: str = _DEFAULTS["resume_checkpoint"], use_fp16: bool = _DEFAULTS["use_fp16"],
+        fp16_scale_growth: float = _DEFAULTS["fp16_scale_growth"], schedule_sampler: Any = _DEFAULTS["schedule_sampler"],
+        weight_decay: float = _DEFAULTS["weight_decay"], lr_anneal_steps: int = _DEFAULTS["lr_anneal_steps"],
+        run_kwargs: Optional[Dict[str, Any]] = None, optimizer_kwargs: Optional[Dict[str, Any]] = None,
+        loss_kwargs: Optional[Dict[str, Any]] = None, speed_kwargs: Optional[Dict[str, Any]] = None,
+        guard_kwargs: Optional[Dict[str, Any]] = None, settings: Optional[LoopSettings] = None, **kwargs: Any,
     ):
-        validate_training_args(dict(
-            batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
-            save_interval=save_interval, fp16_scale_growth=fp16_scale_growth, weight_decay=weight_decay,
-            lr_anneal_steps=lr_anneal_steps, total_steps=total_steps, stop_at=stop_at, beta1=beta1, beta2=beta2,
-            momentum_decay=momentum_decay, beta1_min=beta1_min, grad_clip=grad_clip, sample_interval=sample_interval,
-            seed=seed, max_nonfinite=max_nonfinite, compile=compile, channels_last=channels_last,
-            precision=precision, use_fp16=use_fp16, resume=resume,
-        ))
-        self.model = model
-        self.diffusion = diffusion
-        self.data = data
-        self.batch_size = int(batch_size)
-        self.microbatch = int(microbatch) if microbatch and microbatch > 0 else self.batch_size
-        self.lr = float(lr)
-        self.ema_rate = parse_ema_rates(ema_rate)
-        self.log_interval = int(log_interval)
-        self.save_interval = int(save_interval)
-        self.save_steps = set(parse_save_steps(save_steps))
-        self.resume_checkpoint = resume_checkpoint or ""
-        self.fp16_scale_growth = float(fp16_scale_growth)
-        self.weight_decay = float(weight_decay)
-        self.lr_anneal_steps = int(lr_anneal_steps)
-        self.total_steps = int(total_steps)
-        self.stop_at = int(stop_at)
-        self.grad_clip = float(grad_clip)
-        self.sample_interval = int(sample_interval)
-        self.seed = int(seed)
-        self.max_nonfinite = int(max_nonfinite)
-        self.config = dict(config) if config is not None else None
-
-        self.rank = dist_util.get_rank()
-        self.world_size = dist_util.get_world_size()
-        self.device = dist_util.dev()
+        upstream = dict(batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=ema_rate,
+                        log_interval=log_interval, save_interval=save_interval, resume_checkpoint=resume_checkpoint,
+                        use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth, weight_decay=weight_decay,
+                        lr_anneal_steps=lr_anneal_steps)
+        groups = dict(run_kwargs=run_kwargs, optimizer_kwargs=optimizer_kwargs, loss_kwargs=loss_kwargs,
+                      speed_kwargs=speed_kwargs, guard_kwargs=guard_kwargs)
+        self.settings = s = loop_settings(settings, upstream, groups, kwargs)
+        self.model, self.diffusion, self.data = model, diffusion, data
+        for name, cast in _SCALAR_ATTRIBUTES.items():
+            setattr(self, name, cast(s[name]))
+        self.microbatch = int(s["microbatch"]) if s["microbatch"] and s["microbatch"] > 0 else self.batch_size
+        self.ema_rate = parse_ema_rates(s["ema_rate"])
+        self.save_steps = set(parse_save_steps(s["save_steps"]))
+        self.resume_checkpoint = s["resume_checkpoint"] or ""
+        self.config = dict(s["config"]) if s["config"] is not None else None
+        self.rank, self.world_size, self.device = dist_util.get_rank(), dist_util.get_world_size(), dist_util.dev()
         self.global_batch = self.batch_size * self.world_size
-        on_cuda = self.device.type == "cuda"
-        fast = resolve_fast_path(self.device, precision, bool(use_fp16), compile, channels_last, fused_optimizer)
-        self.precision = fast["precision"]
+        fast = resolve_fast_path(self.device, s["precision"], bool(s["use_fp16"]), s["compile"], s["channels_last"],
+                                 s["fused_optimizer"])
+        self.precision, self.use_compile, self.channels_last = fast["precision"], fast["compile"], fast["channels_last"]
         self.use_fp16 = self.precision == "fp16"
-        self.use_compile = fast["compile"]
-        self.compile_mode = None if compile_mode in (None, "", "default") else str(compile_mode)
-        self.channels_last = fast["channels_last"]
-        self.log_dir = log_dir or get_blob_logdir()
+        self.compile_mode = None if s["compile_mode"] in (None, "", "default") else str(s["compile_mode"])
+        self.log_dir = s["log_dir"] or get_blob_logdir()
         if not self.log_dir:
             raise ValueError("TrainLoop needs a run folder: pass log_dir= or call logger.configure() first")
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        elif on_cuda:
-            torch.backends.cudnn.benchmark = True
-        if on_cuda and self.precision == "fp32":
-            # fp32 means float32 arithmetic: cuDNN would otherwise run convolutions in TF32
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-
-        if schedule_sampler is None:
+        configure_backends(self.device, self.precision, bool(s["deterministic"]))
+        if schedule_sampler is None or isinstance(schedule_sampler, str):
             # rank 0's stream on every rank: the global batch's timesteps are drawn once, sliced by rank
-            schedule_sampler = UniformSampler(diffusion, seed=self.seed, rank=0)
+            schedule_sampler = create_named_schedule_sampler(schedule_sampler or "uniform", diffusion,
+                                                             seed=self.seed, rank=0)
         self.schedule_sampler = schedule_sampler
-        self.loss_weights = self._loss_weight_table(loss_weighting, loss_weighting_options)
-        self.fdm_warmup_steps = int(fdm_warmup_steps)
-        self._fdm_sigma2 = self._fdm_warmup_table()
-        self.momentum = MomentumDecay(
-            beta1=beta1, beta1_min=beta1_min, total_steps=(self.total_steps or None),
-            lr_compensation=lr_compensation, enabled=bool(momentum_decay), decay_beta1=bool(decay_beta1),
-        )
-        from .schedules import WithMomentumDecay, lr_schedule_from_flags
-
-        if lr_schedule is None:
-            lr_schedule = lr_schedule_from_flags(self.lr, self.lr_anneal_steps)
-        else:
-            if not callable(getattr(lr_schedule, "lr_at", None)):
-                raise TypeError(f"lr_schedule needs an lr_at(step) method, got {lr_schedule!r}")
-            if self.lr_anneal_steps:
-                raise ValueError("lr_schedule replaces --lr_anneal_steps' linear decay: pass one or the other "
-                                 "(set total_steps to end the run at a given step)")
-            own_lr = getattr(lr_schedule, "lr", None)
-            if own_lr is not None and float(own_lr) != self.lr:
-                raise ValueError(f"lr_schedule's lr ({float(own_lr):g}) differs from lr ({self.lr:g})")
-        self.lr_schedule = lr_schedule
+        self.loss_weights = loss_weight_table(s["loss_weighting"], s["loss_weighting_options"], diffusion, self.device)
+        self._fdm_sigma2 = fdm_warmup_table(diffusion, self.fdm_warmup_steps, self.device)
+        self.momentum = s.momentum
+        self.lr_schedule = checked_lr_schedule(s["lr_schedule"], self.lr, self.lr_anneal_steps)
         # the lr and beta1 of every step: the base schedule, with MDLRC multiplying its lr
         self.opt_schedule = WithMomentumDecay(self.lr_schedule, self.momentum)
-        self.beta2 = float(beta2)
 
-        self.step = 0
-        self.resume_step = 0
-        self._nf_total = 0  # non-finite steps skipped, whole run (host copy, refreshed at checks)
-        self._gpu_hours_before = 0.0
-        point = resolve_resume(self.log_dir, resume, self.resume_checkpoint, self.ema_rate)
-        if point is not None:
-            check_resume_compatible(point, self.config, self.model)
-            newer = [s for s in list_complete_checkpoints(self.log_dir) if s > point.step]
-            if point.how != "auto" and newer:
-                logger.warn(f"{point.how} resumes from step {point.step} although {self.log_dir} has a newer "
-                            f"complete checkpoint set (step {newer[-1]}); later checkpoints will be overwritten")
-        elif list_complete_checkpoints(self.log_dir):
-            logger.warn(f"--resume {resume}: starting from step 0 in {self.log_dir}, which has checkpoints up to step "
-                        f"{list_complete_checkpoints(self.log_dir)[-1]}; they are overwritten as the run reaches them")
+        self.step = self.resume_step = 0
+        point = resolve_point(self.log_dir, s["resume"], self.resume_checkpoint, self.ema_rate, self.config, model)
         self.model.to(self.device)
         if point is not None:
             self.model.load_state_dict(load_weights(point.model_path))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model_params = list(self.model.parameters())
-
-        self.ema_models: List[torch.nn.Module] = []
-        for rate in self.ema_rate:
-            ema = copy.deepcopy(self.model)
-            if point is not None and rate in point.ema_paths:
-                ema.load_state_dict(load_weights(point.ema_paths[rate]))
-            elif point is not None:
-                logger.warn(f"no EMA checkpoint for rate {rate} at step {point.step}: starting it from the model")
-            ema.eval().requires_grad_(False)
-            self.ema_models.append(ema)
-
-        opt_kwargs: Dict[str, Any] = {}
-        if str(fused_optimizer).strip().lower() != "auto":
-            # only when asked: "auto" leaves the choice to create_optimizer (fused when on CUDA)
-            opt_kwargs["fused"] = fast["fused_optimizer"]
+        self.ema_models = ema_copies(self.model, self.ema_rate, point)
+        # "auto" leaves the kernel to create_optimizer (fused when on CUDA)
+        fused = {} if str(s["fused_optimizer"]).strip().lower() == "auto" else {"fused": fast["fused_optimizer"]}
         self.opt = create_optimizer(self.model_params, lr=self.lr, weight_decay=self.weight_decay,
-                                    beta1=beta1, beta2=self.beta2, **opt_kwargs)
+                                    beta1=s["beta1"], beta2=self.beta2, **fused)
         self.fused_optimizer = bool(self.opt.defaults.get("fused"))
-        self.scaler = None
-        if self.use_fp16:
-            self.scaler = torch.amp.GradScaler(
-                self.device.type, init_scale=2.0 ** INITIAL_LOG_LOSS_SCALE, growth_factor=2.0, backoff_factor=0.5,
-                growth_interval=max(1, int(round(1.0 / self.fp16_scale_growth))),
-            )
-        if point is not None:
-            self._load_checkpoint(point)
-        from .fp16_util import GradScalerTrainer
-
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, init_scale=2.0 ** INITIAL_LOG_LOSS_SCALE, growth_factor=2.0, backoff_factor=0.5,
+            growth_interval=max(1, int(round(1.0 / self.fp16_scale_growth)))) if self.use_fp16 else None
+        nonfinite, hours = self._load_checkpoint(point) if point is not None else (0, 0.0)
+        self.nonfinite = NonFiniteGuard(self.max_nonfinite, self.device, self.fused_optimizer, total=nonfinite)
+        self.clock = RunClock(self.world_size, hours)
         self._ema_keep: Optional[torch.Tensor] = None  # set by each step: None, or "not skipped" on the device
         self.mp_trainer = GradScalerTrainer(
             model=self.model, model_params=self.model_params, scaler=self.scaler, use_fp16=self.use_fp16,
-            fp16_scale_growth=self.fp16_scale_growth, step_fn=self._step_optimizer,
-        )
-        self.sync_cuda = on_cuda
-
-        # upstream: ddp_model is the DDP wrapper when distributed, else the model itself
+            fp16_scale_growth=self.fp16_scale_growth, step_fn=self._step_optimizer)
+        self.sync_cuda = self.device.type == "cuda"
         self.use_ddp = self.world_size > 1
-        self.ddp_model: torch.nn.Module = self.model
-        forward_model: torch.nn.Module = self.model
-        if self.use_ddp:
-            dist_util.sync_params(self.model.parameters())
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=[self.device] if on_cuda else None,
-                output_device=self.device if on_cuda else None,
-                broadcast_buffers=False,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-            )
-            forward_model = self.ddp_model
-        if self.use_compile:
-            # The raw module stays self.model (checkpoints keep its keys, EMA copies it). Under DDP
-            # the wrapper is compiled, as PyTorch recommends: DDP's hooks run eagerly and the
-            # module's graph is split at the gradient buckets.
-            forward_model = torch.compile(forward_model, mode=self.compile_mode)
-        self.forward_model = forward_model
-
-        if self.precision == "fp32":
-            self._autocast = contextlib.nullcontext
-        else:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            self._autocast = functools.partial(torch.autocast, device_type=self.device.type, dtype=dtype)
-
-        # device-side accumulators, read once per log row
-        self._loss_keys: Optional[List[str]] = None
-        self._loss_sums: Optional[torch.Tensor] = None  # [keys, 4] sums per quartile of t/T
-        self._loss_counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.ddp_model, self.forward_model = wrap_model(self.model, self.use_ddp, self.device, self.use_compile,
+                                                        self.compile_mode)
+        self._autocast = autocast_factory(self.precision, self.device)
+        self.loss_meter = LossMeter(diffusion.num_timesteps, self.device)  # read once per log row
         self._grad_norm = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._nf_consec_t = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._nf_total_t = torch.full((), self._nf_total, dtype=torch.int64, device=self.device)
-        self._nf_trigger_t = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._nf_consec = 0
-        self._nf_trigger = -1
         self._noise_gen = torch.Generator(device=self.device)
-        self._grid_diffusion = None
-        self._data_iter = None
-        self._cur_lr = self.lr
-        self._cur_beta1 = float(beta1)
-        self._t_start = None
-        self._t_last = None
-        self._steps_since_log = 0
+        self.stop_signals = StopSignals()
+        self.grid = SampleGrid(self.config, diffusion, self.seed, self.device, self._autocast, self.log_dir, self.rank)
+        self._warn_short_ema = EmaHorizonWarning(self.ema_rate, self.rank)
+        self._data_iter: Optional[Iterator] = None
+        self._cur_lr, self._cur_beta1 = self.lr, float(s["beta1"])
         self._last_saved_step = point.step if point is not None else -1
+        self._log_start(point)
+
+    def _log_start(self, point: Optional[ResumePoint]) -> None:
         if point is not None:
             logger.log(f"resumed from step {point.step} ({point.describe()})")
             # rows an interrupted run logged after this checkpoint are logged again from here on
@@ -480,130 +443,29 @@ class TrainLoop:
             logger.warn("no --total_steps, --lr_anneal_steps or --stop_at: training runs until it is stopped "
                         "(as upstream)")
 
-    # ------------------------------------------------------------------ setup helpers
-
-    def _loss_weight_table(self, weighting: Any, options: Optional[Dict[str, Any]] = None) -> Optional[torch.Tensor]:
-        if weighting is None or (isinstance(weighting, str) and weighting.strip().lower() in ("", "none", "uniform")):
-            return None
-        loss_type = getattr(getattr(self.diffusion, "loss_type", None), "name", "MSE")
-        if loss_type in ("KL", "RESCALED_KL"):
-            raise ValueError("--loss_weighting weights the MSE term of the loss, and --use_kl True trains on the "
-                             "variational bound alone (no MSE term); use one or the other")
-        if isinstance(weighting, str):
-            arr = named_loss_weighting(weighting, self.diffusion, **dict(options or {}))
-        else:
-            if options:
-                raise ValueError("loss_weighting_options only apply to a named loss_weighting; the weights "
-                                 "were given as an array")
-            arr = np.asarray(weighting, dtype=np.float64)
-        T = int(self.diffusion.num_timesteps)
-        if arr.shape != (T,):
-            raise ValueError(f"--loss_weighting: expected one weight per diffusion step ({T}), got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("--loss_weighting: the weights must be finite")
-        return torch.as_tensor(arr, dtype=torch.float32, device=self.device)
-
-    def _fdm_warmup_table(self) -> Optional[torch.Tensor]:
-        """sigma_t^2 = (1 - abar_t) / abar_t on the device when FDM's warm-up is on, else None."""
-        _fdm.check_fdm_options(warmup_steps=self.fdm_warmup_steps)
-        if not getattr(self.diffusion, "fdm", False) or self.fdm_warmup_steps <= 0:
-            return None
-        loss_type = getattr(getattr(self.diffusion, "loss_type", None), "name", "MSE")
-        if loss_type in ("KL", "RESCALED_KL"):
-            raise ValueError("--fdm_warmup_steps weights the MSE term of the loss, and --use_kl True trains on the "
-                             "variational bound alone (no MSE term); set --fdm_warmup_steps 0 or --use_kl False")
-        abar = np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64)
-        return torch.as_tensor((1.0 - abar) / abar, dtype=torch.float32, device=self.device)
-
-    def fdm_warmup_weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
-        """
-        FDM's warm-up factor on the MSE term of step ``self.step`` for timesteps ``t``:
-        min(1, clamp(step) * sigma_t^2), or None when the warm-up is off or over.
-        """
-        if self._fdm_sigma2 is None:
-            return None
-        clamp = _fdm.warmup_clamp(self.step, self.fdm_warmup_steps)
-        if math.isinf(clamp):
-            return None
-        return torch.clamp(self._fdm_sigma2[t] * clamp, max=1.0)
-
-    def _load_checkpoint(self, point: ResumePoint) -> None:
-        """Optimizer, loss scaler, sampler, data position, RNG and counters from a checkpoint set."""
+    def _load_checkpoint(self, point: ResumePoint) -> Tuple[int, float]:
+        """Optimizer, loss scaler, sampler, data position and RNG from a checkpoint set; returns the
+        non-finite count and GPU hours so far."""
         self.step = self.resume_step = int(point.step)
         if point.opt_path:
-            fresh = [dict(g) for g in self.opt.param_groups]
-            self.opt.load_state_dict(load_weights(point.opt_path))
-            for group, new in zip(self.opt.param_groups, fresh):
-                # the flags of this run win (MDLRC sets lr/beta1 every step); keep this run's kernel choice
-                for key in ("fused", "foreach", "capturable", "differentiable", "weight_decay"):
-                    if key in new:
-                        group[key] = new[key]
-                group["betas"] = (group["betas"][0], self.beta2)
-            self._match_opt_state_layout()
+            load_optimizer_state(self.opt, point.opt_path, self.beta2, self.model_params)
         else:
             logger.warn(f"no optimizer checkpoint for step {point.step}: the AdamW moments start from zero")
         state = point.load_state()
         if state is None:
-            return
-        if self.scaler is not None and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        if state.get("sampler") is not None and hasattr(self.schedule_sampler, "load_state_dict"):
-            try:
-                self.schedule_sampler.load_state_dict(state["sampler"])
-            except (ValueError, KeyError) as e:
-                logger.warn(f"schedule sampler state not restored ({e}); its random stream starts fresh")
-        saved_world = int(state.get("world_size", 1))
-        per_rank = state.get("per_rank") or []
-        if saved_world == self.world_size and self.rank < len(per_rank):
-            mine = per_rank[self.rank]
-            self._restore_rng(mine.get("rng"))
-            if mine.get("data") is not None:
-                if hasattr(self.data, "load_state_dict"):
-                    self.data.load_state_dict(mine["data"])
-                else:
-                    logger.warn("the data loader has no load_state_dict(): its position starts fresh")
-        else:
-            logger.warn(f"the checkpoint was written by {saved_world} process(es), this run has {self.world_size}: "
-                        "the data position and RNG streams start fresh (the run continues, not bit-identically)")
-        nf = state.get("nonfinite") or {}
-        self._nf_total = int(nf.get("total", 0))
-        self._gpu_hours_before = float(state.get("gpu_hours", 0.0))
-
-    def _match_opt_state_layout(self) -> None:
-        # Moments saved by a run with another --channels_last have the other memory format; give
-        # them the parameter's (same values) so the fused/foreach kernels see matching strides.
-        for p in self.model_params:
-            state = self.opt.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-    def _restore_rng(self, rng: Optional[Dict[str, Any]]) -> None:
-        if not rng:
-            return
-        if rng.get("torch_cpu") is not None:
-            torch.set_rng_state(rng["torch_cpu"])
-        if rng.get("torch_cuda") is not None and torch.cuda.is_available():
-            states = rng["torch_cuda"]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
-        if rng.get("numpy") is not None:
-            _set_numpy_rng_state(rng["numpy"])
-        if rng.get("python") is not None:
-            random.setstate(rng["python"])
-
-    def _rng_state(self) -> Dict[str, Any]:
-        return {
-            "torch_cpu": torch.get_rng_state(),
-            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": _numpy_rng_state(),
-            "python": random.getstate(),
-        }
+            return 0, 0.0
+        return restore_run_state(state, scaler=self.scaler, sampler=self.schedule_sampler, data=self.data,
+                                 world_size=self.world_size, rank=self.rank)
 
     @property
     def ema_params(self) -> List[List[torch.nn.Parameter]]:
         """One parameter list per EMA rate (upstream's attribute)."""
         return [list(ema.parameters()) for ema in self.ema_models]
+
+    @property
+    def _nf_total(self) -> int:
+        # the earlier attribute (tests and users read it): the guard's host count
+        return self.nonfinite.total
 
     def _end_step(self) -> Optional[int]:
         ends = [s for s in (self.total_steps, self.lr_anneal_steps) if s]
@@ -621,91 +483,27 @@ class TrainLoop:
             return
         if self._data_iter is None:
             self._data_iter = iter(self.data)  # before the clock starts: a loader may take a while to set up
-        self._t_start = self._t_last = time.perf_counter()
-        with self._stop_on_signals():
+        self.clock.begin()
+        with self.stop_signals.installed(lambda: self.step):
             while target is None or self.step < target:
                 self.run_iteration(target)
                 if (self.save_interval and self.step % self.save_interval == 0) or self.step == target \
                         or self.step in self.save_steps:
                     self.save()
                 if self.sample_interval and self.step % self.sample_interval == 0:
-                    self._periodic_grid()
-                if self._stop_requested():
+                    self._warn_short_ema(self.step)
+                    if not self.grid.periodic(self.ema_models[0], self.step):
+                        self.sample_interval = 0
+                if self.stop_signals.requested(self.step, self.log_interval, self.world_size, self.device):
                     self._stop()
-        self._check_nonfinite()
-        self._warn_short_ema()
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """
-        Ctrl-C (SIGINT) and SIGTERM end the run after the current step instead of mid-step (a
-        second Ctrl-C stops at once). Only the main thread can install handlers; elsewhere the
-        default behaviour stays.
-        """
-        self._signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # the second Ctrl-C
-            self._signal = signum
-            logger.log(f"{signal.Signals(signum).name}: stopping after step {self.step}"
-                       + (" (with a checkpoint)" if signum == signal.SIGTERM else "")
-                       + "; Ctrl-C again stops at once")
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
-    def _warn_short_ema(self) -> None:
-        """
-        Say (once, rank 0) when an EMA has not had time to move off the initial weights: after N
-        steps at rate r the initial weights still make up r^N of it, and N < 1/(1-r) (the EMA's
-        horizon) leaves more than a third: its checkpoints and sample grids then look like an
-        untrained model's (noise), which a short run with upstream's 0.9999 shows.
-        """
-        if self.rank != 0 or getattr(self, "_warned_short_ema", False):
-            return
-        short = [r for r in self.ema_rate if r < 1 and 1.0 / (1.0 - r) > self.step]
-        if not short:
-            return
-        self._warned_short_ema = True
-        parts = [f"{r:g} (horizon 1/(1-rate) = {1.0 / (1.0 - r):,.0f} steps; the initial weights are still "
-                 f"{100 * r ** self.step:.0f}% of it)" for r in short]
-        logger.warn(f"after {self.step} steps, EMA rate(s) {'; '.join(parts)} have averaged mostly the initial "
-                    "weights: their ema_*.pt files and sample grids still look untrained (noise). For a short run "
-                    "use a smaller --ema_rate (e.g. 0.999 for thousands of steps, 0.99 for hundreds), or sample "
-                    "the raw weights (--use_ema False)")
-
-    def _stop_requested(self) -> bool:
-        """A stop signal reached this process (one process) or any rank (several: agreed at log rows,
-        so every rank stops after the same step without a sync on the others)."""
-        if self.world_size == 1:
-            return self._signal is not None
-        if self.step % self.log_interval:
-            return False
-        flag = torch.tensor([0 if self._signal is None else int(self._signal)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
-        if signum:
-            self._signal = signum
-        return bool(signum)
+        self.nonfinite.check(self.log_dir, self.rank)
+        self._warn_short_ema(self.step)
 
     def _stop(self) -> None:
         """Checkpoint at SIGTERM (schedulers send it before preemption), then raise TrainingInterrupted."""
-        signum = int(self._signal)
-        if signum == signal.SIGTERM and self._last_saved_step != self.step:
+        if self.stop_signals.wants_checkpoint() and self._last_saved_step != self.step:
             self.save()
-        done = list_complete_checkpoints(self.log_dir)
-        where = (f"the last complete checkpoint is step {done[-1]} ({os.path.join(self.log_dir, f'state{done[-1]:06d}.pt')})"
-                 if done else f"there is no complete checkpoint in {self.log_dir} yet (the run restarts from step 0)")
-        raise TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {self.step}; {where}; "
-                                  "rerun the same command to resume", signum)
+        raise self.stop_signals.interrupted(self.step, self.log_dir)
 
     def run_iteration(self, target: Optional[int] = None) -> int:
         """
@@ -719,14 +517,14 @@ class TrainLoop:
         """
         if self._data_iter is None:
             self._data_iter = iter(self.data)
-        if self._t_start is None:
-            self._t_start = self._t_last = time.perf_counter()
+        if self.clock.start is None:
+            self.clock.begin()
         self._seed_step(self.step)
         batch, cond = next(self._data_iter)
         self.run_step(batch, cond)
         index = self.step
         self.step += 1
-        self._steps_since_log += 1
+        self.clock.steps_since_row += 1
         if index % self.log_interval == 0 or self.step == target:
             self._dump_logs(index)
         return index
@@ -754,12 +552,24 @@ class TrainLoop:
         """This rank's slice of the global batch's (t, weights), on the device."""
         if hasattr(self.schedule_sampler, "set_step"):
             self.schedule_sampler.set_step(self.step)
-        n = local_batch * self.world_size
-        t, w = self.schedule_sampler.sample(n, torch.device("cpu"))
+        t, w = self.schedule_sampler.sample(local_batch * self.world_size, torch.device("cpu"))
         lo = self.rank * local_batch
         t = self._to_device(t[lo:lo + local_batch].to(torch.int64))
         w = self._to_device(w[lo:lo + local_batch].to(torch.float32))
         return t, w
+
+    def fdm_warmup_weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """
+        FDM's warm-up factor on the MSE term of step ``self.step`` for timesteps ``t``:
+        min(1, clamp(step) * sigma_t^2), clamp(i) = 5 * 100**(i / W) for i < W (then 1; W =
+        ``fdm_warmup_steps``, ``fdm.warmup_clamp``), or None when the warm-up is off or over.
+        """
+        if self._fdm_sigma2 is None:
+            return None
+        clamp = _fdm.warmup_clamp(self.step, self.fdm_warmup_steps)
+        if math.isinf(clamp):
+            return None
+        return torch.clamp(self._fdm_sigma2[t] * clamp, max=1.0)
 
     def weighted_objective(self, t: torch.Tensor, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
         """
@@ -793,8 +603,7 @@ class TrainLoop:
         t_all, w_all = self._draw_timesteps(B)
         noise_shape = (B * self.world_size,) + tuple(batch.shape[1:])
         noise_all = torch.randn(noise_shape, generator=self._noise_gen, device=self.device, dtype=batch.dtype)
-        lo = self.rank * B
-        noise_all = noise_all[lo:lo + B]
+        noise_all = noise_all[self.rank * B:(self.rank + 1) * B]
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
             noise_all = noise_all.contiguous(memory_format=torch.channels_last)
@@ -802,21 +611,19 @@ class TrainLoop:
             j = min(i + self.microbatch, B)
             micro, t, weights = batch[i:j], t_all[i:j], w_all[i:j]
             micro_cond = {k: v[i:j] for k, v in cond.items()}
-            last = j >= B
-            sync_ctx = self.ddp_model.no_sync() if (self.use_ddp and not last) else contextlib.nullcontext()
+            sync_ctx = self.ddp_model.no_sync() if (self.use_ddp and j < B) else contextlib.nullcontext()
             with sync_ctx:
                 with self._autocast():
                     losses = self.diffusion.training_losses(
-                        self.forward_model, micro, t, model_kwargs=micro_cond, noise=noise_all[i:j]
-                    )
+                        self.forward_model, micro, t, model_kwargs=micro_cond, noise=noise_all[i:j])
                 if isinstance(self.schedule_sampler, LossAwareSampler):
                     self._update_loss_aware(t, losses["loss"].detach())
-                # sum / B (not upstream's sum of microbatch means): microbatching never changes the step
                 if self.loss_weights is not None or self._fdm_sigma2 is not None:
                     # the logged mse/vb stay the unweighted terms; "loss" is what is optimised
                     losses = dict(losses, loss=self.weighted_objective(t, losses))
+                # sum / B (not upstream's sum of microbatch means): microbatching never changes the step
                 loss = (losses["loss"].float() * weights).sum() / B
-                self._accumulate(t, weights, losses)
+                self.loss_meter.add(t, weights, losses)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -828,17 +635,6 @@ class TrainLoop:
         if not bool(finite.all()):
             t, losses = t[finite], losses[finite]
         self.schedule_sampler.update_with_local_losses(t, losses)
-
-    def _accumulate(self, t: torch.Tensor, weights: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
-        if self._loss_keys is None:
-            self._loss_keys = [k for k, v in losses.items() if torch.is_tensor(v) and v.shape == t.shape]
-            self._loss_sums = torch.zeros(len(self._loss_keys), 4, dtype=torch.float64, device=self.device)
-        T = int(self.diffusion.num_timesteps)
-        quartile = torch.clamp(t * 4 // T, max=3)
-        for row, key in enumerate(self._loss_keys):
-            value = (losses[key].detach().double() * weights.double())
-            self._loss_sums[row].index_add_(0, quartile, value)
-        self._loss_counts.index_add_(0, quartile, torch.ones_like(t, dtype=torch.float64))
 
     def optimize(self) -> bool:
         """
@@ -901,25 +697,20 @@ class TrainLoop:
         self._grad_norm = norm.detach()
         found_inf = ~torch.isfinite(norm)
         if self.grad_clip > 0 and grads:
-            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef)
-
-        if fused:
-            # skipped on the device: no host sync
+            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
+        if fused:  # skipped on the device: no host sync
             if self.scaler is not None:
                 self.scaler.step(opt)
                 self.scaler.update()
             else:
-                opt.found_inf = found_inf.float()
-                opt.grad_scale = None
+                opt.found_inf, opt.grad_scale = found_inf.float(), None
                 try:
                     opt.step()
                 finally:
                     del opt.found_inf, opt.grad_scale
             self._ema_keep = ~found_inf  # the EMAs stay put on a skipped step, decided on the device
-            self._count_nonfinite_device(found_inf)
+            self.nonfinite.count_device(found_inf, self.step)
             return True
-
         skipped = bool(found_inf)  # host sync: free on the CPU, where this path runs
         if self.scaler is not None:
             self.scaler.step(opt)  # skips by itself on overflow
@@ -927,7 +718,7 @@ class TrainLoop:
         elif not skipped:
             opt.step()
         self._ema_keep = None
-        self._count_nonfinite_host(skipped)
+        self.nonfinite.count_host(skipped, self.step, self.log_dir, self.rank)
         return not skipped
 
     def _update_ema(self) -> None:
@@ -936,9 +727,7 @@ class TrainLoop:
         ema <- rate * ema + (1 - rate) * param. After a step that the fused optimizer skipped on
         the device, the EMAs stay unchanged (decided on the device too).
         """
-        self._ema_update(keep=self._ema_keep)
-
-    def _ema_update(self, keep: Optional[torch.Tensor]) -> None:
+        keep = self._ema_keep
         for rate, ema in zip(self.ema_rate, self.ema_models):
             targets = list(ema.parameters())
             if keep is None:
@@ -950,50 +739,6 @@ class TrainLoop:
                 one_minus = torch.where(keep, 1.0 - rate, 0.0)
                 torch._foreach_mul_(targets, r)
                 torch._foreach_add_(targets, torch._foreach_mul([p.detach() for p in self.model_params], one_minus))
-
-    def _count_nonfinite_host(self, skipped: bool) -> None:
-        if skipped:
-            self._nf_total += 1
-            self._nf_consec += 1
-            logger.log(f"step {self.step}: non-finite loss or gradient, update skipped "
-                       f"({self._nf_consec} in a row)")
-            if self.max_nonfinite and self._nf_consec >= self.max_nonfinite and self._nf_trigger < 0:
-                self._nf_trigger = self.step
-                self._check_nonfinite()
-        else:
-            self._nf_consec = 0
-
-    def _count_nonfinite_device(self, found_inf: torch.Tensor) -> None:
-        f = found_inf.to(torch.int64)
-        self._nf_consec_t = (self._nf_consec_t + f) * f
-        self._nf_total_t = self._nf_total_t + f
-        if self.max_nonfinite:
-            hit = (self._nf_trigger_t < 0) & (self._nf_consec_t >= self.max_nonfinite)
-            self._nf_trigger_t = torch.where(hit, self.step, self._nf_trigger_t)
-
-    def _sync_nonfinite(self) -> None:
-        """Bring the device-side counters to the host (one sync; at log rows and checkpoints)."""
-        if self.fused_optimizer:
-            total, consec, trigger = torch.stack([self._nf_total_t, self._nf_consec_t, self._nf_trigger_t]).tolist()
-            self._nf_total, self._nf_consec = int(total), int(consec)
-            if self._nf_trigger < 0 and trigger >= 0:
-                self._nf_trigger = int(trigger)
-
-    def _check_nonfinite(self) -> None:
-        self._sync_nonfinite()
-        if self._nf_trigger < 0:
-            return
-        good = list_complete_checkpoints(self.log_dir) if self.rank == 0 or os.path.isdir(self.log_dir) else []
-        if good:
-            last = os.path.join(self.log_dir, f"model{good[-1]:06d}.pt")
-            where = f"the last good checkpoint is {last} (step {good[-1]}; resume from it with --resume {last})"
-        else:
-            where = f"no checkpoint was written to {self.log_dir} yet"
-        raise NonFiniteLossError(
-            f"training stopped at step {self._nf_trigger}: {self.max_nonfinite} non-finite steps in a row "
-            f"(NaN/inf loss or gradients; those updates were skipped, --max_nonfinite {self.max_nonfinite}); "
-            f"{where}. Try a lower --lr, --grad_clip, or another --precision."
-        )
 
     # ------------------------------------------------------------------ logging
 
@@ -1008,39 +753,17 @@ class TrainLoop:
 
     def _dump_logs(self, index: int) -> None:
         """Write the log row of step ``index`` (one host sync for everything)."""
-        self._sync_nonfinite()
-        parts = [self._loss_counts]
-        if self._loss_sums is not None:
-            parts.insert(0, self._loss_sums.flatten())
-        summed = torch.cat(parts)
-        if self.world_size > 1:
-            dist.all_reduce(summed)
+        self.nonfinite.sync()
         param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.model_params])))
-        host = summed.cpu().numpy()
+        means = self.loss_meter.read(self.world_size)
         grad_norm, param_norm = float(self._grad_norm), float(param_norm)
-        counts = host[-4:]
-        now = time.perf_counter()
-        elapsed = max(now - (self._t_last or now), 1e-9)
-        its = self._steps_since_log / elapsed
-
+        now, its = self.clock.row()
         # the row's own step (log_step wrote the same while the step ran; a subclass may skip it)
-        logger.logkv("step", index)
-        logger.logkv("samples", (index + 1) * self.global_batch)
-        logger.logkv("global_batch", self.global_batch)
-        logger.logkv("lr", self._cur_lr)
-        logger.logkv("beta1", self._cur_beta1)
-        if self._loss_keys:
-            sums = host[:-4].reshape(len(self._loss_keys), 4)
-            n = counts.sum()
-            for row, key in enumerate(self._loss_keys):
-                if n > 0:
-                    logger.logkv(key, float(sums[row].sum() / n))
-                for q in range(4):
-                    if counts[q] > 0:
-                        logger.logkv(f"{key}_q{q}", float(sums[row, q] / counts[q]))
-        logger.logkv("grad_norm", grad_norm)
-        logger.logkv("param_norm", param_norm)
-        logger.logkv("nonfinite_skipped", self._nf_total)
+        for key, value in (("step", index), ("samples", (index + 1) * self.global_batch),
+                           ("global_batch", self.global_batch), ("lr", self._cur_lr), ("beta1", self._cur_beta1),
+                           *means.items(), ("grad_norm", grad_norm), ("param_norm", param_norm),
+                           ("nonfinite_skipped", self.nonfinite.total)):
+            logger.logkv(key, value)
         if self.scaler is not None:
             logger.logkv("lg_loss_scale", math.log2(max(self.scaler.get_scale(), 1e-30)))
         logger.logkv("it_per_s", its)
@@ -1050,78 +773,44 @@ class TrainLoop:
             logger.logkv("time_remaining_s", (end - index - 1) / its if its > 0 else float("nan"))
         peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
         logger.logkv("peak_mem_gib", peak)
-        logger.logkv("gpu_hours", self._gpu_hours(now))
+        logger.logkv("gpu_hours", self.clock.gpu_hours(now))
         logger.dumpkvs()
+        self.clock.reset_row()
+        self.nonfinite.check(self.log_dir, self.rank)
 
-        self._loss_counts.zero_()
-        if self._loss_sums is not None:
-            self._loss_sums.zero_()
-        self._t_last = time.perf_counter()
-        self._steps_since_log = 0
-        self._check_nonfinite()
-
-    def _gpu_hours(self, now: Optional[float] = None) -> float:
-        now = time.perf_counter() if now is None else now
-        ran = (now - self._t_start) if self._t_start is not None else 0.0
-        return self._gpu_hours_before + ran * self.world_size / 3600.0
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and grids
 
     def save(self) -> None:
         """
         Write the checkpoint set of the current step (rank 0; every rank must call this):
         model, one EMA per rate, optimizer, then the state file last.
         """
-        self._check_nonfinite()  # never checkpoint a run that has to stop
+        self.nonfinite.check(self.log_dir, self.rank)  # never checkpoint a run that has to stop
         step = self.step
-        per_rank = {"rng": self._rng_state(),
-                    "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
+        per_rank = {"rng": rng_state(), "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
+        gathered: List[Any] = [per_rank]
         if self.world_size > 1:
-            gathered: List[Any] = [None] * self.world_size
+            gathered = [None] * self.world_size
             dist.all_gather_object(gathered, per_rank)
-        else:
-            gathered = [per_rank]
         if self.rank == 0:
-            names = checkpoint_names(step, self.ema_rate)
-            d = self.log_dir
-            logger.log(f"saving checkpoint set of step {step} to {d}")
-            with self._naming_write_errors(step):
-                self._write_checkpoint_files(step, names, gathered)
+            logger.log(f"saving checkpoint set of step {step} to {self.log_dir}")
+            with naming_write_errors(self.log_dir, step):
+                write_checkpoint_set(self.log_dir, checkpoint_names(step, self.ema_rate), self.model,
+                                     dict(zip(self.ema_rate, self.ema_models)), self.opt, self._state(step, gathered))
         self._last_saved_step = step
         dist_util.barrier()
 
-    @contextlib.contextmanager
-    def _naming_write_errors(self, step: int):
-        """Turn a failed write (disk full, read-only folder) into a message naming the file and the
-        newest complete set, which the atomic writes leave intact."""
-        try:
-            yield
-        except OSError as e:
-            done = [s for s in list_complete_checkpoints(self.log_dir) if s != step]
-            last = (f"the newest complete set, step {done[-1]}, is intact" if done
-                    else "there is no complete checkpoint set yet")
-            raise CheckpointWriteError(
-                f"cannot write {e.filename or 'a checkpoint file'} into {self.log_dir} "
-                f"({e.strerror or e}) while saving the checkpoint set of step {step}; {last}. Free space or "
-                "fix the folder's permissions, then rerun the same command to resume") from e
-
-    def _write_checkpoint_files(self, step: int, names: Dict[str, Any], gathered: List[Any]) -> None:
-        """Model, one EMA per rate, optimizer, then the state file (last: it marks the set complete)."""
-        d = self.log_dir
-        atomic_torch_save(_cpu_state_dict(self.model), os.path.join(d, names["model"]))
-        for rate, ema in zip(self.ema_rate, self.ema_models):
-            atomic_torch_save(_cpu_state_dict(ema), os.path.join(d, names["ema"][rate]))
-        atomic_torch_save(self.opt.state_dict(), os.path.join(d, names["opt"]))
-        state = {
+    def _state(self, step: int, gathered: List[Any]) -> Dict[str, Any]:
+        """The state file of ``step``: everything but the weights that resuming needs."""
+        m = self.momentum
+        return {
             "format": _STATE_FORMAT,
             "step": step,
             "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
             "momentum_decay": {
-                "step": step, "enabled": self.momentum.enabled, "beta1": self.momentum.beta1,
-                "beta1_min": self.momentum.beta1_min, "total_steps": self.momentum.total_steps,
-                "lr_compensation": self.momentum.lr_compensation,
-                "decay_beta1": self.momentum.decay_beta1,
-                "next_beta1": self.momentum.beta1_at(step),
+                "step": step, "enabled": m.enabled, "beta1": m.beta1, "beta1_min": m.beta1_min,
+                "total_steps": m.total_steps, "lr_compensation": m.lr_compensation, "decay_beta1": m.decay_beta1,
+                "next_beta1": m.beta1_at(step),
             },
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.world_size,
@@ -1129,81 +818,19 @@ class TrainLoop:
             "per_rank": gathered,  # RNG states and data position of every rank
             "config": self.config,
             "ema_rates": list(self.ema_rate),
-            "nonfinite": {"total": self._nf_total, "consecutive": self._nf_consec},
-            "gpu_hours": self._gpu_hours(),
+            "nonfinite": self.nonfinite.state_dict(),
+            "gpu_hours": self.clock.gpu_hours(),
             "device_type": self.device.type,  # "cuda" or "cpu": what gpu_hours counted hours of
             "seed": self.seed,
         }
-        atomic_torch_save(state, os.path.join(d, names["state"]))  # last: marks the set complete
-
-    # ------------------------------------------------------------------ sample grids
-
-    def _make_grid_diffusion(self):
-        if self._grid_diffusion is not None:
-            return self._grid_diffusion
-        from .script_util import create_gaussian_diffusion, diffusion_defaults, fdm_defaults
-
-        cfg = self.config or {}
-        keys = diffusion_defaults()
-        if not all(k in cfg for k in ("diffusion_steps", "noise_schedule")):
-            logger.warn("--sample_interval: no diffusion flags in the run's config; sample grids are skipped")
-            self._grid_diffusion = False
-            return False
-        args = {k: cfg.get(k, v) for k, v in keys.items()}
-        steps = int(args["diffusion_steps"])
-        n = min(SAMPLE_GRID_DDIM_STEPS, steps)
-        common = dict(
-            steps=steps, learn_sigma=args["learn_sigma"], noise_schedule=args["noise_schedule"],
-            use_kl=args["use_kl"], predict_xstart=args["predict_xstart"],
-            rescale_timesteps=args["rescale_timesteps"], rescale_learned_sigmas=args["rescale_learned_sigmas"],
-        )
-        # FDM's input scaling: the run's flags (else the training diffusion's own settings)
-        common.update({k: cfg.get(k, getattr(self.diffusion, k, v)) for k, v in fdm_defaults().items()})
-        try:
-            self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=f"ddim{n}", **common)
-        except ValueError:  # no stride gives exactly n steps: evenly spaced sections instead
-            self._grid_diffusion = create_gaussian_diffusion(timestep_respacing=str(n), **common)
-        return self._grid_diffusion
-
-    def _periodic_grid(self) -> None:
-        # a picture must never end a training run: a model that cannot sample unconditionally
-        # (e.g. super-resolution, which needs low-res inputs) just gets no grids
-        try:
-            self.sample_grid()
-        except Exception as e:  # noqa: BLE001
-            logger.warn(f"--sample_interval: sampling a grid failed ({type(e).__name__}: {e}); grids are off")
-            self.sample_interval = 0
 
     def sample_grid(self, num: int = SAMPLE_GRID_SIZE) -> Optional[str]:
         """
         Rank 0: sample ``num`` images from the first EMA model with DDIM and write
-        ``samples_{step:06d}.png`` to the run folder (the same noise every time, so grids of
-        one run are comparable). Other ranks return at once.
+        ``samples_{step:06d}.png`` to the run folder (``train_guards.SampleGrid``).
 
         :return: the PNG path (rank 0), else None.
         """
-        if self.rank != 0:
-            return None
-        self._warn_short_ema()  # a grid of noise from an EMA that barely moved yet: say why
-        diffusion = self._make_grid_diffusion()
-        if not diffusion:
-            return None
-        ema = self.ema_models[0]
-        size = int(getattr(ema, "image_size", 0) or (self.config or {}).get("image_size", 0))
-        channels = int(getattr(ema, "in_channels", 3))
-        if not size:
-            logger.warn("--sample_interval: unknown image size; sample grid skipped")
-            return None
-        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, 3))
-        noise = torch.randn((num, channels, size, size), generator=gen).to(self.device)
-        model_kwargs = {}
-        num_classes = getattr(ema, "num_classes", None)
-        if num_classes:
-            model_kwargs["y"] = torch.arange(num, device=self.device) % int(num_classes)
-        with torch.no_grad(), self._autocast():
-            images = diffusion.ddim_sample_loop(ema, noise.shape, noise=noise, clip_denoised=True,
-                                                model_kwargs=model_kwargs, device=self.device)
-        path = os.path.join(self.log_dir, f"samples_{self.step:06d}.png")
-        write_grid(images.float().cpu(), path)
-        logger.log(f"wrote sample grid {path}")
-        return path
+        if self.rank == 0:
+            self._warn_short_ema(self.step)  # a grid of noise from an EMA that barely moved yet: say why
+        return self.grid.sample(self.ema_models[0], self.step, num)

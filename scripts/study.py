@@ -15,8 +15,8 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 
-from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
-    run_study, summarize  # noqa: E402
+from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, bootstrap_study, \
+    export_results, prepare_data, preset, run_study, summarize, write_claims  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -35,6 +35,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--jobs", type=int, default=0, help="runs at once (default: the preset's)")
     p.add_argument("--summary_only", type=str2bool, default=False, help="only reprint the saved summary")
+    p.add_argument("--bootstrap_only", type=str2bool, default=False,
+                   help="train nothing: add the paired bootstrap of the headline arms' committed runs to the ledger "
+                        "(sampling a run's final checkpoint in --out again when its samples were not committed), "
+                        "then print the summary")
     p.add_argument("--export", default="", help="also copy the small result files (no checkpoints) to this folder, "
                                                 "e.g. docs/study")
     return p.parse_args(argv)
@@ -49,10 +53,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or list(scale.seeds)
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    if args.summary_only:
+    if args.bootstrap_only:
+        if not args.ledger:
+            raise ValueError("--bootstrap_only True needs --ledger (the bootstrap is computed from committed runs)")
+        _, ref = prepare_data(out, scale, args.source)
+        bootstrap_study(out, scale, args.ledger, ref)
+    if args.summary_only or args.bootstrap_only:
         summary = summarize(out, scale, arms, seeds, ledger=args.ledger)
     else:
         summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)
+    # the ledger's docs page (docs/study/ledger -> docs/study.md), also when the runner works from a worktree
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ledger))), "study.md") if args.ledger else ""
+    if doc and summary.get("claims") and write_claims(doc, scale.name, summary["claims"]):
+        print(f"study: {doc}: the {scale.name} claims section rewritten from the ledger")
     if args.export:
         print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")
     return summary

@@ -1,6 +1,7 @@
 """
 The CPU study (experiments/study.py): its arms produce the intended sampler and optimizer
-settings, and an interrupted study resumes without redoing finished runs.
+settings, an interrupted study resumes without redoing finished runs, and the committed
+ledger reprints every table on a fresh machine.
 """
 import os
 import subprocess
@@ -62,38 +63,6 @@ def test_arms_are_the_intended_settings(tmp_path):
     assert np.all(b1_c == 0.9)  # ... with beta1 held
     np.testing.assert_array_equal(lr_cm, lr_m)
     np.testing.assert_array_equal(b1_cm, b1_m)
-
-
-def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, capsys):
-    scale = study.SCALES["test"]
-    arms = [a for a in study.ARMS if a.name in ("baseline", "lr_only")]
-    out = tmp_path / "study"
-    source = tmp_path / "cifar.npz"
-    from guided_diffusion.image_datasets import synthetic_images, write_npz
-
-    write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
-    # the first invocation finished the baseline ...
-    study.run_study(str(out), scale, arms[:1], source=str(source))
-    base = out / "runs" / "baseline-s1"
-    stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
-    # ... and was stopped in the middle of lr_only (a checkpoint at step 2 of 4)
-    train, _ = study.prepare_data(str(out), scale)
-    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / "lr_only-s1"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
-                   + ["--stop_at", "2"], check=True, env=env, capture_output=True)
-    capsys.readouterr()
-    summary = study.run_study(str(out), scale, arms, source=str(source))
-    printed = capsys.readouterr().out
-    assert "baseline-s1: training" not in printed and "lr_only-s1: training" in printed
-    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
-    log = (out / "logs" / "lr_only-s1.log").read_text()
-    assert "resumed from step 2" in log
-    assert set(summary["arms"]) == {"baseline", "lr_only"}
-    # a finished study trains nothing and reprints its table from the saved results
-    again = study.run_study(str(out), scale, arms, source=str(source))
-    assert "nothing to train" in capsys.readouterr().out and again["runs"] == []
-    assert (out / "summary.md").read_text() == again["table"]
 
 
 def test_iterations_to_reach():
@@ -169,32 +138,59 @@ def test_probe_is_deterministic_and_at_the_fixed_timesteps(tmp_path):
     assert len({round(r["mse"], 6) for r in a}) > 1  # the loss depends on t
 
 
-def test_runner_skips_committed_runs_and_summarizes_from_the_ledger_alone(tmp_path, capsys):
+def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tmp_path, capsys):
+    """One small study covers the runner's three promises (one scenario, to keep the suite short):
+    a committed run is not trained again, a run stopped midway resumes from its checkpoint, and a
+    fresh machine reprints the same tables from the ledger without training."""
     from guided_diffusion.image_datasets import synthetic_images, write_npz
 
     scale = study.SCALES["test"]
-    write_npz(str(tmp_path / "c_train.npz"), synthetic_images(64, 32, seed=0)[0])
+    source = tmp_path / "c_train.npz"
+    write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
     write_npz(str(tmp_path / "c_test.npz"), synthetic_images(300, 32, seed=1)[0])
-    ledger = tmp_path / "ledger"
+    ledger, out = tmp_path / "ledger", tmp_path / "out"
     arms = study.arms_named("baseline,clts_s0.2")
-    first = study.run_study(str(tmp_path / "out"), scale, arms, source=str(tmp_path / "c_train.npz"),
-                            ledger=str(ledger))
+    # the first invocation finished the baseline ...
+    study.run_study(str(out), scale, arms[:1], source=str(source), ledger=str(ledger))
+    base = out / "runs" / "baseline-s1"
+    stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
+    # ... and was stopped in the middle of clts_s0.2 (a checkpoint at step 2 of 4)
+    train, _ = study.prepare_data(str(out), scale)
+    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / "clts_s0.2-s1"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
+                   + ["--stop_at", "2"], check=True, env=env, capture_output=True)
+    capsys.readouterr()
+    first = study.run_study(str(out), scale, arms, source=str(source), ledger=str(ledger))
+    printed = capsys.readouterr().out
+    assert "baseline-s1: training" not in printed and "clts_s0.2-s1: training" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
+    assert "resumed from step 2" in (out / "logs" / "clts_s0.2-s1.log").read_text()
+    assert set(first["arms"]) == {"baseline", "clts_s0.2"}
     for run in ("baseline-s1", "clts_s0.2-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
-        assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"}
+        # both are headline arms: their final samples are committed too (the FID's own images)
+        assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json", study.SAMPLES_FILE}
+    boot = (ledger / "test" / study.BOOTSTRAP_FILE).read_text().splitlines()
+    assert boot[0] == "arm,seed,draw,dfid" and len(boot) == 1 + study.BOOTSTRAP_DRAWS
+    assert all(r.startswith("clts_s0.2,1,") for r in boot[1:])
     assert "heldout" in (ledger / "test" / "baseline-s1" / "probe.csv").read_text()  # the test split, not train
+    # without a ledger the study folder's own finished runs are not trained again either
+    again = study.run_study(str(out), scale, arms, source=str(source), ledger="")
+    assert "nothing to train" in capsys.readouterr().out and again["runs"] == []
+    assert (out / "summary.md").read_text() == again["table"]
     # a fresh machine: no checkpoints, only the committed ledger -> nothing is trained, same tables
-    capsys.readouterr()
-    again = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(tmp_path / "c_train.npz"),
-                            ledger=str(ledger))
+    fresh = study.run_study(str(tmp_path / "fresh"), scale, arms, source=str(source), ledger=str(ledger))
     printed = capsys.readouterr().out
-    assert ": training (" not in printed and "nothing to train" in printed and again["runs"] == []
-    assert again["table"] == first["table"]
+    assert ": training (" not in printed and "nothing to train" in printed and fresh["runs"] == []
+    assert fresh["table"] == first["table"]
     assert (ledger / "test" / "summary.md").read_text() == first["table"]
-    row = next(r for r in again["rows"] if r["arm"] == "clts_s0.2")
-    base = next(r for r in again["rows"] if r["arm"] == "baseline")
-    assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base["final_fid_mean"])
+    row = next(r for r in fresh["rows"] if r["arm"] == "clts_s0.2")
+    base_row = next(r for r in fresh["rows"] if r["arm"] == "baseline")
+    assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base_row["final_fid_mean"])
     assert not np.isnan(row["second_fid_mean"])  # the headline arms have the ancestral sampler too
+    assert row["boot_n"] == 1 and row["boot_dfid_lo"] <= row["boot_dfid_hi"]
+    assert (ledger / "test" / study.BOOTSTRAP_FILE).read_text().splitlines() == boot  # not bootstrapped twice
 
 
 def test_the_ledger_is_not_ignored_by_git():
@@ -216,3 +212,90 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
     assert (copy / "cpu" / "summary.csv").read_text() == (LEDGER / "cpu" / "summary.csv").read_text()
     for run in (p for p in (LEDGER / "cpu").iterdir() if p.is_dir()):  # every committed run is complete
         assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
+    # docs/study.md's generated claims section is the one the committed ledger gives
+    begin, end = study.claims_markers("cpu")
+    doc = (REPO / "docs" / "study.md").read_text()
+    assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + res["claims"]
+    assert (LEDGER / "cpu" / "claims.md").read_text() == res["claims"]
+    boot = LEDGER / "cpu" / study.BOOTSTRAP_FILE
+    for arm, seed, _ in study.read_bootstrap(str(boot)):  # a bootstrapped pair's samples are committed
+        for name in (arm, "baseline"):
+            assert (LEDGER / "cpu" / study.run_name(name, seed) / study.SAMPLES_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- the paired bootstrap
+
+
+def _features(n, d, seed):
+    return np.random.default_rng(seed).gamma(2.0, 0.5, size=(n, d))
+
+
+def test_bootstrap_fid_is_the_evaluators_fid_for_any_resample():
+    from evaluations.evaluator import fid_from_features
+
+    ref = _features(400, 24, 0)
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    boot = study.PairedBootstrap(mu, sigma)
+    x = _features(20, 24, 1) + 0.3  # N <= D (the study's 300 x 2048) ...
+    wide = _features(20, 64, 2)
+    wref = _features(400, 64, 3)
+    wboot = study.PairedBootstrap(wref.mean(0), np.cov(wref, rowvar=False))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        idx = rng.integers(0, 20, size=20)  # ... and resamples with repeated rows
+        assert boot.fid(x, idx) == pytest.approx(fid_from_features(x[idx], mu, sigma), rel=1e-6)
+        assert wboot.fid(wide, idx) == pytest.approx(fid_from_features(wide[idx], wref.mean(0),
+                                                                       np.cov(wref, rowvar=False)), rel=1e-6)
+
+
+def test_paired_bootstrap_keeps_the_pairs():
+    ref = _features(400, 16, 0)
+    boot = study.PairedBootstrap(ref.mean(0), np.cov(ref, rowvar=False))
+    base = _features(30, 16, 1)
+    same = boot.replicates(base, base.copy(), draws=50)
+    assert np.all(same == 0.0)  # identical runs: every paired draw is exactly 0, however noisy one FID is
+    worse = boot.replicates(base + 0.5, base, draws=50)  # a shifted run is worse in every draw
+    assert np.all(worse > 0)
+    np.testing.assert_array_equal(worse, boot.replicates(base + 0.5, base, draws=50))  # deterministic
+    with pytest.raises(ValueError, match="differ in shape"):
+        boot.replicates(base[:10], base, draws=2)
+
+
+def test_bootstrap_interval_is_of_the_seed_mean(tmp_path):
+    path = tmp_path / "bootstrap.csv"
+    rows = ["arm,seed,draw,dfid"] + [f"a,{s},{i},{v}" for s, vals in ((1, range(100)), (2, range(100, 200)))
+                                     for i, v in enumerate(vals)]
+    path.write_text("\n".join(rows) + "\n")
+    lo, hi, n = study.bootstrap_interval(str(path), "a", [1, 2])
+    mean = (np.arange(100) + np.arange(100, 200)) / 2
+    assert (lo, hi, n) == (pytest.approx(np.percentile(mean, 2.5)), pytest.approx(np.percentile(mean, 97.5)), 2)
+    assert study.bootstrap_interval(str(path), "b", [1, 2]) is None
+
+
+def test_verdicts_follow_their_stated_rules():
+    v = study.verdict
+    assert v([-5.0, -6.0]) == "supported" and v([5.0, 6.0]) == "contradicted"
+    assert v([-5.0, 1.0]) == "inconclusive"  # the seeds disagree
+    assert v([-1.0, -9.0]) == "inconclusive"  # same sign, but the mean is within 2 sd of 0
+    assert v([]) == "not measured" and v([-5.0]) == "inconclusive"
+    assert v([-5.0, 1.0], (-3.0, -0.5, 2)) == "supported"  # a bootstrap interval decides when there is one
+    assert v([-5.0, -6.0], (-3.0, 0.5, 2)) == "inconclusive" and v([], (0.2, 0.9, 1)) == "contradicted"
+
+
+def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
+    scale = study.SCALES["cpu"]
+    per_arm = {"baseline": {"final_fid": {1: 100.0, 2: 102.0}},
+               "clts_s0.2": {"final_fid": {1: 90.0, 2: 91.0}},
+               "clts_s0.2_mdlrc": {"final_fid": {1: 95.0, 2: 92.0}},
+               "clts_s0.2_mu0.1": {"final_fid": {1: 99.0, 2: 97.0}}}
+    rows = [{"arm": a, "reached": 0, "n": 2} for a in per_arm]
+    table = study.claims_table(scale, per_arm, rows, str(tmp_path / "none.csv"), [1, 2])
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert "ΔFID -7.50 ± 3.54 (n=2: -5.00, -10.00)" in lines["CLTS + MDLRC (clts_s0.2_mdlrc) trains faster than "
+                                                            "the baseline (Fig. 5)"]
+    assert lines["CLTS (clts_s0.2) helps on its own (Fig. 6a)"].endswith("| supported |")
+    assert lines["MDLRC (mdlrc) helps on its own (Fig. 6a)"].endswith("| no paired runs yet | not measured |")
+    mu = lines["μ of the target Gaussian: best near 0.3 (Fig. 6b)"]
+    assert "best μ 0.3" in mu and mu.endswith("| supported |")  # 0.3 beats 0.1 in both seeds by > 2 sd
+    assert lines["CLTS + MDLRC beats fdm (Tables 2-3)"].endswith("| not measured |")
+    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 2  # header + every claim
