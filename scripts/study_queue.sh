@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The study's run queue, in the order issue 17 asks for: the sigma grid (with the headline pair
-# first), the headline arms' third seed, then the ablations and comparisons. Every step skips the
+# The study's run queue, in the order issue 17 asks for: the sigma grid (it picks BEST_SIGMA), the
+# headline arms (baseline, best CLTS, best CLTS + MDLRC) with a third seed, then the ablations and comparisons. Every step skips the
 # runs already committed in the ledger, so rerunning this script continues where it stopped.
 #
 #   scripts/study_queue.sh [OUT] [LEDGER]
@@ -12,8 +12,10 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$here/runs/study-cpu}"
 ledger="${2:-$here/docs/study/ledger}"
 py="${PYTHON:-python}"
-step() { "$py" "$here/scripts/study.py" --out "$out" --ledger "$ledger" --jobs 2 "$@"; }
-step --arms baseline,clts_s0.2,sigma --seeds 1,2
-step --arms baseline,clts_s0.2,clts_s0.2_mdlrc --seeds 1,2,3
-step --arms modules,mu,target --seeds 1,2
-step --arms comparisons --seeds 1,2
+step() { "$py" "$here/scripts/study.py" --ledger "$ledger" --jobs 2 "$@"; }
+step --out "$out" --arms sigma --seeds 1,2
+step --out "$out" --arms headline --seeds 1,2,3
+step --out "$out" --arms modules,mu,target --seeds 1,2
+step --out "$out" --arms comparisons --seeds 1,2
+# the long horizon in a folder of its own (its run folders have the same names as the cpu runs)
+step --out "$out-long" --scale cpu_long --arms long --seeds 1,2

@@ -81,23 +81,24 @@ def test_every_new_arm_is_the_intended_sampler_and_optimizer(tmp_path):
 
     scale = study.SCALES["cpu"]
     loops = {a.name: loop_for(a.name, tmp_path) for a in study.arms_named("sigma,mu,target,modules,comparisons")}
-    for std in (0.1, 0.2, 0.3, 0.5, 1.0):
+    best, b = study.BEST_SIGMA, f"clts_s{study.BEST_SIGMA:g}"
+    for std in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
         s = loops[f"clts_s{std:g}" if std != 1.0 else "clts_s1.0"].schedule_sampler
         assert isinstance(s, CLTSSampler) and s.clts_std == std and s.clts_mean == 0.3
         assert s.clts_target_steps == 400
     for mu in (0.1, 0.5, 0.7):
-        s = loops[f"clts_s0.2_mu{mu:g}"].schedule_sampler
-        assert s.clts_mean == mu and s.clts_std == 0.2
+        s = loops[f"{b}_mu{mu:g}"].schedule_sampler
+        assert s.clts_mean == mu and s.clts_std == best
     for target in (1, 1000, 2000):
-        assert loops[f"clts_s0.2_tgt{target}"].schedule_sampler.clts_target_steps == target
+        assert loops[f"{b}_tgt{target}"].schedule_sampler.clts_target_steps == target
     steps = range(0, scale.total_steps + 1, 50)
     lr_md, b1_md = schedule(loops["md_only"], steps)
     assert np.all(lr_md == scale.lr) and b1_md[0] == 0.9 and b1_md[-1] == 0.5  # no compensation
     lr_m, b1_m = schedule(loops["mdlrc"], steps)
-    lr_cm, b1_cm = schedule(loops["clts_s0.2_mdlrc"], steps)
+    lr_cm, b1_cm = schedule(loops[f"{b}_mdlrc"], steps)
     np.testing.assert_array_equal(lr_cm, lr_m)
     np.testing.assert_array_equal(b1_cm, b1_m)
-    assert loops["clts_s0.2_mdlrc"].schedule_sampler.clts_std == 0.2
+    assert loops[f"{b}_mdlrc"].schedule_sampler.clts_std == best
     ac = np.asarray(loops["min_snr"].diffusion.alphas_cumprod, dtype=np.float64)
     snr = ac / (1 - ac)
     np.testing.assert_allclose(np.asarray(loops["min_snr"].loss_weights, dtype=np.float64),
@@ -108,7 +109,7 @@ def test_every_new_arm_is_the_intended_sampler_and_optimizer(tmp_path):
     assert loops["baseline"].loss_weights is None or np.ptp(np.asarray(loops["baseline"].loss_weights)) == 0
     assert isinstance(loops["lsm"].schedule_sampler, LossSecondMomentResampler)
     assert loops["fdm"].diffusion.fdm and isinstance(loops["fdm"].schedule_sampler, UniformSampler)
-    assert study.HEADLINE == ("baseline", "clts_s0.2", "clts_s0.2_mdlrc")
+    assert study.HEADLINE == ("baseline", b, f"{b}_mdlrc")
     with pytest.raises(ValueError, match="unknown arm or group 'nope'"):
         study.arms_named("sigma,nope")
 
@@ -149,31 +150,32 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
     write_npz(str(tmp_path / "c_test.npz"), synthetic_images(300, 32, seed=1)[0])
     ledger, out = tmp_path / "ledger", tmp_path / "out"
-    arms = study.arms_named("baseline,clts_s0.2")
+    best = study.HEADLINE[1]  # the best CLTS, a headline arm
+    arms = study.arms_named(f"baseline,{best}")
     # the first invocation finished the baseline ...
     study.run_study(str(out), scale, arms[:1], source=str(source), ledger=str(ledger))
     base = out / "runs" / "baseline-s1"
     stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
-    # ... and was stopped in the middle of clts_s0.2 (a checkpoint at step 2 of 4)
+    # ... and was stopped in the middle of the CLTS run (a checkpoint at step 2 of 4)
     train, _ = study.prepare_data(str(out), scale)
-    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / "clts_s0.2-s1"))
+    flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / f"{best}-s1"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
                    + ["--stop_at", "2"], check=True, env=env, capture_output=True)
     capsys.readouterr()
     first = study.run_study(str(out), scale, arms, source=str(source), ledger=str(ledger))
     printed = capsys.readouterr().out
-    assert "baseline-s1: training" not in printed and "clts_s0.2-s1: training" in printed
+    assert "baseline-s1: training" not in printed and f"{best}-s1: training" in printed
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
-    assert "resumed from step 2" in (out / "logs" / "clts_s0.2-s1.log").read_text()
-    assert set(first["arms"]) == {"baseline", "clts_s0.2"}
-    for run in ("baseline-s1", "clts_s0.2-s1"):
+    assert "resumed from step 2" in (out / "logs" / f"{best}-s1.log").read_text()
+    assert set(first["arms"]) == {"baseline", best}
+    for run in ("baseline-s1", f"{best}-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
         # both are headline arms: their final samples are committed too (the FID's own images)
         assert files == {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json", study.SAMPLES_FILE}
     boot = (ledger / "test" / study.BOOTSTRAP_FILE).read_text().splitlines()
     assert boot[0] == "arm,seed,draw,dfid" and len(boot) == 1 + study.BOOTSTRAP_DRAWS
-    assert all(r.startswith("clts_s0.2,1,") for r in boot[1:])
+    assert all(r.startswith(f"{best},1,") for r in boot[1:])
     assert "heldout" in (ledger / "test" / "baseline-s1" / "probe.csv").read_text()  # the test split, not train
     # without a ledger the study folder's own finished runs are not trained again either
     again = study.run_study(str(out), scale, arms, source=str(source), ledger="")
@@ -185,7 +187,7 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     assert ": training (" not in printed and "nothing to train" in printed and fresh["runs"] == []
     assert fresh["table"] == first["table"]
     assert (ledger / "test" / "summary.md").read_text() == first["table"]
-    row = next(r for r in fresh["rows"] if r["arm"] == "clts_s0.2")
+    row = next(r for r in fresh["rows"] if r["arm"] == best)
     base_row = next(r for r in fresh["rows"] if r["arm"] == "baseline")
     assert row["paired_dfid_mean"] == pytest.approx(row["final_fid_mean"] - base_row["final_fid_mean"])
     assert not np.isnan(row["second_fid_mean"])  # the headline arms have the ancestral sampler too
@@ -284,18 +286,37 @@ def test_verdicts_follow_their_stated_rules():
 
 def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
     scale = study.SCALES["cpu"]
+    b = f"clts_s{study.BEST_SIGMA:g}"
     per_arm = {"baseline": {"final_fid": {1: 100.0, 2: 102.0}},
-               "clts_s0.2": {"final_fid": {1: 90.0, 2: 91.0}},
-               "clts_s0.2_mdlrc": {"final_fid": {1: 95.0, 2: 92.0}},
-               "clts_s0.2_mu0.1": {"final_fid": {1: 99.0, 2: 97.0}}}
+               b: {"final_fid": {1: 90.0, 2: 91.0}},
+               f"{b}_mdlrc": {"final_fid": {1: 95.0, 2: 92.0}},
+               f"{b}_mu0.1": {"final_fid": {1: 99.0, 2: 97.0}}}
     rows = [{"arm": a, "reached": 0, "n": 2} for a in per_arm]
-    table = study.claims_table(scale, per_arm, rows, str(tmp_path / "none.csv"), [1, 2])
+    per_arm["baseline"]["second_fid"] = {1: 100.0, 2: 100.0}
+    per_arm[b]["second_fid"] = {1: 110.0, 2: 111.0}
+    table = study.claims_table(scale, per_arm, rows, str(tmp_path / "none.csv"), [1, 2],
+                               probe={25: (0.002, 0.001, 2), 975: (0.7, 0.02, 2)})
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
-    assert "ΔFID -7.50 ± 3.54 (n=2: -5.00, -10.00)" in lines["CLTS + MDLRC (clts_s0.2_mdlrc) trains faster than "
-                                                            "the baseline (Fig. 5)"]
-    assert lines["CLTS (clts_s0.2) helps on its own (Fig. 6a)"].endswith("| supported |")
+    assert "ΔFID -7.50 ± 3.54 (n=2: -5.00, -10.00)" in lines[f"CLTS + MDLRC ({b}_mdlrc) trains faster than the baseline (Fig. 5)"]
+    assert lines[f"CLTS ({b}) helps on its own (Fig. 6a)"].endswith("| supported |")
     assert lines["MDLRC (mdlrc) helps on its own (Fig. 6a)"].endswith("| no paired runs yet | not measured |")
     mu = lines["μ of the target Gaussian: best near 0.3 (Fig. 6b)"]
     assert "best μ 0.3" in mu and mu.endswith("| supported |")  # 0.3 beats 0.1 in both seeds by > 2 sd
     assert lines["CLTS + MDLRC beats fdm (Tables 2-3)"].endswith("| not measured |")
-    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 2  # header + every claim
+    assert lines[f"{b}'s gain holds with the ancestral sampler (100 steps, many at high noise)"].endswith(
+        "| ΔFID +10.50 ± 0.71 (n=2: +10.00, +11.00) | contradicted |")
+    assert "t 25: +0.2%, t 975: +70.0%" in lines[f"{b}'s held-out ε-MSE vs the baseline's at step 2000 (mean over 2 seeds)"]
+    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 4  # header + every claim
+
+
+@pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
+def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
+    """BEST_SIGMA (the sigma of the headline and ablation arms) follows the evidence: of the sigma-grid
+    arms committed with two or more seeds, it has the lowest mean final FID."""
+    import shutil
+
+    shutil.copytree(LEDGER, tmp_path / "ledger")
+    res = study.summarize("unused", study.SCALES["cpu"], ledger=str(tmp_path / "ledger"), log=lambda m: None)
+    grid = {r["arm"]: r["final_fid_mean"] for r in res["rows"]
+            if r["arm"] in study.GROUPS["sigma"] and r["arm"] != "baseline" and r["n"] >= 2}
+    assert grid and min(grid, key=grid.get) == f"clts_s{study.BEST_SIGMA:g}", grid
