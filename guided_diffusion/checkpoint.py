@@ -61,6 +61,7 @@ class ResumeError(ProjectError, ValueError):
 
 _MODEL_RE = re.compile(r"^model(\d+)\.pt$")
 _STATE_RE = re.compile(r"^state(\d+)\.pt$")
+_OPT_RE = re.compile(r"^opt(\d+)\.pt$")
 
 
 def parse_resume_step_from_filename(filename: str) -> int:
@@ -459,10 +460,16 @@ def _check_state_dict_matches(ckpt: Dict[str, Any], expected: Dict[str, torch.Te
                           "Use the flags it was trained with (see config.yaml in its run folder).")
 
 
-def checkpoint_file_step(path: Union[str, Path]) -> Optional[int]:
-    """The step in a checkpoint file's name (``model/opt/state{N}.pt``, ``ema_{rate}_{N}.pt``), or None."""
+def checkpoint_file_step(path: Union[str, Path], *, weights_only: bool = False) -> Optional[int]:
+    """
+    The step in a checkpoint file's name (``model/opt/state{N}.pt``, ``ema_{rate}_{N}.pt``), or None.
+
+    :param weights_only: only the files that hold weights (``model{N}.pt``, ``ema_{rate}_{N}.pt``):
+                         what a sampler or ``fid_curve`` can load (``model_loading.checkpoint_step``).
+    """
     base = os.path.basename(str(path))
-    for pattern in (_MODEL_RE, _STATE_RE, _EMA_RE, re.compile(r"^opt(\d+)\.pt$")):
+    patterns = (_MODEL_RE, _EMA_RE) if weights_only else (_MODEL_RE, _STATE_RE, _EMA_RE, _OPT_RE)
+    for pattern in patterns:
         m = pattern.match(base)
         if m:
             return int(m.group(1))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 
 from . import dist_util
-from .checkpoint import load_into, load_state_dict_file, state_config_beside
+from .checkpoint import checkpoint_file_step, load_into, load_state_dict_file, state_config_beside
 from .config import DEFAULT_FLAVOR, add_dict_to_argparser, apply_flavor, check_flavor, coerce_config, load_config, \
     str2bool
 from .dist_util import state_dict_mismatch
@@ -158,10 +158,11 @@ _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 _EMA_FILE = re.compile(r"^ema_([0-9.eE+-]+)_(\d+)\.pt$")
 
 def checkpoint_step(path: Union[str, os.PathLike]) -> Optional[int]:
-    """The step in a ``modelNNNNNN.pt`` / ``ema_R_NNNNNN.pt`` name, or None."""
-    base = os.path.basename(str(path))
-    m = _MODEL_FILE.match(base) or _EMA_FILE.match(base)
-    return int(m.groups()[-1]) if m else None
+    """
+    The step in a ``modelNNNNNN.pt`` / ``ema_R_NNNNNN.pt`` name, or None: kept under this name for
+    earlier callers; the rule is ``checkpoint.checkpoint_file_step(path, weights_only=True)``'s.
+    """
+    return checkpoint_file_step(path, weights_only=True)
 
 def run_ema_rates(run_dir: str) -> List[str]:
     """The EMA rates of a run as written in its file names (config order when known)."""

@@ -23,6 +23,8 @@ from .weighting import create_loss_weighting
 __all__ = [
     "training_defaults",
     "method_options",
+    "RESUME_FREE_FLAGS",
+    "run_defining_training_flags",
     "validate_training_args",
     "resolve_fast_path",
     "resolve_batch_size",
@@ -122,6 +124,46 @@ def training_defaults() -> Dict[str, Any]:
     # each sampler's and weighting's options (clts_*, speed_*, min_snr_gamma, p2_*, ...) are
     # declared once, by its class's constructor (resample.py, weighting.py): see method_options()
     return {**_FLAGS_BEFORE_METHODS, **method_options(), **_FLAGS_AFTER_METHODS}
+
+
+#: The training flags that may change on resume without ``--allow_change``, each with why: they
+#: say where things are, how this process runs or what it reports, not what the run computes.
+#: Every other training flag (``run_defining_training_flags``) is run-defining, so a new flag, a
+#: new sampler's or weighting's option included, is refused on change unless it is declared here.
+RESUME_FREE_FLAGS: Dict[str, str] = dict(
+    data_dir="where the images are (a moved dataset is the same dataset)",
+    log_dir="where the run is",
+    resume="which checkpoint to continue from",
+    resume_checkpoint="which checkpoint to continue from (upstream's flag)",
+    allow_change="what may change on this resume",
+    overwrite="what to do with a folder's old checkpoints",
+    stop_at="where this process ends (job time limits); --total_steps is the run's length",
+    save_steps="when checkpoints are written",
+    save_interval="when checkpoints are written",
+    log_interval="when rows are logged",
+    sample_interval="when EMA sample grids are drawn",
+    microbatch="how a batch is split (the same gradient)",
+    use_fp16="numerics of the fast path (upstream's flag), not the run",
+    fp16_scale_growth="numerics of the fast path (upstream's flag), not the run",
+    precision="numerics of the fast path, not the run",
+    compile="the fast path (torch.compile)",
+    compile_mode="the fast path (torch.compile)",
+    channels_last="the fast path (memory layout)",
+    fused_optimizer="the fast path (fused AdamW)",
+    deterministic="torch's deterministic algorithms (speed, not the run)",
+    max_nonfinite="when the non-finite guard stops this process",
+    skip_corrupt="what to do with unreadable images",
+)
+
+
+def run_defining_training_flags() -> Tuple[str, ...]:
+    """
+    The training flags that define a run (``run_folder`` refuses a change on resume unless
+    ``--allow_change`` names it): every flag of ``training_defaults()``, the registered samplers'
+    and weightings' options (``method_options()``) included, but ``RESUME_FREE_FLAGS``.
+    Derived, not typed: a flag declared here or by a method's class is run-defining by default.
+    """
+    return tuple(k for k in training_defaults() if k not in RESUME_FREE_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .errors import ProjectError
 from .files import atomic_write_text
-from .options import method_options
+from .options import run_defining_training_flags
 from .script_util import model_and_diffusion_defaults
 
 __all__ = [
@@ -57,15 +57,11 @@ CONFIG_NAME = "config.yaml"
 HISTORY_DIR = "config_history"
 
 # Training flags that define what a run computes; changing one mid-run silently makes another run
-# (e.g. --total_steps restarts MDLRC's schedule). Model/diffusion flags are added by
-# ``run_defining_flags``.
-RUN_DEFINING_TRAINING_FLAGS: Tuple[str, ...] = (
-    "total_steps", "lr_anneal_steps", "lr", "weight_decay", "beta1", "beta2", "momentum_decay", "beta1_min",
-    "lr_compensation", "decay_beta1", "batch_size", "global_batch_size", "seed", "schedule_sampler",
-    "clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k", "speed_threshold", "speed_lambda",
-    "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "ema_rate", "grad_clip", "random_flip", "flavor",
-    "fdm_warmup_steps",
-)
+# (e.g. --total_steps restarts MDLRC's schedule). Derived from the flag declarations
+# (``options.run_defining_training_flags``: every training flag but ``options.RESUME_FREE_FLAGS``,
+# the methods' options included), as of import; ``run_defining_flags`` derives it again on each call,
+# so that a method registered later counts too, and adds the model/diffusion flags.
+RUN_DEFINING_TRAINING_FLAGS: Tuple[str, ...] = run_defining_training_flags()
 
 
 class RunFolderError(ProjectError, RuntimeError):
@@ -76,13 +72,12 @@ class RunFolderError(ProjectError, RuntimeError):
 
 def run_defining_flags(config: Dict[str, Any]) -> List[str]:
     """
-    The keys of ``config`` that define the run: model/diffusion flags, the training flags above and
-    every option of a registered timestep sampler or loss weighting (``options.method_options``).
+    The keys of ``config`` that define the run: model/diffusion flags and the run-defining training
+    flags (``options.run_defining_training_flags``), which include every option of a registered
+    timestep sampler or loss weighting (``options.method_options``).
     """
     model = [k for k in model_and_diffusion_defaults() if k not in MODEL_FLAGS_IGNORED_ON_RESUME]
-    # every option a registered sampler or weighting declares (taken from the classes, not typed here)
-    methods = [k for k in method_options() if k not in RUN_DEFINING_TRAINING_FLAGS]
-    return [k for k in list(model) + list(RUN_DEFINING_TRAINING_FLAGS) + methods if k in config]
+    return [k for k in model + list(run_defining_training_flags()) if k in config]
 
 
 def parse_allow_change(text: Any) -> List[str]:

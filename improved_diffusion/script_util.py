@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Dict
 
 from guided_diffusion import script_util as _gd
+from guided_diffusion.config import apply_flavor
 from guided_diffusion.script_util import (  # noqa: F401  (upstream names, re-exported)
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -26,29 +27,22 @@ from guided_diffusion.unet import SuperResModel  # noqa: F401  (upstream re-expo
 _IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
 
+def _improved_defaults(guided: Dict[str, Any], factory) -> Dict[str, Any]:
+    """
+    Improved-Diffusion's defaults for ``factory``'s keywords, derived, not written again: the
+    guided-diffusion defaults of those keywords (``guided_diffusion.script_util``, the one owner of
+    the values) with the keys Improved-Diffusion's differ in (``config.FLAVORS["improved"]``).
+    """
+    params = inspect.signature(factory).parameters
+    res = apply_flavor({k: v for k, v in guided.items() if k in params}, "improved")
+    missing = [k for k in params if k not in res]
+    assert not missing, f"no guided-diffusion default for {missing}"
+    return res
+
+
 def model_and_diffusion_defaults() -> Dict[str, Any]:
-    """Defaults for image training (improved-diffusion)."""
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-    )
+    """Defaults for image training (improved-diffusion): upstream's values, derived as ``_improved_defaults``."""
+    return _improved_defaults(_gd.model_and_diffusion_defaults(), create_model_and_diffusion)
 
 
 def create_model_and_diffusion(
@@ -132,12 +126,8 @@ def create_model(
 
 
 def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
-    """Defaults for super-resolution training (improved-diffusion)."""
-    res = model_and_diffusion_defaults()
-    res["large_size"] = 256
-    res["small_size"] = 64
-    arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
-    return {k: v for k, v in res.items() if k in arg_names}
+    """Defaults for super-resolution training (improved-diffusion), derived as ``_improved_defaults``."""
+    return _improved_defaults(_gd.sr_model_and_diffusion_defaults(), sr_create_model_and_diffusion)
 
 
 def sr_create_model_and_diffusion(

@@ -45,7 +45,8 @@ from guided_diffusion.script_util import (  # noqa: E402
     parse_args_with_config,
     str2bool,
 )
-from guided_diffusion.train_util import TrainLoop, resolve_fast_path, validate_training_args  # noqa: E402
+from guided_diffusion.options import LoopSettings  # noqa: E402
+from guided_diffusion.train_util import TrainLoop, resolve_fast_path  # noqa: E402
 
 # Distinct synthetic batches cycled through (on the device, like the packed-dataset fast path).
 SYNTHETIC_BATCHES = 4
@@ -231,8 +232,13 @@ def _log_dir(args: argparse.Namespace, mode: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: str) -> Dict[str, Any]:
-    """Time ``args.steps`` TrainLoop iterations after ``args.warmup``; see the module docstring."""
+def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: str,
+                settings: LoopSettings) -> Dict[str, Any]:
+    """
+    Time ``args.steps`` TrainLoop iterations after ``args.warmup``; see the module docstring.
+
+    :param settings: the loop's settings, checked once from the flags (``training.check_flags``).
+    """
     device = dist_util.dev()
     needed = args.warmup + args.steps
     for flag in ("total_steps", "lr_anneal_steps"):
@@ -240,14 +246,17 @@ def bench_train(args: argparse.Namespace, model_args: Dict[str, Any], log_dir: s
         if getattr(args, flag) and getattr(args, flag) < needed:
             logger.log(f"--{flag} {getattr(args, flag)} raised to {needed} (--warmup + --steps) for the benchmark")
             setattr(args, flag, needed)
+            settings = settings.replace(**{flag: needed})
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_args)
     sampler, weights = training.create_schedule(args, diffusion)
     data = synthetic_batches(args.batch_size, args.image_size, args.num_classes if args.class_cond else None,
                              device, seed=args.seed)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, loss_weighting=weights,
-                     **training.train_loop_kwargs(args, save_interval=0, sample_interval=0, log_dir=log_dir,
-                                                     resume="none"))
+    # no checkpoints or sample grids, a fresh run: settings checked once, as training.train does
+    settings = settings.replace(save_interval=0, sample_interval=0, log_dir=log_dir, resume="none",
+                                loss_weighting=weights)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler, settings=settings,
+                     **settings.upstream_kwargs())
     flops, n_params = count_flops(model_args, args.batch_size)
 
     _reset_peak(device)
@@ -383,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     args = parse_args(argv)
     args.data_dir = "synthetic"
-    validate_training_args(vars(args))
+    settings = training.check_flags(args)  # every training flag, checked once (the loop's settings built)
     model_args = args_to_dict(args, model_and_diffusion_defaults().keys())
     if args.flops_only:
         flops, n_params = count_flops(model_args, args.batch_size)
@@ -402,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     log_dir = _log_dir(args, mode)
     logger.configure(dir=log_dir, format_strs=["log", "csv"])
     if mode == "train":
-        result = bench_train(args, model_args, log_dir)
+        result = bench_train(args, model_args, log_dir, settings)
     else:
         result = bench_sampling(args, model_args)
     result.update(_environment(dist_util.dev(), argv))

@@ -200,3 +200,19 @@ def test_image_nll_takes_the_sample_scripts_flags():
     assert flags <= set(sample_defaults())
     nll = load_script("image_nll.py").create_argparser_defaults()
     assert {k: nll[k] for k in flags} == {k: sample_defaults()[k] for k in flags}
+
+
+def test_checkpoint_step_is_the_checkpoint_modules_rule():
+    # one rule for the step in a file name (checkpoint.checkpoint_file_step); checkpoint_step, kept by
+    # model_loading and sample_util for earlier callers, is its weights-only form
+    from guided_diffusion import model_loading, sample_util
+    from guided_diffusion.checkpoint import checkpoint_file_step
+
+    assert sample_util.checkpoint_step is model_loading.checkpoint_step
+    names = {"model000012.pt": 12, "ema_0.9999_000012.pt": 12, "ema_1e-3_000007.pt": 7, "opt000012.pt": None,
+             "state000012.pt": None, "model12.pt.tmp": None, "progress.csv": None, "/run/model000003.pt": 3}
+    for name, step in names.items():
+        assert model_loading.checkpoint_step(name) == step, name
+        assert checkpoint_file_step(name, weights_only=True) == step, name
+    assert checkpoint_file_step("opt000012.pt") == 12 and checkpoint_file_step("state000012.pt") == 12
+    assert checkpoint_file_step("model000012.pt") == 12 and checkpoint_file_step("notes.txt") is None

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import image_train  # noqa: E402
 from guided_diffusion import gaussian_diffusion as gd  # noqa: E402
 from guided_diffusion.model_loading import resolve_model_flags  # noqa: E402
+from guided_diffusion.config import apply_flavor  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
 # openai/improved-diffusion improved_diffusion/script_util.py: model_and_diffusion_defaults()
@@ -61,6 +62,19 @@ def test_readme_flag_lines_resolve_to_upstream_values(flavor, upstream, line):
         else:
             assert value == default, (flavor, key, value, default)
     assert args.random_flip is (flavor == "guided")  # improved-diffusion's loader never flips
+
+
+def test_improved_face_defaults_are_upstreams_and_the_flavors():
+    # one owner: improved_diffusion.script_util derives its defaults from guided-diffusion's and
+    # config.FLAVORS["improved"]; both faces give upstream improved-diffusion's values
+    import improved_diffusion.script_util as isu
+
+    assert isu.model_and_diffusion_defaults() == IMPROVED_UPSTREAM
+    flavored = apply_flavor(model_and_diffusion_defaults(), "improved")
+    assert {k: flavored[k] for k in IMPROVED_UPSTREAM} == IMPROVED_UPSTREAM
+    assert isu.sr_model_and_diffusion_defaults() == dict(
+        {k: v for k, v in IMPROVED_UPSTREAM.items() if k not in ("image_size", "sigma_small")},
+        large_size=256, small_size=64)
 
 
 def test_improved_flags_without_the_flavor_differ_silently_as_before():

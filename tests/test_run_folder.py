@@ -140,13 +140,43 @@ def test_read_only_folder_is_named(run_a, tmp_path):
         os.chmod(run, 0o755)
 
 
+# The training flags run_folder once typed by hand (RUN_DEFINING_TRAINING_FLAGS before it was derived),
+# kept literally as the regression reference for the derived list.
+HAND_TYPED_RUN_DEFINING_FLAGS = {
+    "total_steps", "lr_anneal_steps", "lr", "weight_decay", "beta1", "beta2", "momentum_decay", "beta1_min",
+    "lr_compensation", "decay_beta1", "batch_size", "global_batch_size", "seed", "schedule_sampler",
+    "clts_mean", "clts_std", "clts_target_steps", "speed_tau", "speed_k", "speed_threshold", "speed_lambda",
+    "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "ema_rate", "grad_clip", "random_flip", "flavor",
+    "fdm_warmup_steps",
+}
+
+
+def test_run_defining_flags_are_derived_from_the_declarations():
+    from guided_diffusion import options
+    from guided_diffusion.run_folder import RUN_DEFINING_TRAINING_FLAGS, run_defining_flags
+
+    derived = options.run_defining_training_flags()
+    assert len(derived) == len(set(derived)) and tuple(RUN_DEFINING_TRAINING_FLAGS) == derived
+    # the only deliberate difference from the hand-typed list: the three sampler options it missed
+    # (history_per_term, uniform_prob, speed_dual), which run_defining_flags already added from
+    # options.method_options(); the resulting set of run-defining flags is the same as before
+    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | {"history_per_term", "uniform_prob", "speed_dual"}
+    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | set(options.method_options())
+    # every option a sampler or weighting declares is run-defining, none may be declared free
+    assert set(options.method_options()) <= set(derived)
+    assert not set(options.method_options()) & set(options.RESUME_FREE_FLAGS)
+    # the two parts cover the training flags: a free flag that is no flag is a typo
+    assert set(options.RESUME_FREE_FLAGS) <= set(options.training_defaults())
+    assert set(derived) | set(options.RESUME_FREE_FLAGS) == set(options.training_defaults())
+    config = {**options.training_defaults()}
+    assert set(run_defining_flags(config)) == set(derived)
+    assert set(options.method_options()) <= set(run_defining_flags({k: None for k in options.method_options()}))
+
+
 @pytest.mark.parametrize("flag,value", [("history_per_term", 5), ("uniform_prob", 0.01), ("speed_dual", False)])
 def test_a_changed_sampler_option_is_refused_on_resume(run_a, tmp_path, flag, value):
     # these three were missing from a hand-typed list; every method option now comes from its class
-    from guided_diffusion.options import method_options
-    from guided_diffusion.run_folder import run_defining_flags
-
-    assert set(method_options()) <= set(run_defining_flags({k: None for k in method_options()}))
+    # (that each is run-defining: test_run_defining_flags_are_derived_from_the_declarations)
     run = copy_of(run_a, tmp_path)
     before = snapshot(run)
     with pytest.raises(RunFolderError, match=rf"--{flag}: run .*, now {value}"):
