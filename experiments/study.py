@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from guided_diffusion.files import atomic_write
+from guided_diffusion.files import atomic_write, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -605,13 +605,18 @@ def _sample_features(samples: str, cache_dir: str) -> np.ndarray:
         return np.load(path)
     feats = compute_statistics(samples, extractor="offline", device="cpu", batch_size=32)["pool"]
     os.makedirs(cache_dir, exist_ok=True)
-    np.save(path + ".tmp.npy", feats)
-    os.replace(path + ".tmp.npy", path)
+    atomic_write(path, lambda f: np.save(f, feats))
     return feats
 
 
 def _final_fid(run_dir: str, scale: Scale) -> Optional[float]:
     return next((f for st, f, _ in _curve(run_dir, scale) if st == scale.total_steps), None)
+
+
+def _copy_atomic(src: str, dest: str) -> None:
+    with open(src, "rb") as f:
+        data = f.read()
+    atomic_write(dest, lambda out: out.write(data))
 
 
 def backfill_samples(out: str, scale: Scale, ledger: str, run: str, ref: str,
@@ -621,8 +626,6 @@ def backfill_samples(out: str, scale: Scale, ledger: str, run: str, ref: str,
     checkpoint again (``out/runs/<run>``, the same ``fid_curve.py`` settings) and commit them,
     after checking that their FID is the committed one. None when neither exists.
     """
-    import shutil
-
     dest = os.path.join(ledger_dir(ledger, scale, run), SAMPLES_FILE)
     if os.path.isfile(dest):
         return dest
@@ -643,8 +646,7 @@ def backfill_samples(out: str, scale: Scale, ledger: str, run: str, ref: str,
     if committed is None or abs(again - committed) > 1e-3 * max(1.0, abs(committed)):
         raise ValueError(f"study: {run}: sampling the final checkpoint again gave FID {again:.4f}, the ledger says "
                          f"{committed}: the samples would not be the ones measured; not committed")
-    shutil.copyfile(final_samples(run_dir, scale), dest + ".tmp")
-    os.replace(dest + ".tmp", dest)
+    _copy_atomic(final_samples(run_dir, scale), dest)
     log(f"study: {run}: final samples committed (FID {again:.3f} again, as measured)")
     return dest
 
@@ -658,8 +660,6 @@ def backfill_second_sampler(out: str, scale: Scale, ledger: str, run: str, ref: 
 
     :return: True when the ledger run has the second sampler's final point (now or before).
     """
-    import shutil
-
     committed = ledger_dir(ledger, scale, run)
     if any(st == scale.total_steps for st, _, _ in _curve(committed, scale, second=True)):
         return True
@@ -677,9 +677,7 @@ def backfill_second_sampler(out: str, scale: Scale, ledger: str, run: str, ref: 
         after = f.read().splitlines()
     if after[:len(before)] != before:
         raise ValueError(f"study: {run}: {run_dir}/fid_curve.csv does not start with the committed rows; not committed")
-    dest = os.path.join(committed, "fid_curve.csv")
-    shutil.copyfile(os.path.join(run_dir, "fid_curve.csv"), dest + ".tmp")
-    os.replace(dest + ".tmp", dest)
+    _copy_atomic(os.path.join(run_dir, "fid_curve.csv"), os.path.join(committed, "fid_curve.csv"))
     log(f"study: {run}: second-sampler FID committed")
     return True
 
@@ -1170,9 +1168,7 @@ def write_claims(doc: str, scale: str, table: str) -> bool:
     _, tail = rest.split(end, 1)
     new = head + begin + "\n" + table + end + tail
     if new != text:
-        with open(doc + ".tmp", "w") as f:
-            f.write(new)
-        os.replace(doc + ".tmp", doc)
+        atomic_write_text(doc, new)
     return new != text
 
 
