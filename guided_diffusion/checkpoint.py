@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "find_ema_checkpoint",
     "list_complete_checkpoints",
     "list_stateless_checkpoints",
+    "weight_files",
     "find_resume_checkpoint",
     "resolve_resume",
     "unreadable_checkpoint",
@@ -59,9 +60,9 @@ class ResumeError(ProjectError, ValueError):
     exit_status = 2  # bad input: the flags or the named checkpoint
 
 
-_MODEL_RE = re.compile(r"^model(\d+)\.pt$")
-_STATE_RE = re.compile(r"^state(\d+)\.pt$")
-_OPT_RE = re.compile(r"^opt(\d+)\.pt$")
+_MODEL_RE = re.compile(r"^model(?P<step>\d+)\.pt$")
+_STATE_RE = re.compile(r"^state(?P<step>\d+)\.pt$")
+_OPT_RE = re.compile(r"^opt(?P<step>\d+)\.pt$")
 
 
 def parse_resume_step_from_filename(filename: str) -> int:
@@ -75,7 +76,7 @@ def parse_resume_step_from_filename(filename: str) -> int:
     for pattern in (_MODEL_RE, _STATE_RE):
         m = pattern.match(base)
         if m:
-            return int(m.group(1))
+            return int(m.group("step"))
     split = base.split("model")
     if len(split) < 2:
         return 0
@@ -123,13 +124,13 @@ def list_complete_checkpoints(log_dir: Optional[str]) -> List[int]:
     for name in names:
         m = _STATE_RE.match(name)
         if m:
-            step = int(m.group(1))
+            step = int(m.group("step"))
             if f"model{step:06d}.pt" in names and f"opt{step:06d}.pt" in names:
                 steps.append(step)
     return sorted(steps)
 
 
-_EMA_RE = re.compile(r"^ema_.+_(\d+)\.pt$")
+_EMA_RE = re.compile(r"^ema_(?P<rate>.+)_(?P<step>\d+)\.pt$")
 
 
 def list_stateless_checkpoints(log_dir: Optional[str]) -> Dict[int, List[str]]:
@@ -148,14 +149,34 @@ def list_stateless_checkpoints(log_dir: Optional[str]) -> Dict[int, List[str]]:
     for name in sorted(names):
         m = _MODEL_RE.match(name)
         if m:
-            step = int(m.group(1))
+            step = int(m.group("step"))
             if f"opt{step:06d}.pt" in names and f"state{step:06d}.pt" not in names:
                 found[step] = [name, f"opt{step:06d}.pt"]
     for name in sorted(names):
         m = _EMA_RE.match(name)
-        if m and int(m.group(1)) in found:
-            found[int(m.group(1))].append(name)
+        if m and int(m.group("step")) in found:
+            found[int(m.group("step"))].append(name)
     return dict(sorted(found.items()))
+
+
+def weight_files(names: Iterable[str]) -> Tuple[List[int], Dict[str, List[int]]]:
+    """
+    The weight files among the file ``names`` of a run folder (what a sampler can load), read with
+    the one set of file-name rules this module owns.
+
+    :return: ``(steps, ema)``: the steps of the ``model{N}.pt`` files, and each EMA rate as written in
+             the ``ema_{rate}_{N}.pt`` names -> its steps; all sorted.
+    """
+    steps: List[int] = []
+    ema: Dict[str, List[int]] = {}
+    for name in names:
+        m = _MODEL_RE.match(name)
+        if m:
+            steps.append(int(m.group("step")))
+        m = _EMA_RE.match(name)
+        if m:
+            ema.setdefault(m.group("rate"), []).append(int(m.group("step")))
+    return sorted(steps), {rate: sorted(v) for rate, v in sorted(ema.items())}
 
 
 def find_resume_checkpoint(log_dir: Optional[str] = None) -> Optional[str]:
@@ -273,7 +294,7 @@ def resolve_resume(
         folder = os.path.dirname(path) or "."
         m = _STATE_RE.match(base)
         if m:
-            step = int(m.group(1))
+            step = int(m.group("step"))
             point = _point_at(folder, step, ema_rates, flag)
             if not os.path.exists(point.model_path):
                 raise FileNotFoundError(f"{flag} {path}: the model file {point.model_path} of this state is missing")
@@ -472,7 +493,7 @@ def checkpoint_file_step(path: Union[str, Path], *, weights_only: bool = False) 
     for pattern in patterns:
         m = pattern.match(base)
         if m:
-            return int(m.group(1))
+            return int(m.group("step"))
     return None
 
 
@@ -487,7 +508,7 @@ def state_config_beside(checkpoint: Union[str, Path]) -> Tuple[Dict[str, Any], O
     folder = os.path.dirname(os.path.abspath(str(checkpoint)))
     if not os.path.isdir(folder):
         return {}, None
-    steps = sorted((int(m.group(1)) for m in map(_STATE_RE.match, os.listdir(folder)) if m), reverse=True)
+    steps = sorted((int(m.group("step")) for m in map(_STATE_RE.match, os.listdir(folder)) if m), reverse=True)
     own = checkpoint_file_step(checkpoint)
     if own in steps:
         steps.remove(own)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 
 from . import dist_util
-from .checkpoint import checkpoint_file_step, load_into, load_state_dict_file, state_config_beside
+from .checkpoint import checkpoint_file_step, load_into, load_state_dict_file, state_config_beside, weight_files
 from .config import DEFAULT_FLAVOR, add_dict_to_argparser, apply_flavor, check_flavor, coerce_config, load_config, \
     str2bool
 from .dist_util import state_dict_mismatch
@@ -153,10 +152,6 @@ def load_diffusion_model(
     return model, diffusion, flags, source
 
 
-_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
-
-_EMA_FILE = re.compile(r"^ema_([0-9.eE+-]+)_(\d+)\.pt$")
-
 def checkpoint_step(path: Union[str, os.PathLike]) -> Optional[int]:
     """
     The step in a ``modelNNNNNN.pt`` / ``ema_R_NNNNNN.pt`` name, or None: kept under this name for
@@ -172,7 +167,7 @@ def run_ema_rates(run_dir: str) -> List[str]:
         rate = load_config(cfg_path).get("ema_rate")
         if rate not in (None, ""):
             rates = [str(r) for r in parse_ema_rates(rate)]
-    found = sorted({m.group(1) for m in map(_EMA_FILE.match, os.listdir(run_dir)) if m})
+    found = sorted(weight_files(os.listdir(run_dir))[1])
     return rates + [r for r in found if r not in rates]
 
 def same_rate(a: str, b: str) -> bool:
@@ -235,12 +230,7 @@ def resolve_checkpoint(
                          "folder) is required")
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--run_dir: folder not found: {run_dir}")
-    names = os.listdir(run_dir)
-    steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, names) if m)
-    ema_steps: Dict[str, List[int]] = {}  # rate as written in the file names -> its steps
-    for m in map(_EMA_FILE.match, names):
-        if m:
-            ema_steps.setdefault(m.group(1), []).append(int(m.group(2)))
+    steps, ema_steps = weight_files(os.listdir(run_dir))  # ema: rate as written in the file names -> its steps
     if int(step) < 0:
         if not steps:
             raise FileNotFoundError(f"--run_dir {run_dir}: no modelNNNNNN.pt checkpoint in it")

@@ -18,15 +18,20 @@ from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000  # ImageNet; the default of the `num_classes` flag
 
-# Channel multipliers upstream picks from the image size (resolution in pixels).
-_GUIDED_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-    32: (1, 2, 2, 2),  # Improved-Diffusion's CIFAR-10 multipliers (guided-diffusion has none for 32)
+# Channel multipliers upstream picks from the image size (resolution in pixels), one table per
+# upstream codebase and model kind; every factory (both faces) reads them from here.
+CHANNEL_MULT: Dict[str, Dict[int, tuple]] = {
+    "guided": {
+        512: (0.5, 1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),  # Improved-Diffusion's CIFAR-10 multipliers (guided-diffusion has none for 32)
+    },
+    "guided_super_res": {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)},
+    # Improved-Diffusion has multipliers for these sizes only, for image and super-resolution models alike
+    "improved": {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)},
 }
-_SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 
 
 def diffusion_defaults() -> Dict[str, Any]:
@@ -239,7 +244,7 @@ def create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_rates(image_size, attention_resolutions),
         dropout=dropout,
-        channel_mult=channel_mult_for(image_size, channel_mult, _GUIDED_CHANNEL_MULT),
+        channel_mult=channel_mult_for(image_size, channel_mult, CHANNEL_MULT["guided"]),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -317,7 +322,7 @@ def create_classifier(
         attention_resolutions=attention_downsample_rates(
             image_size, classifier_attention_resolutions, "classifier_attention_resolutions"
         ),
-        channel_mult=channel_mult_for(image_size, "", _GUIDED_CHANNEL_MULT),
+        channel_mult=channel_mult_for(image_size, "", CHANNEL_MULT["guided"]),
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
@@ -436,7 +441,7 @@ def sr_create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_rates(large_size, attention_resolutions),
         dropout=dropout,
-        channel_mult=channel_mult_for(large_size, channel_mult, _SR_CHANNEL_MULT, "large_size"),
+        channel_mult=channel_mult_for(large_size, channel_mult, CHANNEL_MULT["guided_super_res"], "large_size"),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,

@@ -15,11 +15,10 @@ import inspect
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import dist_util, logger
 from .image_datasets import load_data
@@ -126,10 +125,7 @@ def resolve_log_dir(args: argparse.Namespace) -> str:
     if not log_dir:
         stem = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
         log_dir = logger.default_log_dir(stem)
-    if dist_util.get_world_size() > 1:
-        box: List[Any] = [log_dir]
-        dist.broadcast_object_list(box, src=0)  # timestamps may differ between ranks
-        log_dir = box[0]
+    log_dir = dist_util.broadcast_from_rank0(log_dir)  # timestamps may differ between ranks
     return os.path.expanduser(log_dir)
 
 

@@ -23,10 +23,6 @@ from guided_diffusion.script_util import (  # noqa: F401  (upstream names, re-ex
 )
 from guided_diffusion.unet import SuperResModel  # noqa: F401  (upstream re-exports it here)
 
-# Improved-Diffusion has multipliers for these sizes only (pixels).
-_IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
-
-
 def _improved_defaults(guided: Dict[str, Any], factory) -> Dict[str, Any]:
     """
     Improved-Diffusion's defaults for ``factory``'s keywords, derived, not written again: the
@@ -108,7 +104,7 @@ def create_model(
     dropout,
 ):
     """Build an Improved-Diffusion ``UNetModel`` (legacy attention order, no resblock up/down)."""
-    mult = _gd.channel_mult_for(image_size, "", _IMPROVED_CHANNEL_MULT)
+    mult = _gd.channel_mult_for(image_size, "", _gd.CHANNEL_MULT["improved"])
     return _gd.create_model(
         image_size,
         num_channels,
@@ -185,7 +181,7 @@ def sr_create_model(
     dropout,
 ):
     """Build an Improved-Diffusion ``SuperResModel`` (upstream's function of this name)."""
-    mult = _gd.channel_mult_for(large_size, "", _IMPROVED_CHANNEL_MULT, "large_size")
+    mult = _gd.channel_mult_for(large_size, "", _gd.CHANNEL_MULT["improved"], "large_size")
     return _gd.sr_create_model(
         large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
         use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from guided_diffusion.checkpoint import checkpoint_file_step, weight_files
 from guided_diffusion.sample_util import resolve_checkpoint, sample_defaults
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -216,3 +217,15 @@ def test_checkpoint_step_is_the_checkpoint_modules_rule():
         assert checkpoint_file_step(name, weights_only=True) == step, name
     assert checkpoint_file_step("opt000012.pt") == 12 and checkpoint_file_step("state000012.pt") == 12
     assert checkpoint_file_step("model000012.pt") == 12 and checkpoint_file_step("notes.txt") is None
+
+
+def test_weight_files_reads_model_and_ema_names_with_the_checkpoint_rules():
+    names = ["model000400.pt", "model000100.pt", "opt000400.pt", "state000400.pt", "ema_0.9999_000400.pt",
+             "ema_0.9999_000100.pt", "ema_0.995_000400.pt", "config.yaml", "model000400.pt.tmp", "log.txt"]
+    steps, ema = weight_files(names)
+    assert steps == [100, 400]
+    assert ema == {"0.995": [400], "0.9999": [100, 400]}
+    # the same rules as the step parser: every name it lists has the step it reads
+    assert all(checkpoint_file_step(n, weights_only=True) == int(n[-9:-3]) for n in names
+               if n.startswith(("model", "ema_")) and n.endswith(".pt"))
+    assert weight_files([]) == ([], {})

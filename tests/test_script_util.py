@@ -47,7 +47,7 @@ def test_shared_modules_are_the_same_objects():
 
 @pytest.mark.parametrize("size,mult", [(32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4))])
 def test_guided_channel_mult_by_size(size, mult):
-    assert gsu.channel_mult_for(size, "", gsu._GUIDED_CHANNEL_MULT) == mult
+    assert gsu.channel_mult_for(size, "", gsu.CHANNEL_MULT["guided"]) == mult
 
 
 def test_improved_has_no_128_multipliers():
@@ -62,7 +62,7 @@ def test_attention_resolutions_to_downsample_rates():
     with pytest.raises(ValueError, match="attention_resolutions"):
         gsu.attention_downsample_rates(32, "12")
     with pytest.raises(ValueError, match="channel_mult"):
-        gsu.channel_mult_for(32, "1,x", gsu._GUIDED_CHANNEL_MULT)
+        gsu.channel_mult_for(32, "1,x", gsu.CHANNEL_MULT["guided"])
 
 
 def test_create_gaussian_diffusion_types():
