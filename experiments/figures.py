@@ -160,6 +160,7 @@ class Settings:
     landscape_alphas: str                # scripts/loss_landscape.py --alphas
     landscape_batch: int
     fig4_fractions: Tuple[float, float]  # Fig. 4: the short and the long stretch, fractions of the run
+    gan_batchnorm: str = "batch"         # Figs. 3-4: the DCGAN losses' BatchNorm (objectives.GAN_BATCHNORM)
     train_inprocess: bool = False        # tests: train in this process (no interpreter start-up per run)
 
     def steps(self, kind: str, fractions: Optional[Sequence[float]] = None) -> List[int]:
@@ -651,8 +652,7 @@ def run_fig3(task: Task, ctx: Context) -> str:
     out_dir = os.path.join(ctx.work, task.key)
     argv = ["--run_dir", ctx.where[name]["dir"], "--step", str(p["step"]), "--use_ema", "False",
             *_argv(s.hessian), "--device", ctx.device, "--out_dir", out_dir]
-    if p["model_kind"] == "diffusion":
-        argv += ["--data_dir", ctx.data]
+    argv += ["--data_dir", ctx.data] if p["model_kind"] == "diffusion" else ["--gan_batchnorm", s.gan_batchnorm]
     with contextlib.redirect_stdout(_Tee(ctx.log)):
         load_script("hessian_spectrum.py").main(argv)
     _copy_into_ledger(out_dir, [os.path.basename(f) for f in task.files], os.path.join(ctx.ledger, task.key))
@@ -666,8 +666,7 @@ def run_fig4(task: Task, ctx: Context) -> str:
     argv = ["--run_dir", ctx.where[name]["dir"], "--step", f"{p['steps'][0]},{p['steps'][1]}", "--use_ema", "False",
             f"--alphas={s.landscape_alphas}", "--batch_size", str(s.landscape_batch), "--device", ctx.device,
             "--out_dir", out_dir]
-    if p["model_kind"] == "diffusion":
-        argv += ["--data_dir", ctx.data]
+    argv += ["--data_dir", ctx.data] if p["model_kind"] == "diffusion" else ["--gan_batchnorm", s.gan_batchnorm]
     with contextlib.redirect_stdout(_Tee(ctx.log)):
         load_script("loss_landscape.py").main(argv)
     _copy_into_ledger(out_dir, [os.path.basename(f) for f in task.files], os.path.join(ctx.ledger, task.key))
@@ -998,9 +997,16 @@ def line_metrics(alphas: Sequence[float], loss: Sequence[float]) -> Dict[str, fl
     The shape of a loss curve on an alpha grid: ``turns`` (changes of the slope's sign, steps
     under 1e-3 of the curve's range ignored), ``roughness`` (sum |second difference| / sum
     |first difference|: 0 for a straight line, about 0.1 for a parabola on 41 points, ~2 for a
-    zigzag) and ``barrier`` (the highest loss on [0, 1] above the higher end point, relative to it).
+    zigzag) and ``barrier`` (the highest loss on [0, 1] above the higher end point, relative to it),
+    over the finite points only; ``nonfinite`` counts the others (a loss undefined there).
     """
     a, y = np.asarray(alphas, float), np.asarray(loss, float)
+    finite = np.isfinite(y)
+    nonfinite = int((~finite).sum())
+    a, y = a[finite], y[finite]
+    if y.size < 3:
+        return {"turns": 0, "roughness": math.nan, "barrier": math.nan, "loss_a": math.nan, "loss_b": math.nan,
+                "min": math.nan, "max": math.nan, "nonfinite": nonfinite}
     d = np.diff(y)
     tol = 1e-3 * max(float(y.max() - y.min()), 1e-300)
     signs = [np.sign(x) for x in d if abs(x) > tol]
@@ -1010,7 +1016,7 @@ def line_metrics(alphas: Sequence[float], loss: Sequence[float]) -> Dict[str, fl
     ends = max(float(np.interp(0.0, a, y)), float(np.interp(1.0, a, y)))
     barrier = (float(y[inside].max()) - ends) / max(abs(ends), 1e-300) if inside.any() else math.nan
     return {"turns": turns, "roughness": rough, "barrier": barrier, "loss_a": float(np.interp(0.0, a, y)),
-            "loss_b": float(np.interp(1.0, a, y)), "min": float(y.min()), "max": float(y.max())}
+            "loss_b": float(np.interp(1.0, a, y)), "min": float(y.min()), "max": float(y.max()), "nonfinite": nonfinite}
 
 
 def fig4_summary(ledger: str) -> Dict[str, Any]:
@@ -1039,8 +1045,10 @@ def fig4_summary(ledger: str) -> Dict[str, Any]:
             v = "not reproduced"
         else:
             v = "inconclusive"
+        undefined = "".join(f" ({m['nonfinite']} alpha(s) of the {k} curve undefined, left out)"
+                            for k, m in (("diffusion", d), ("GAN", g)) if m.get("nonfinite"))
         out["verdict"] = (f"{v}: diffusion {d['turns']} turn(s), roughness {d['roughness']:.2f}; GAN {g['turns']} "
-                          f"turn(s), roughness {g['roughness']:.2f}")
+                          f"turn(s), roughness {g['roughness']:.2f}{undefined}")
     return out
 
 
@@ -1300,6 +1308,13 @@ def _epochs(book: Dict[str, Any], images_seen: int) -> str:
     return f"{images_seen / n:.2f}" if n else "n/a"
 
 
+def _gan_bn_text(settings: Settings) -> str:
+    if settings.gan_batchnorm == "batch":
+        return ("BatchNorm over the batch of fixed latents, as in training (`--gan_batchnorm batch`; the running "
+                "statistics, interpolated outside [0, 1], would turn the variance negative)")
+    return "BatchNorm with the (interpolated) running statistics (`--gan_batchnorm running`)"
+
+
 def render_markdown(ledger: str, settings: Settings, status: Dict[str, List[str]], t1: List[Dict[str, Any]],
                     s2: Dict[str, Any], s3: Dict[str, Any], s4: Dict[str, Any], doc: str = "") -> str:
     """The generated "Measured here" section (a pure function of the ledger, so reruns leave it unchanged)."""
@@ -1416,7 +1431,8 @@ def render_markdown(ledger: str, settings: Settings, status: Dict[str, List[str]
               f"fixed latents, D of the same step): Lanczos ({hs['lanczos_steps']} steps) for the top eigenvalues, "
               f"SLQ ({hs['slq_probes']} probes x {hs['slq_steps']} steps) for the density and its range, Hutchinson "
               f"({hs['trace_samples']} probes) for the trace. **Normalisation**: every eigenvalue divided by the loss "
-              "value at that point, so that multiplying a loss by a constant changes nothing.", "",
+              f"value at that point, so that multiplying a loss by a constant changes nothing. The DCGAN's loss: "
+              f"{_gan_bn_text(settings)}.", "",
               "| model | parameters | loss | lambda_max | lambda_max / loss | "
               "spread (lambda_max - lambda_min) / loss | "
               "trace / loss |", "|---|---|---|---|---|---|---|"]
@@ -1446,7 +1462,7 @@ def render_markdown(ledger: str, settings: Settings, status: Dict[str, List[str]
         L += [f"Paper: along the line between one run's checkpoints after 10 and 100 epochs the diffusion loss is "
               f"smooth and the GAN's rugged. Here the stretches are {int(settings.fig4_fractions[0] * 100)}% and "
               f"100% of each run (diffusion: steps {da} and {db}, raw `model*.pt`; DCGAN: steps {ga} and {gb}, G and D "
-              f"interpolated together), alphas {settings.landscape_alphas}, a fixed batch of "
+              f"interpolated together, {_gan_bn_text(settings)}), alphas {settings.landscape_alphas}, a fixed batch of "
               f"{settings.landscape_batch}. *Turns*: changes of the slope's sign; *roughness*: "
               "sum |second difference| / sum |first difference|.", "",
               "| model | loss at short | loss at long | highest on [0, 1] above the ends | turns | roughness |",

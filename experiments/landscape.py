@@ -10,7 +10,8 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from experiments.objectives import FixedBatch, diffusion_loss, gan_generator_loss, interpolate_state_dicts
+from experiments.objectives import (FixedBatch, check_gan_batchnorm, diffusion_loss, gan_generator_loss,
+                                   interpolate_state_dicts)
 
 __all__ = ["parse_alphas", "loss_along_line", "GAN_LANDSCAPE_LOSS", "gan_loss_along_line"]
 
@@ -78,16 +79,18 @@ def gan_loss_along_line(
     alphas: Sequence[float],
     z: torch.Tensor,
     device: Union[str, torch.device] = "cpu",
+    batchnorm: str = "batch",
 ) -> List[Dict[str, float]]:
     """
     The GAN side of Fig. 4: θ(α) = (1-α)·θ_a + α·θ_b where θ is the generator's AND the
-    discriminator's parameters and BatchNorm running statistics, and the loss is the
-    non-saturating generator loss -log σ(D(α)(G(α)(z))) (``gan_generator_loss``) on the fixed
-    latents ``z``. Both networks are overwritten with each θ(α) in turn and left in eval mode
-    (BatchNorm uses its interpolated running statistics, so the loss is a function of θ alone).
-    Integer buffers (``num_batches_tracked``) are A's: they differ between two steps of a run
-    and do nothing in eval mode.
+    discriminator's parameters (and float buffers: BatchNorm's running statistics), and the loss
+    is the non-saturating generator loss -log σ(D(α)(G(α)(z))) (``gan_generator_loss``) on the
+    fixed latents ``z``. Both networks are overwritten with each θ(α) in turn. Integer buffers
+    (``num_batches_tracked``) are A's: they differ between two steps of a run and change nothing.
 
+    :param batchnorm: ``gan_generator_loss``'s: "batch" (default; normalise over the latents'
+        batch, as in training, so the loss is defined for every α) or "running" (the interpolated
+        running statistics, undefined, NaN, where the interpolated variance is negative).
     :param gen_a: the generator state_dict at α = 0; ``gen_b`` at α = 1.
     :param disc_a: the discriminator state_dict saved with ``gen_a``; ``disc_b`` with ``gen_b``.
     :param z: latents [N, nz, 1, 1], the same for every α.
@@ -97,12 +100,13 @@ def gan_loss_along_line(
     z = z.to(device)
     generator.to(device).eval()
     discriminator.to(device).eval()
+    check_gan_batchnorm(batchnorm)
     rows = []
     for alpha in alphas:
         generator.load_state_dict(interpolate_state_dicts(gen_a, gen_b, float(alpha), int_buffers="a"), strict=True)
         discriminator.load_state_dict(interpolate_state_dicts(disc_a, disc_b, float(alpha), int_buffers="a"),
                                       strict=True)
         with torch.no_grad():
-            loss = gan_generator_loss(generator, discriminator, z)
+            loss = gan_generator_loss(generator, discriminator, z, batchnorm)
         rows.append({"alpha": float(alpha), "loss": float(loss)})
     return rows

@@ -5,15 +5,16 @@ generator's loss on fixed latents, and the linear interpolation of two parameter
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from guided_diffusion.image_datasets import load_data
 
-__all__ = ["FixedBatch", "stratified_timesteps", "make_fixed_batch", "diffusion_loss", "gan_generator_loss",
-           "load_fixed_batch", "interpolate_state_dicts"]
+__all__ = ["FixedBatch", "stratified_timesteps", "make_fixed_batch", "diffusion_loss", "GAN_BATCHNORM",
+           "check_gan_batchnorm", "gan_generator_loss", "load_fixed_batch", "interpolate_state_dicts"]
 
 
 @dataclass
@@ -87,13 +88,56 @@ def diffusion_loss(model: torch.nn.Module, diffusion, batch: FixedBatch, terms: 
     return loss, {k: float(v.detach().float().mean()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 1}
 
 
-def gan_generator_loss(generator: torch.nn.Module, discriminator: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+# How the DCGAN's BatchNorm layers normalise in the GAN losses (``--gan_batchnorm``):
+#   batch   - over the batch of fixed latents, as in training (dcgan_train.py computes its losses
+#             with both networks in train mode); the running statistics are neither used nor changed;
+#   running - with the saved running statistics (eval mode). Along a line between two checkpoints
+#             the interpolated running variance can turn negative outside [0, 1], and the loss is
+#             then NaN: measured at alpha <= -0.15 and >= 1.4 for the CPU figures' DCGAN.
+GAN_BATCHNORM: Tuple[str, ...] = ("batch", "running")
+_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def check_gan_batchnorm(mode: str) -> str:
+    """``--gan_batchnorm``'s value, or a ValueError naming the flag and its choices."""
+    if mode not in GAN_BATCHNORM:
+        raise ValueError(f"--gan_batchnorm: expected one of {', '.join(GAN_BATCHNORM)}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def _batchnorm_mode(mode: str, *modules: torch.nn.Module) -> Iterator[None]:
+    # "batch": train-mode BatchNorm with momentum 0, so the running statistics stay as loaded;
+    # "running": eval-mode BatchNorm, whatever mode the caller left the networks in
+    batch = check_gan_batchnorm(mode) == "batch"
+    saved: List[Tuple[torch.nn.Module, bool, Optional[float]]] = []
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, _BATCHNORMS):
+                saved.append((m, m.training, m.momentum))
+                m.train(batch)
+                if batch:
+                    m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+
+
+def gan_generator_loss(generator: torch.nn.Module, discriminator: torch.nn.Module, z: torch.Tensor,
+                       batchnorm: str = "batch") -> torch.Tensor:
     """
     The (non-saturating) DCGAN generator loss on fixed latents: mean BCE(D(G(z)), real),
-    i.e. -log σ(D(G(z))). Put both networks in eval mode so BatchNorm uses its running
-    statistics and the loss is a function of the generator's parameters alone.
+    i.e. -log σ(D(G(z))), a function of both networks' parameters alone for fixed ``z``.
+
+    :param batchnorm: how BatchNorm normalises (``GAN_BATCHNORM``): "batch" over the batch of
+        ``z`` as in training (the running statistics untouched), or "running" with the saved
+        running statistics; whatever the networks' modes, which are restored afterwards.
     """
-    logits = discriminator(generator(z))
+    with _batchnorm_mode(batchnorm, generator, discriminator):
+        logits = discriminator(generator(z))
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
 

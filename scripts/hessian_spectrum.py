@@ -58,6 +58,9 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--slq_steps", type=int, default=50, help="Lanczos steps per probe")
     p.add_argument("--density_sigma", type=float, default=0.01, help="Gaussian smoothing, fraction of the range")
     p.add_argument("--basis_device", type=str, default=None, help="keep Lanczos vectors here (e.g. cpu)")
+    p.add_argument("--gan_batchnorm", type=str, default="batch", choices=an.GAN_BATCHNORM,
+                   help="GAN only: BatchNorm normalises over the batch of latents as in training (batch, default) "
+                        "or with the checkpoint's running statistics (running)")
     p.add_argument("--device", type=str, default="auto")
     p.add_argument("--out_dir", type=str, default="", help="default runs/hessian-<timestamp>")
     return p
@@ -76,7 +79,8 @@ def build_loss(args: argparse.Namespace, device: torch.device):
         for q in d.parameters():
             q.requires_grad_(False)
         z = gan_latents(list(range(args.seed, args.seed + args.batch_size)), flags["nz"]).to(device)
-        return kind, list(g.parameters()), (lambda: an.gan_generator_loss(g, d, z)), {"gan_flags": flags}
+        return kind, list(g.parameters()), (lambda: an.gan_generator_loss(g, d, z, args.gan_batchnorm)), \
+            {"gan_flags": flags, "gan_batchnorm": args.gan_batchnorm}
     model, diffusion, flags, source = an.load_diffusion_model(args.model_path, args.model_flags, device=device)
     data_dir = args.data_dir or an.config_data_dir(args.model_path)
     batch = an.load_fixed_batch(data_dir, args.batch_size, flags["image_size"], diffusion.num_timesteps,

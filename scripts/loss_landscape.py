@@ -62,6 +62,9 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", type=str, default=None,
                    help="diffusion only; default: the data_dir of A's config.yaml")
     p.add_argument("--batch_size", type=int, default=64, help="images in the fixed batch (GAN: latents)")
+    p.add_argument("--gan_batchnorm", type=str, default="batch", choices=an.GAN_BATCHNORM,
+                   help="GAN only: BatchNorm normalises over the batch of latents as in training (batch, default) "
+                        "or with the interpolated running statistics (running: NaN where their variance < 0)")
     p.add_argument("--timesteps", type=str, default="stratified",
                    help="diffusion only: stratified or random (seeded)")
     p.add_argument("--seed", type=int, default=0,
@@ -159,11 +162,11 @@ def gan_line(args: argparse.Namespace, alphas, device) -> Dict[str, Any]:
     an.load_into(d, disc_b, discriminator_path_for(args.b), source)
     seeds = list(range(args.seed, args.seed + args.batch_size))
     z = gan_latents(seeds, flags["nz"])
-    rows = an.gan_loss_along_line(g, d, gen_a, gen_b, disc_a, disc_b, alphas, z, device)
+    rows = an.gan_loss_along_line(g, d, gen_a, gen_b, disc_a, disc_b, alphas, z, device, args.gan_batchnorm)
     return {"rows": rows,
             "title": f"GAN generator loss -log σ(D(G(z))), G and D interpolated, {args.batch_size} fixed latents "
                      f"(seeds {seeds[0]}..{seeds[-1]})",
-            "meta": {"loss": an.GAN_LANDSCAPE_LOSS, "gan_flags": flags, "latent_seeds": [seeds[0], seeds[-1]],
+            "meta": {"loss": an.GAN_LANDSCAPE_LOSS, "gan_batchnorm": args.gan_batchnorm, "gan_flags": flags, "latent_seeds": [seeds[0], seeds[-1]],
                      "discriminator_a": str(discriminator_path_for(args.a)),
                      "discriminator_b": str(discriminator_path_for(args.b))}}
 

@@ -257,6 +257,55 @@ def test_gan_generator_loss_hvp_matches_finite_differences():
     torch.testing.assert_close(hvp(v), fd, rtol=1e-4, atol=1e-7)
 
 
+def test_gan_generator_loss_batchnorm_modes():
+    """"batch" is the training loss (train-mode BatchNorm) and touches no running statistic; "running" is eval mode."""
+    torch.manual_seed(0)
+    g, d = gan.create_gan(image_size=16, nz=4, ngf=4, ndf=4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    z = gan.gan_latents(list(range(8)), 4)
+    g.eval(), d.train()  # mixed modes on purpose: neither decides, both are restored
+    state = {k: v.clone() for k, v in {**g.state_dict(), **{"d." + k: v for k, v in d.state_dict().items()}}.items()
+             if v.is_floating_point()}
+    with torch.no_grad():
+        batch = float(an.gan_generator_loss(g, d, z))
+        running = float(an.gan_generator_loss(g, d, z, batchnorm="running"))
+        assert not g.training and d.training
+        after = {**g.state_dict(), **{"d." + k: v for k, v in d.state_dict().items()}}
+        assert all(torch.equal(after[k], v) for k, v in state.items())  # running statistics unchanged
+        g_t, d_t = copy.deepcopy(g).train(), copy.deepcopy(d).train()
+        assert batch == pytest.approx(float(torch.nn.functional.softplus(-d_t(g_t(z))).mean()), rel=1e-6)
+        g_e, d_e = copy.deepcopy(g).eval(), copy.deepcopy(d).eval()
+        assert running == pytest.approx(float(torch.nn.functional.softplus(-d_e(g_e(z))).mean()), rel=1e-6)
+    assert batch != pytest.approx(running, rel=1e-6)
+    with pytest.raises(ValueError, match="--gan_batchnorm: expected one of batch, running"):
+        an.gan_generator_loss(g, d, z, batchnorm="eval")
+
+
+def test_gan_line_is_defined_beyond_the_ends_with_batch_statistics():
+    """Extrapolated running variances go negative: "running" gives NaN there, "batch" (the default) does not."""
+    torch.manual_seed(0)
+    g, d = gan.create_gan(image_size=8, nz=4, ngf=4, ndf=4)
+    gen_a, disc_a = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
+    for sd in (gen_a, disc_a):
+        for k, v in sd.items():
+            if k.endswith("running_var"):
+                v.fill_(0.1)
+    gen_b, disc_b = copy.deepcopy(gen_a), copy.deepcopy(disc_a)
+    for sd in (gen_b, disc_b):
+        for k, v in sd.items():
+            if k.endswith("running_var"):
+                v.fill_(2.0)
+            elif v.is_floating_point():
+                v.add_(0.01)
+    z = gan.gan_latents(list(range(8)), 4)
+    alphas = [-0.5, 0.0, 1.0]  # at -0.5 the variance is 1.5 * 0.1 - 0.5 * 2 < 0
+    batch = [r["loss"] for r in an.gan_loss_along_line(g, d, gen_a, gen_b, disc_a, disc_b, alphas, z)]
+    running = [r["loss"] for r in an.gan_loss_along_line(g, d, gen_a, gen_b, disc_a, disc_b, alphas, z,
+                                                          batchnorm="running")]
+    assert all(math.isfinite(x) for x in batch)
+    assert math.isnan(running[0]) and all(math.isfinite(x) for x in running[1:])
+
+
 # ---------------------------------------------------------------- interpolation and flags
 
 

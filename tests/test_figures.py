@@ -6,6 +6,7 @@ samples; and the committed ledger (docs/figures/) is complete and reproduces its
 """
 import csv
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -227,6 +228,13 @@ def test_line_metrics():
     assert zig["turns"] == 39 and zig["roughness"] > 1.5
     bump = figures.line_metrics(a, 1.0 + np.exp(-((a - 0.5) / 0.1) ** 2))
     assert bump["barrier"] == pytest.approx(1.0, rel=1e-6)  # peak 2 over ends of 1
+    # an undefined loss (NaN, e.g. BatchNorm with a negative interpolated variance) is left out and counted
+    holed = (a - 0.5) ** 2 + 1.0
+    holed[:8] = np.nan
+    m = figures.line_metrics(a, holed)
+    assert m["nonfinite"] == 8 and bowl["nonfinite"] == 0
+    assert m["turns"] == 1 and m["roughness"] < 0.5 and math.isfinite(m["roughness"])
+    assert math.isnan(figures.line_metrics(a[:2], [1.0, np.nan])["roughness"])
 
 
 def test_cpu_settings_are_the_study_scale():
