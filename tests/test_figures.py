@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -198,6 +199,23 @@ def test_committed_ledger_is_complete_and_reproduces_table1():
         pytest.skip("docs/figures/ holds no measured results yet: `make figures` (about 70 min on two CPU cores) "
                     "writes and the commit adds them")
     check_ledger(COMMITTED, DOC, figures.settings_for("cpu"))
+
+
+def test_the_hand_written_reading_quotes_only_measured_numbers():
+    """docs/figures.md's reading by hand: every number in it is one of the generated section's."""
+    text = DOC.read_text()
+    if "<!-- figures:reading -->" not in text:
+        pytest.skip("docs/figures.md has no hand-written reading yet")
+    if not (COMMITTED / figures.LEDGER_JSON).is_file():
+        pytest.fail("docs/figures.md has a reading but docs/figures/ no measured results")
+    reading = text[text.index("<!-- figures:reading -->"):text.index("<!-- /figures:reading -->")]
+    generated = text[text.index(figures.MARK_BEGIN):text.index(figures.MARK_END)]
+    number = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+    have = set(number.findall(generated))
+    quoted = number.findall(reading)
+    assert quoted, "the reading quotes no number"
+    missing = sorted({q for q in quoted if q not in have})
+    assert not missing, f"numbers in the reading that the generated section does not have: {missing}"
 
 
 def test_a_ledger_of_other_settings_is_refused(tmp_path):
