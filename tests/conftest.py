@@ -1,5 +1,7 @@
 """Shared test helpers: locate ../shared (beside the repository root) and keep CPU tests small."""
+import re
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -116,3 +118,29 @@ def tiny_run(tmp_path_factory):
     train(["--config", str(REPO_ROOT / "configs" / "smoke" / "tiny.yaml"), "--log_dir", str(run),
            "--total_steps", "2", "--save_interval", "1"])
     return run
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+
+
+def quoted_numbers(text: str) -> List[str]:
+    """The numbers a text quotes (thousands separators dropped; digits glued to letters, as in 16x16, skipped)."""
+    return _NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))
+
+
+def hand_written_block(doc: Path, name: str) -> str:
+    """The text between ``<!-- name -->`` and ``<!-- /name -->`` of ``doc`` ("" when there is none)."""
+    text = doc.read_text()
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if begin not in text:
+        return ""
+    return text[text.index(begin) + len(begin):text.index(end)]
+
+
+def assert_quotes_only(reading: str, source: str, what: str) -> None:
+    """Every number of a hand-written ``reading`` is one of ``source``'s (generated from committed files)."""
+    quoted = quoted_numbers(reading)
+    assert quoted, "the reading quotes no number"
+    have = set(quoted_numbers(source))
+    missing = sorted({q for q in quoted if q not in have})
+    assert not missing, f"numbers in the reading that {what} does not have: {missing}"

@@ -8,13 +8,13 @@ import csv
 import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import assert_quotes_only, hand_written_block
 from experiments import figures, study
 from guided_diffusion.image_datasets import synthetic_images, write_npz
 
@@ -203,19 +203,13 @@ def test_committed_ledger_is_complete_and_reproduces_table1():
 
 def test_the_hand_written_reading_quotes_only_measured_numbers():
     """docs/figures.md's reading by hand: every number in it is one of the generated section's."""
-    text = DOC.read_text()
-    if "<!-- figures:reading -->" not in text:
+    reading = hand_written_block(DOC, "figures:reading")
+    if not reading:
         pytest.skip("docs/figures.md has no hand-written reading yet")
-    if not (COMMITTED / figures.LEDGER_JSON).is_file():
-        pytest.fail("docs/figures.md has a reading but docs/figures/ no measured results")
-    reading = text[text.index("<!-- figures:reading -->"):text.index("<!-- /figures:reading -->")]
-    generated = text[text.index(figures.MARK_BEGIN):text.index(figures.MARK_END)]
-    number = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
-    have = set(number.findall(generated))
-    quoted = number.findall(reading)
-    assert quoted, "the reading quotes no number"
-    missing = sorted({q for q in quoted if q not in have})
-    assert not missing, f"numbers in the reading that the generated section does not have: {missing}"
+    assert (COMMITTED / figures.LEDGER_JSON).is_file(), "docs/figures.md has a reading but docs/figures/ no results"
+    text = DOC.read_text()
+    assert_quotes_only(reading, text[text.index(figures.MARK_BEGIN):text.index(figures.MARK_END)],
+                       "the generated section")
 
 
 def test_a_ledger_of_other_settings_is_refused(tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from conftest import assert_quotes_only, hand_written_block  # noqa: E402
 from experiments import study  # noqa: E402
 from guided_diffusion import logger, training  # noqa: E402
 from guided_diffusion.resample import CLTSSampler, UniformSampler  # noqa: E402
@@ -320,3 +321,14 @@ def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
     grid = {r["arm"]: r["final_fid_mean"] for r in res["rows"]
             if r["arm"] in study.GROUPS["sigma"] and r["arm"] != "baseline" and r["n"] >= 2}
     assert grid and min(grid, key=grid.get) == f"clts_s{study.BEST_SIGMA:g}", grid
+
+
+def test_the_reading_so_far_quotes_only_the_claims_tables_numbers():
+    """docs/study.md's hand-written reading: every number in it is one of the generated claims sections'."""
+    doc = REPO / "docs" / "study.md"
+    reading = hand_written_block(doc, "study:reading")
+    assert reading, "docs/study.md lost its <!-- study:reading --> block"
+    text = doc.read_text()
+    claims = "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
+                     for scale in ("cpu", "cpu_long"))
+    assert_quotes_only(reading, claims, "the claims tables")
