@@ -74,10 +74,9 @@ def clts_arm(std: float, mean: float = 0.3, target_steps: Optional[int] = None, 
     return Arm(name, flags, what)
 
 
-# The sigma the mu / target-iteration ablations and the headline arms use: the best of the
-# sigma grid (the first CPU study's sigma = 0.2 until the grid's committed results say otherwise).
-# the best sigma of the committed sigma grid (tests/test_study.py checks it against the ledger): 0.1
-# beat 0.2 by 21 FID in both seeds (2026-12-02); 0.05 brackets the grid's edge
+# The sigma the mu / target-iteration ablations and the headline arms use: the best of the committed
+# sigma grid (tests/test_study.py checks it against the ledger). 0.1 beat 0.2 and 0.05 in both seeds
+# (2026-12-02); study 1's 0.2 was the best until then.
 BEST_SIGMA = 0.1
 
 ARMS: Tuple[Arm, ...] = (
