@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -243,3 +244,18 @@ def test_named_loss_weighting_uses_its_options(tmp_path):
                                rtol=1e-6)
     with pytest.raises(ValueError, match="loss_weighting_options only apply to a named loss_weighting"):
         make_loop(tmp_path / "e", loss_weighting=expected, loss_weighting_options={"min_snr_gamma": 1.0})
+
+
+def test_gpu_check_rows_are_the_documented_commands_and_parse(monkeypatch):
+    """scripts/launch/gpu_check.sh: every row parses as scripts/benchmark.py flags and is a row of docs/benchmarks.md."""
+    path = REPO / "scripts" / "launch" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    monkeypatch.chdir(REPO)  # the rows name their configs relative to the repository
+    script = path.read_text().replace("\\\n", " ")
+    rows = [line.split()[1:] for line in script.splitlines() if line.startswith("bench ")]
+    assert len(rows) == 10
+    documented = " ".join((REPO / "docs" / "benchmarks.md").read_text().replace("\\\n", " ").split())
+    for name, *flags in rows:
+        args = benchmark.parse_args(flags + ["--out", "x.json"])
+        assert args.config.startswith("configs/") and (REPO / args.config).is_file(), name
+        assert "python scripts/benchmark.py " + " ".join(flags) in documented, name
