@@ -120,7 +120,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.]*\d)")
 
 
 def quoted_numbers(text: str) -> List[str]:
