@@ -63,9 +63,8 @@ from experiments.hessian import (
 )
 from experiments.landscape import GAN_LANDSCAPE_LOSS, gan_loss_along_line, loss_along_line, parse_alphas
 from experiments.objectives import (
-    GAN_BATCHNORM,
     FixedBatch,
-    check_gan_batchnorm,
+    add_gan_batchnorm_flag,
     diffusion_loss,
     gan_generator_loss,
     interpolate_state_dicts,

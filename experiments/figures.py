@@ -929,8 +929,11 @@ def fig2_summary(ledger: str, settings: Settings) -> Dict[str, Any]:
             final_db = float(f["final_pooled_db"])
         # descriptive, not a verdict rule (added after the first run): from which t on the two models'
         # predictions agree to within 1 dB of how well their final samples agree
-        agreed = next((r for r in rows if all(abs(q["between_pooled_db"] - last["between_pooled_db"]) <= 1.0
-                                              for q in rows[rows.index(r):])), last)
+        agreed = last
+        for r in reversed(rows):
+            if abs(r["between_pooled_db"] - last["between_pooled_db"]) > 1.0:
+                break
+            agreed = r
         out[pair] = {"t_formed": None if formed is None else int(formed["t_train"]),
                      "t_agree_1db": int(agreed["t_train"]),
                      "between_at_formed_db": None if formed is None else formed["between_pooled_db"],

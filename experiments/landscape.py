@@ -10,8 +10,7 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from experiments.objectives import (FixedBatch, check_gan_batchnorm, diffusion_loss, gan_generator_loss,
-                                   interpolate_state_dicts)
+from experiments.objectives import FixedBatch, diffusion_loss, gan_generator_loss, interpolate_state_dicts
 
 __all__ = ["parse_alphas", "loss_along_line", "GAN_LANDSCAPE_LOSS", "gan_loss_along_line"]
 
@@ -100,7 +99,6 @@ def gan_loss_along_line(
     z = z.to(device)
     generator.to(device).eval()
     discriminator.to(device).eval()
-    check_gan_batchnorm(batchnorm)
     rows = []
     for alpha in alphas:
         generator.load_state_dict(interpolate_state_dicts(gen_a, gen_b, float(alpha), int_buffers="a"), strict=True)

@@ -5,6 +5,7 @@ generator's loss on fixed latents, and the linear interpolation of two parameter
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -14,7 +15,8 @@ import torch
 from guided_diffusion.image_datasets import load_data
 
 __all__ = ["FixedBatch", "stratified_timesteps", "make_fixed_batch", "diffusion_loss", "GAN_BATCHNORM",
-           "check_gan_batchnorm", "gan_generator_loss", "load_fixed_batch", "interpolate_state_dicts"]
+           "check_gan_batchnorm", "add_gan_batchnorm_flag", "gan_generator_loss", "load_fixed_batch",
+           "interpolate_state_dicts"]
 
 
 @dataclass
@@ -103,6 +105,14 @@ def check_gan_batchnorm(mode: str) -> str:
     if mode not in GAN_BATCHNORM:
         raise ValueError(f"--gan_batchnorm: expected one of {', '.join(GAN_BATCHNORM)}, got {mode!r}")
     return mode
+
+
+def add_gan_batchnorm_flag(parser: argparse.ArgumentParser) -> None:
+    """``--gan_batchnorm``, declared once for every script that measures a GAN loss."""
+    parser.add_argument("--gan_batchnorm", type=str, default="batch", choices=GAN_BATCHNORM,
+                        help="GAN only: BatchNorm normalises over the batch of latents as in training (batch, "
+                             "default) or with the saved, along a line interpolated, running statistics (running: "
+                             "NaN where their variance < 0)")
 
 
 @contextlib.contextmanager

@@ -58,9 +58,7 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--slq_steps", type=int, default=50, help="Lanczos steps per probe")
     p.add_argument("--density_sigma", type=float, default=0.01, help="Gaussian smoothing, fraction of the range")
     p.add_argument("--basis_device", type=str, default=None, help="keep Lanczos vectors here (e.g. cpu)")
-    p.add_argument("--gan_batchnorm", type=str, default="batch", choices=an.GAN_BATCHNORM,
-                   help="GAN only: BatchNorm normalises over the batch of latents as in training (batch, default) "
-                        "or with the checkpoint's running statistics (running)")
+    an.add_gan_batchnorm_flag(p)
     p.add_argument("--device", type=str, default="auto")
     p.add_argument("--out_dir", type=str, default="", help="default runs/hessian-<timestamp>")
     return p

@@ -62,9 +62,7 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", type=str, default=None,
                    help="diffusion only; default: the data_dir of A's config.yaml")
     p.add_argument("--batch_size", type=int, default=64, help="images in the fixed batch (GAN: latents)")
-    p.add_argument("--gan_batchnorm", type=str, default="batch", choices=an.GAN_BATCHNORM,
-                   help="GAN only: BatchNorm normalises over the batch of latents as in training (batch, default) "
-                        "or with the interpolated running statistics (running: NaN where their variance < 0)")
+    an.add_gan_batchnorm_flag(p)
     p.add_argument("--timesteps", type=str, default="stratified",
                    help="diffusion only: stratified or random (seeded)")
     p.add_argument("--seed", type=int, default=0,
