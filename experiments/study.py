@@ -44,7 +44,7 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 __all__ = ["Arm", "Scale", "ARMS", "SCALES", "arm_flags", "run_name", "prepare_data", "run_study",
            "summarize", "iterations_to_reach", "export_results", "PairedBootstrap", "bootstrap_study",
-           "bootstrap_interval", "backfill_samples"]
+           "bootstrap_interval", "backfill_samples", "seed_band", "GROUP_FIGURES"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
 }
 # the headline arms: 3 seeds, and a second sampler at the final checkpoint
 HEADLINE = GROUPS["headline"]
+# the groups drawn one figure each (curves_<group>.png), the baseline in every one
+GROUP_FIGURES = ("sigma", "mu", "target", "modules", "comparisons")
 
 
 def arms_named(spec: str) -> List[Arm]:
@@ -167,6 +169,7 @@ class Scale:
     noise_schedule: str = "cosine"
     dropout: float = 0.1
     second_sampler_all: bool = False  # every arm (not only HEADLINE) also gets the ancestral sampler at the end
+    ablation_figures: bool = True  # ablation.png and curves_<group>.png (a scale that runs the ablations)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -187,7 +190,7 @@ SCALES: Dict[str, Scale] = {
     "cpu_long": Scale("cpu_long", image_size=16, num_channels=32, channel_mult="1,2,2", num_res_blocks=1,
                       attention_resolutions="4", total_steps=10000, batch_size=64, lr=3e-4, ema_rate="0.995",
                       eval_every=1000, num_samples=300, ref_images=2000, sampling="ddim25", seeds=(1, 2),
-                      jobs=2, threads=1, second_sampler_all=True),
+                      jobs=2, threads=1, second_sampler_all=True, ablation_figures=False),
     # one GPU (documented, not run here): the mini_* configs' model at 32x32, 40k steps
     "gpu": Scale("gpu", image_size=32, num_channels=64, channel_mult="1,2,2,2", num_res_blocks=2,
                  attention_resolutions="16,8", total_steps=40000, batch_size=128, lr=1e-4, ema_rate="0.9999",
@@ -927,7 +930,9 @@ def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
 def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optional[Sequence[int]] = None,
               log: Callable[[str], None] = print, ledger: str = "") -> Dict[str, Any]:
     """
-    Read every run's FID/KID curve and write ``summary.csv``, ``summary.md`` and ``curves.png``.
+    Read every run's FID/KID curve and write ``summary.csv``, ``summary.md``, ``curves.png``,
+    ``probe.png`` and, where the scale runs the ablations, ``ablation.png`` and one
+    ``curves_<group>.png`` per group of ``GROUP_FIGURES`` that has runs.
 
     Per arm: final FID and KID (mean and sample standard deviation over seeds, and each seed's
     value), and the iterations each seed needs to reach the baseline's mean final FID.
@@ -1003,6 +1008,12 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
     _plot(out, scale, arms, seeds, curves)
+    for group in GROUP_FIGURES if scale.ablation_figures else ():  # one per group that has runs, with the baseline
+        members = [a for a in arms if a.name == "baseline" or a.name in GROUPS[group]]
+        if any(a.name != "baseline" for a in members):
+            _plot(out, scale, members, seeds, curves, name=f"curves_{group}.png", title=f", {group}")
+    if scale.ablation_figures:
+        _plot_ablations(out, scale, per_arm)
     probes = {(a.name, s): _probe_rows(folder(a.name, s), final) for a in arms for s in seeds}
     _plot_probe(out, scale, arms, seeds, probes)
     claims = (claims_table(scale, per_arm, rows, os.path.join(out, BOOTSTRAP_FILE), seeds,
@@ -1283,8 +1294,73 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
     return "\n".join(lines) + "\n"
 
 
+# the panels of ablation.png (the paper's Fig. 6 and Tables 2-3): (title, group, x label of an arm at a scale)
+ABLATION_PANELS: Tuple[Tuple[str, str, Callable[[str, Scale], str]], ...] = (
+    ("modules (Fig. 6a)", "modules", lambda n, sc: n.replace(_BEST, "CLTS").replace("_", " ").strip()),
+    ("μ of the target Gaussian (Fig. 6b)", "mu", lambda n, sc: n.split("_mu")[1] if "_mu" in n else "0.3"),
+    ("target iteration (Fig. 6c)", "target",
+     lambda n, sc: n.split("_tgt")[1] if "_tgt" in n else str(sc.clts_target_steps)),
+    ("σ of the target Gaussian", "sigma", lambda n, sc: n[len("clts_s"):]),
+    ("comparisons (Tables 2-3)", "comparisons", lambda n, sc: n.replace(_BEST, "CLTS").replace("_", " ")),
+)
+
+
+def _plot_ablations(out: str, scale: Scale, per_arm: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """``ablation.png``: each group's final FID per arm (a diamond: the mean over seeds, dots: the
+    seeds), the baseline's mean as a dashed line; the comparisons panel also shows CLTS + MDLRC."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+
+    def fids(name: str) -> List[float]:
+        return [v for v in per_arm.get(name, {}).get("final_fid", {}).values() if v is not None]
+
+    base = fids("baseline")
+    fig, axes = plt.subplots(1, len(ABLATION_PANELS), figsize=(4 * len(ABLATION_PANELS), 4), sharey=True)
+    for ax, (title, group, label) in zip(axes, ABLATION_PANELS):
+        names = [n for n in GROUPS[group] if n != "baseline"]
+        if group == "comparisons":
+            names.append(f"{_BEST}_mdlrc")
+        names = [n for n in names if fids(n)]
+        for i, n in enumerate(names):
+            v = fids(n)
+            ax.plot(i, float(np.mean(v)), "D", ms=8, color="C1" if n == _BEST else "C0")
+            ax.plot([i] * len(v), v, "k.", ms=5)
+        ax.set_xticks(range(len(names)))
+        ax.set_xlim(-0.5, max(len(names), 1) - 0.5)
+        ax.set_xticklabels([label(n, scale) for n in names], rotation=30, ha="right", fontsize=8)
+        if base:
+            ax.axhline(float(np.mean(base)), color="k", ls="--", lw=1, label="baseline")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if not names:
+            ax.text(0.5, 0.5, "not measured yet", transform=ax.transAxes, ha="center")
+    axes[0].set_ylabel(f"final FID (step {scale.total_steps})")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"CIFAR-10 {scale.image_size}px study ({scale.name}): final FID per arm; diamond = mean over seeds, "
+                 f"dots = seeds, orange = {_BEST} (the best σ, μ 0.3, target 1/5 of the run)", fontsize=9)
+    return _save(fig, os.path.join(out, "ablation.png"))
+
+
+def seed_band(curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], arm: str, seeds: Sequence[int],
+              col: int = 1) -> Tuple[List[int], np.ndarray]:
+    """
+    An arm's curve over the seeds it has (of ``seeds``; the headline arms have a third seed the
+    others lack): the steps every one of those seeds measured, and a (seeds, steps) array of column
+    ``col`` of ``curves`` (1: FID, 2: KID). ``([], empty)`` when the arm has no curve.
+    """
+    series = [dict((r[0], r[col]) for r in curves[(arm, s)]) for s in seeds if curves.get((arm, s))]
+    steps = sorted(set.intersection(*(set(d) for d in series))) if series else []
+    return steps, np.array([[d[st] for st in steps] for d in series], dtype=float)
+
+
 def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
-          curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]]) -> Optional[str]:
+          curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], name: str = "curves.png",
+          title: str = "") -> Optional[str]:
     try:
         import matplotlib
 
@@ -1295,11 +1371,10 @@ def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for a in arms:
         for ax, col in zip(axes, (1, 2)):
-            series = [dict((r[0], r[col]) for r in curves[(a.name, s)]) for s in seeds]
-            steps = sorted(set.intersection(*(set(d) for d in series))) if series else []
+            steps, vals = seed_band(curves, a.name, seeds, col)
             if not steps:
                 continue
-            vals = np.array([[d[st] for st in steps] for d in series]) * (1e3 if col == 2 else 1.0)
+            vals = vals * (1e3 if col == 2 else 1.0)
             line, = ax.plot(steps, vals.mean(0), marker="o", label=a.name)
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
     axes[0].set_ylabel("FID")
@@ -1308,9 +1383,9 @@ def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
         ax.set_xlabel("training iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"CIFAR-10 {scale.image_size}px study ({scale.name} preset): mean over seeds "
-                 f"{', '.join(map(str, seeds))}, band = min-max", fontsize=10)
-    return _save(fig, os.path.join(out, "curves.png"))
+    fig.suptitle(f"CIFAR-10 {scale.image_size}px study ({scale.name} preset){title}: mean over each arm's seeds "
+                 f"(of {', '.join(map(str, seeds))}), band = min-max", fontsize=10)
+    return _save(fig, os.path.join(out, name))
 
 
 def preset(name: str, **overrides: Any) -> Scale:

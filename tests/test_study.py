@@ -220,10 +220,29 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
     doc = (REPO / "docs" / "study.md").read_text()
     assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + res["claims"]
     assert (LEDGER / "cpu" / "claims.md").read_text() == res["claims"]
+    # the figures docs/study.md shows: every group with runs has its own, and the ablation panels
+    drawn = {p.name for p in (copy / "cpu").glob("*.png")}
+    groups = {g for g in study.GROUP_FIGURES if any(r["arm"] in study.GROUPS[g] and r["arm"] != "baseline"
+                                                     for r in res["rows"])}
+    assert {"curves.png", "probe.png", "ablation.png"} | {f"curves_{g}.png" for g in groups} <= drawn
+    assert drawn <= {p.name for p in (LEDGER / "cpu").glob("*.png")}  # and they are committed
     boot = LEDGER / "cpu" / study.BOOTSTRAP_FILE
     for arm, seed, _ in study.read_bootstrap(str(boot)):  # a bootstrapped pair's samples are committed
         for name in (arm, "baseline"):
             assert (LEDGER / "cpu" / study.run_name(name, seed) / study.SAMPLES_FILE).is_file()
+
+
+def test_seed_band_keeps_arms_with_fewer_seeds():
+    """An arm with 2 seeds is drawn beside the headline arms' 3 (it used to vanish from curves.png),
+    over the steps all its seeds measured."""
+    curves = {("baseline", 1): [(400, 10.0, 0.1), (800, 8.0, 0.08)], ("baseline", 2): [(400, 12.0, 0.1), (800, 6.0, 0.06)],
+              ("baseline", 3): [(400, 11.0, 0.1)], ("clts_s0.3", 1): [(400, 9.0, 0.2), (800, 7.0, 0.1)],
+              ("clts_s0.3", 2): [(400, 5.0, 0.2), (800, 3.0, 0.1)], ("clts_s0.3", 3): []}
+    steps, vals = study.seed_band(curves, "clts_s0.3", (1, 2, 3))
+    assert steps == [400, 800] and vals.tolist() == [[9.0, 7.0], [5.0, 3.0]]
+    steps, vals = study.seed_band(curves, "baseline", (1, 2, 3), col=2)
+    assert steps == [400] and vals.tolist() == [[0.1], [0.1], [0.1]]
+    assert study.seed_band(curves, "lsm", (1, 2, 3))[0] == []
 
 
 # --------------------------------------------------------------------------- the paired bootstrap
