@@ -5,7 +5,7 @@ Six arms, each trained with several seeds from the same data, evaluated by FID a
 CIFAR-10 training images at several checkpoints (``scripts/fid_curve.py``, offline Inception):
 
     baseline     uniform timesteps, AdamW with beta1 = 0.9
-    clts_s1.0    CLTS, sigma = 1.0 (the README's reading of the paper's Eq. 7: a fraction of T)
+    clts_s1.0    CLTS, sigma = 1.0 (Eq. 7 read literally: a fraction of T; the default until 2026-12-03)
     clts_s0.2    CLTS, sigma = 0.2 (the sigma ablation: a target Gaussian that is not nearly flat;
                  the grid is 0.05, 0.1, 0.2, 0.3, 0.5, 1.0 and its best, BEST_SIGMA, heads the ablations)
     mdlrc        MDLRC: beta1 0.9 -> 0.5 over the run, lr compensated (lr ends at 0.2 x lr0)
@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import stats
 
 from guided_diffusion.files import atomic_write, atomic_write_text
 
@@ -44,7 +45,8 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 __all__ = ["Arm", "Scale", "ARMS", "SCALES", "arm_flags", "run_name", "prepare_data", "run_study",
            "summarize", "iterations_to_reach", "export_results", "PairedBootstrap", "bootstrap_study",
-           "bootstrap_interval", "backfill_samples", "seed_band", "GROUP_FIGURES"]
+           "bootstrap_interval", "backfill_samples", "seed_band", "GROUP_FIGURES", "verdict",
+           "paired_noise", "VERDICT_ALPHA"]
 
 
 @dataclass(frozen=True)
@@ -1007,7 +1009,9 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     table = _markdown_table(rows, scale, target)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
-    _plot(out, scale, arms, seeds, curves)
+    # with the ablations, the arms are many: curves.png shows the headline arms, curves_<group>.png the rest
+    shown = [a for a in arms if a.name in HEADLINE] if scale.ablation_figures else arms
+    _plot(out, scale, shown or arms, seeds, curves, title=", headline arms" if scale.ablation_figures else "")
     for group in GROUP_FIGURES if scale.ablation_figures else ():  # one per group that has runs, with the baseline
         members = [a for a in arms if a.name == "baseline" or a.name in GROUPS[group]]
         if any(a.name != "baseline" for a in members):
@@ -1043,29 +1047,63 @@ def _seed_diffs(per_arm: Dict[str, Dict[str, Any]], arm: str, other: str, key: s
     return [a[s] - b[s] for s in sorted(a) if a.get(s) is not None and b.get(s) is not None]
 
 
-def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None) -> str:
+#: the two-sided level of the verdicts' paired t-tests
+VERDICT_ALPHA = 0.05
+
+
+def paired_noise(per_arm: Dict[str, Dict[str, Any]], key: str = "final_fid") -> Optional[Tuple[float, int]]:
+    """
+    The seed-to-seed noise of a paired difference at one scale: the sd of every arm's per-seed
+    difference to the baseline around that arm's own mean, pooled over the arms with two or more
+    paired seeds (the within-arm mean square of a one-way layout), and its degrees of freedom
+    ``sum(n_arm - 1)``. None when no arm has two paired seeds. Two seeds give one degree of freedom
+    per arm, far too few to test an arm alone; pooled over the study's arms they give a usable
+    estimate, on the reading that training-seed noise is of one size across arms.
+    """
+    ss, df = 0.0, 0
+    for arm in per_arm:
+        if arm == "baseline":
+            continue
+        d = np.asarray(_seed_diffs(per_arm, arm, "baseline", key), dtype=float)
+        if len(d) >= 2:
+            ss += float(((d - d.mean()) ** 2).sum())
+            df += len(d) - 1
+    return (math.sqrt(ss / df), df) if df else None
+
+
+def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None,
+            noise: Optional[Tuple[float, int]] = None) -> str:
     """
     The verdict on "the arm has the lower FID" from paired differences (arm - other, per seed):
 
     - with a bootstrap interval of the seed mean: ``supported`` when it lies below 0,
       ``contradicted`` when it lies above 0, ``inconclusive`` when it holds 0;
-    - without one: ``supported`` when every seed's difference is negative and their mean is
-      more than twice their sd below 0 (``contradicted``: the same, above 0), else ``inconclusive``;
-    - ``not measured`` with no paired seed, ``inconclusive`` with a single seed and no interval.
+    - without one, a two-sided paired t-test at level ``VERDICT_ALPHA``: t = mean / (sd / sqrt(n))
+      against Student's t with df degrees of freedom, sd and df from ``noise`` (``paired_noise``,
+      pooled over the scale's arms) or else the differences' own (df = n - 1): ``supported``
+      when the mean is significantly below 0, ``contradicted`` when significantly above,
+      else ``inconclusive``;
+    - ``not measured`` with no paired seed, ``inconclusive`` with a single seed and neither an
+      interval nor ``noise``.
     """
     if interval is not None:
         lo, hi, _ = interval
         return "supported" if hi < 0 else "contradicted" if lo > 0 else "inconclusive"
     if not diffs:
         return "not measured"
-    if len(diffs) < 2:
+    m, own_sd = _mean_sd(diffs)
+    if noise is not None:
+        sd, df = noise
+    elif len(diffs) >= 2:
+        sd, df = own_sd, len(diffs) - 1
+    else:
         return "inconclusive"
-    m, sd = _mean_sd(diffs)
-    if all(d < 0 for d in diffs) and m < -2 * sd:
-        return "supported"
-    if all(d > 0 for d in diffs) and m > 2 * sd:
-        return "contradicted"
-    return "inconclusive"
+    se = sd / math.sqrt(len(diffs))
+    crit = float(stats.t.ppf(1.0 - VERDICT_ALPHA / 2.0, df))
+    if se == 0.0:
+        return "supported" if m < 0 else "contradicted" if m > 0 else "inconclusive"
+    t = m / se
+    return "supported" if t < -crit else "contradicted" if t > crit else "inconclusive"
 
 
 def _diff_text(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None) -> str:
@@ -1079,7 +1117,7 @@ def _diff_text(diffs: Sequence[float], interval: Optional[Tuple[float, float, in
 
 
 def _best_of(per_arm: Dict[str, Dict[str, Any]], names: Sequence[str], label: Callable[[str], str],
-             expected: str) -> Tuple[str, str]:
+             expected: str, noise: Optional[Tuple[float, int]] = None) -> Tuple[str, str]:
     """(measured, verdict) of "``expected`` is the best of ``names``": the lowest mean final FID, and
     whether each other arm is worse than ``expected`` (paired by seed)."""
     have = [n for n in names if per_arm.get(n, {}).get("final_fid")
@@ -1088,11 +1126,11 @@ def _best_of(per_arm: Dict[str, Dict[str, Any]], names: Sequence[str], label: Ca
         return f"{len(have)} of {len(names)} arms measured", "not measured"
     means = {n: _mean_sd(list(per_arm[n]["final_fid"].values()))[0] for n in have}
     best = min(have, key=lambda n: means[n])
-    others = [verdict(_seed_diffs(per_arm, expected, n)) for n in have if n != expected]
+    others = [verdict(_seed_diffs(per_arm, expected, n), noise=noise) for n in have if n != expected]
     text = "; ".join(f"{label(n)}: {means[n]:.2f}" for n in have) + f" (best {label(best)})"
     if best == expected and all(v == "supported" for v in others):
         return text, "supported"
-    if best != expected and verdict(_seed_diffs(per_arm, best, expected)) == "supported":
+    if best != expected and verdict(_seed_diffs(per_arm, best, expected), noise=noise) == "supported":
         return text, "contradicted"
     return text, "inconclusive"
 
@@ -1107,11 +1145,12 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
     """
     by_arm = {r["arm"]: r for r in rows}
     full = f"{_BEST}_mdlrc"
+    noise = paired_noise(per_arm)
 
     def vs(arm: str, other: str = "baseline") -> Tuple[str, str]:
         ci = bootstrap_interval(bootstrap_path, arm, seeds) if other == "baseline" else None
         d = _seed_diffs(per_arm, arm, other)
-        return _diff_text(d, ci), verdict(d, ci)
+        return _diff_text(d, ci), verdict(d, ci, noise)
 
     def speedup(arm: str) -> str:
         r = by_arm.get(arm)
@@ -1123,7 +1162,10 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
 
     lines = [f"Scale `{scale.name}`: final step {scale.total_steps}, FID of {scale.num_samples} samples; ΔFID = the "
              "first arm's final FID minus the second's, per seed (shared sampling noise), mean ± sd; the interval "
-             "is the paired bootstrap's, where committed. Verdict rules: `experiments/study.py: verdict`.", "",
+             "is the paired bootstrap's, where committed. Verdict: the interval where there is one, else a paired "
+             f"t-test at {100 * VERDICT_ALPHA:g}% (two-sided) with the seed noise pooled over the scale's arms"
+             + (f" (sd {noise[0]:.2f} FID, {noise[1]} degrees of freedom)" if noise else "")
+             + "; rules: `experiments/study.py: verdict`.", "",
              "| claim | the paper | measured here | verdict |", "|---|---|---|---|"]
 
     def add(claim: str, paper: str, measured: str, v: str) -> None:
@@ -1139,24 +1181,26 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
     for arm in ("md_only", "mdlrc", _BEST):
         m, v = vs(full, arm)
         add(f"all modules beat {arm} (Fig. 6a)", "all together lowest", m, v)
-    m, v = _best_of(per_arm, GROUPS["mu"], lambda n: "μ " + (n.split("_mu")[1] if "_mu" in n else "0.3"), _BEST)
+    m, v = _best_of(per_arm, GROUPS["mu"], lambda n: "μ " + (n.split("_mu")[1] if "_mu" in n else "0.3"), _BEST,
+                    noise)
     add("μ of the target Gaussian: best near 0.3 (Fig. 6b)", "best FID at μ ≈ 0.3", m, v)
     tgt = lambda n: "target " + (n.split("_tgt")[1] if "_tgt" in n else str(scale.clts_target_steps))  # noqa: E731
-    m, v = _best_of(per_arm, GROUPS["target"], tgt, _BEST)
+    m, v = _best_of(per_arm, GROUPS["target"], tgt, _BEST, noise)
     add(f"target iteration: best near 1/5 of the run ({scale.clts_target_steps}) (Fig. 6c)",
         "best FID near 100k of about 500k iterations", m, v)
     for arm in GROUPS["comparisons"]:
         m, v = vs(full, arm)
         add(f"CLTS + MDLRC beats {arm} (Tables 2-3)", "ahead of Min-SNR and FDM (and of the other baselines)", m, v)
     m, v = _best_of(per_arm, [n for n in GROUPS["sigma"] if n != "baseline"],
-                    lambda n: "σ " + n[len("clts_s"):], _BEST)
+                    lambda n: "σ " + n[len("clts_s"):], _BEST, noise)
     add(f"σ of the target Gaussian: {BEST_SIGMA} (this repository's study reading)", "Eq. 7: \"standard variance 1\"",
         m, v)
     m, v = vs("clts_s1.0")
-    add("CLTS with σ = 1.0 (the README's default reading) helps", "(the paper's legible text)", m, v)
+    add("CLTS with σ = 1.0 (Eq. 7's literal reading, the default until 2026-12-03) helps",
+        "(the paper's legible text)", m, v)
     d2 = _seed_diffs(per_arm, _BEST, "baseline", "second_fid")
     add(f"{_BEST}'s gain holds with the ancestral sampler (100 steps, many at high noise)",
-        "(the paper evaluates with its own samplers)", _diff_text(d2), verdict(d2))
+        "(the paper evaluates with its own samplers)", _diff_text(d2), verdict(d2, noise=paired_noise(per_arm, "second_fid")))
     if probe:
         text = ", ".join(f"t {t}: {100 * m_:+.1f}%" for t, (m_, _, _) in sorted(probe.items()))
         add(f"{_BEST}'s held-out ε-MSE vs the baseline's at step {scale.total_steps} (mean over "
@@ -1231,7 +1275,7 @@ def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int
         if not rel:
             continue
         ts = sorted(rel)
-        ax.plot(ts, [100 * rel[t][0] for t in ts], marker="o", label=a.name)
+        ax.plot(ts, [100 * rel[t][0] for t in ts], marker="o", label=a.name, **_line_style(drawn))
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -1326,6 +1370,8 @@ def _plot_ablations(out: str, scale: Scale, per_arm: Dict[str, Dict[str, Any]]) 
         if group == "comparisons":
             names.append(f"{_BEST}_mdlrc")
         names = [n for n in names if fids(n)]
+        if group in ("mu", "target", "sigma"):  # a numeric axis: in order of the value
+            names.sort(key=lambda n: float(label(n, scale)))
         for i, n in enumerate(names):
             v = fids(n)
             ax.plot(i, float(np.mean(v)), "D", ms=8, color="C1" if n == _BEST else "C0")
@@ -1358,6 +1404,12 @@ def seed_band(curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], arm
     return steps, np.array([[d[st] for st in steps] for d in series], dtype=float)
 
 
+def _line_style(i: int) -> Dict[str, Any]:
+    """The i-th line's colour and dash: ten colours, then the same ten dashed, then dotted (figures
+    with more arms than colours stay readable)."""
+    return {"color": f"C{i % 10}", "ls": ("-", "--", ":")[(i // 10) % 3]}
+
+
 def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
           curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], name: str = "curves.png",
           title: str = "") -> Optional[str]:
@@ -1369,13 +1421,13 @@ def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for a in arms:
+    for i, a in enumerate(arms):
         for ax, col in zip(axes, (1, 2)):
             steps, vals = seed_band(curves, a.name, seeds, col)
             if not steps:
                 continue
             vals = vals * (1e3 if col == 2 else 1.0)
-            line, = ax.plot(steps, vals.mean(0), marker="o", label=a.name)
+            line, = ax.plot(steps, vals.mean(0), marker="o", label=a.name, **_line_style(i))
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
     axes[0].set_ylabel("FID")
     axes[1].set_ylabel("KID ×1e3")

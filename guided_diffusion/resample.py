@@ -400,12 +400,14 @@ class CLTSSampler(ScheduleSampler):
     name = "clts"
     importance_weighting = False
 
-    def __init__(self, diffusion: Any, clts_mean: float = 0.3, clts_std: float = 1.0,
+    def __init__(self, diffusion: Any, clts_mean: float = 0.3, clts_std: float = 0.1,
                  clts_target_steps: int = 100000, *, seed: Optional[int] = None, rank: int = 0):
         """
         :param diffusion: the diffusion object (only ``num_timesteps`` is used).
         :param clts_mean: mu, the Gaussian's centre as a fraction of T, in [0, 1].
-        :param clts_std: sigma, the Gaussian's standard deviation as a fraction of T, > 0.
+        :param clts_std: sigma, the Gaussian's standard deviation as a fraction of T, > 0. The
+                         default 0.1 is the study's reading of the paper's illegible Eq. 7 (the
+                         README's "Readings we made"); 1.0 is the literal "standard variance 1".
         :param clts_target_steps: I_target, the training step (count) at which the mixture is
                                   fully Gaussian, >= 1.
         :param seed: base seed of the sampler's random stream (None: from ``np.random``).

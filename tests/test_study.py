@@ -296,12 +296,29 @@ def test_bootstrap_interval_is_of_the_seed_mean(tmp_path):
 
 def test_verdicts_follow_their_stated_rules():
     v = study.verdict
-    assert v([-5.0, -6.0]) == "supported" and v([5.0, 6.0]) == "contradicted"
+    # a paired t-test on the seeds' own sd: t(1 df) must pass 12.71, t(2 df) 4.30
+    assert v([-5.0, -6.0]) == "inconclusive"  # t = -11.0: same sign, two seeds, not enough
+    assert v([-5.0, -5.2]) == "supported" and v([5.0, 5.2]) == "contradicted"  # t = -51
+    assert v([-5.0, -6.0, -5.5]) == "supported"  # t = -19.1 on 2 df
     assert v([-5.0, 1.0]) == "inconclusive"  # the seeds disagree
-    assert v([-1.0, -9.0]) == "inconclusive"  # same sign, but the mean is within 2 sd of 0
     assert v([]) == "not measured" and v([-5.0]) == "inconclusive"
+    # a pooled noise estimate decides instead of the seeds' own sd: se = 2 / sqrt(2), t(20 df) must pass 2.086
+    assert v([-5.0, -6.0], noise=(2.0, 20)) == "supported" and v([-2.0, -2.1], noise=(2.0, 20)) == "inconclusive"
+    # one seed: se = 2, so t = -1.55 is not enough and t = +-2.25 is
+    assert v([-3.1], noise=(2.0, 20)) == "inconclusive"
+    assert v([-4.5], noise=(2.0, 20)) == "supported" and v([4.5], noise=(2.0, 20)) == "contradicted"
     assert v([-5.0, 1.0], (-3.0, -0.5, 2)) == "supported"  # a bootstrap interval decides when there is one
     assert v([-5.0, -6.0], (-3.0, 0.5, 2)) == "inconclusive" and v([], (0.2, 0.9, 1)) == "contradicted"
+
+
+def test_paired_noise_pools_each_arms_spread_around_its_own_mean():
+    per_arm = {"baseline": {"final_fid": {1: 100.0, 2: 102.0, 3: 101.0}},
+               "a": {"final_fid": {1: 90.0, 2: 94.0}},  # diffs -10, -8: ss 2, 1 df
+               "b": {"final_fid": {1: 99.0, 2: 104.0, 3: 100.0}},  # diffs -1, +2, -1: ss 6, 2 df
+               "c": {"final_fid": {1: 50.0}}}  # one seed: no degree of freedom
+    sd, df = study.paired_noise(per_arm)
+    assert df == 3 and sd == pytest.approx(np.sqrt(8.0 / 3.0))
+    assert study.paired_noise({"baseline": per_arm["baseline"], "c": per_arm["c"]}) is None
 
 
 def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
@@ -321,7 +338,9 @@ def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
     assert lines[f"CLTS ({b}) helps on its own (Fig. 6a)"].endswith("| supported |")
     assert lines["MDLRC (mdlrc) helps on its own (Fig. 6a)"].endswith("| no paired runs yet | not measured |")
     mu = lines["μ of the target Gaussian: best near 0.3 (Fig. 6b)"]
-    assert "best μ 0.3" in mu and mu.endswith("| supported |")  # 0.3 beats 0.1 in both seeds by > 2 sd
+    # the seed noise pooled over the three arms' paired differences: sd sqrt(21 / 3), 3 df (t must pass 3.18)
+    assert "(sd 2.65 FID, 3 degrees of freedom)" in table
+    assert "best μ 0.3" in mu and mu.endswith("| supported |")  # 0.3 - 0.1: -9, -6: t = -7.5 / (2.65 / sqrt 2) = -4.0
     assert lines["CLTS + MDLRC beats fdm (Tables 2-3)"].endswith("| not measured |")
     assert lines[f"{b}'s gain holds with the ancestral sampler (100 steps, many at high noise)"].endswith(
         "| ΔFID +10.50 ± 0.71 (n=2: +10.00, +11.00) | contradicted |")
@@ -351,3 +370,13 @@ def test_the_reading_so_far_quotes_only_the_claims_tables_numbers():
     claims = "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
                      for scale in ("cpu", "cpu_long"))
     assert_quotes_only(reading, claims, "the claims tables")
+
+
+def test_the_readmes_study_summary_quotes_only_the_claims_tables_numbers():
+    """README's summary of the study (<!-- study:readme -->): every number in it is a claims table's."""
+    summary = hand_written_block(REPO / "README.md", "study:readme")
+    assert summary, "README.md lost its <!-- study:readme --> block"
+    text = (REPO / "docs" / "study.md").read_text()
+    claims = "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
+                     for scale in ("cpu", "cpu_long"))
+    assert_quotes_only(summary, claims, "docs/study.md's claims tables")

@@ -372,7 +372,7 @@ def test_defaults_and_configs():
                     batch_size=1, microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
                     resume_checkpoint="", use_fp16=False, fp16_scale_growth=1e-3)
     assert {k: d[k] for k in upstream} == upstream
-    assert d["clts_mean"] == 0.3 and d["clts_std"] == 1.0 and d["clts_target_steps"] == 100000
+    assert d["clts_mean"] == 0.3 and d["clts_std"] == 0.1 and d["clts_target_steps"] == 100000
     assert d["beta1_min"] == 0.5 and d["total_steps"] == 0 and d["resume"] == "auto" and d["precision"] == "auto"
     valid = set(model_and_diffusion_defaults()) | set(d)
     configs = sorted((REPO / "configs").rglob("*.yaml"))
