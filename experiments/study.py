@@ -10,7 +10,7 @@ CIFAR-10 training images at several checkpoints (``scripts/fid_curve.py``, offli
                  the grid is 0.05, 0.1, 0.2, 0.3, 0.5, 1.0 and its best, BEST_SIGMA, heads the ablations)
     mdlrc        MDLRC: beta1 0.9 -> 0.5 over the run, lr compensated (lr ends at 0.2 x lr0)
     lr_only      control: MDLRC's lr schedule with beta1 held at 0.9 (separates the lr decay)
-    clts_mdlrc   CLTS (sigma = 1.0) + MDLRC, the paper's full method
+    clts_mdlrc   CLTS (sigma = 1.0) + MDLRC, study 1's full method (sigma read literally)
 
 Everything goes to one folder (``--out``): ``data/`` (the prepared training and reference
 images), ``runs/<arm>-s<seed>/`` (a normal training run folder: config.yaml, progress.csv,
@@ -25,9 +25,11 @@ reprints the summary.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import stats
+from scipy.stats import t as student_t
 
 from guided_diffusion.files import atomic_write, atomic_write_text
 
@@ -506,8 +508,6 @@ def commit_to_ledger(ledger: str, scale: Scale, run_dir: str, run: str, info: Di
     Copy a finished run's small files (``LEDGER_FILES``, no checkpoints) and ``done.json`` into the
     ledger, all at once (written beside, then renamed), so the ledger never holds half a run.
     """
-    import shutil
-
     dest = ledger_dir(ledger, scale, run)
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -598,8 +598,6 @@ def _reference_statistics(scale: Scale, ref: str, cache_dir: str) -> Tuple[np.nd
 
 def _sample_features(samples: str, cache_dir: str) -> np.ndarray:
     """Inception pool features of a samples file (offline extractor), cached by the file's content."""
-    import hashlib
-
     from evaluations.evaluator import compute_statistics
 
     with open(samples, "rb") as f:
@@ -1099,7 +1097,7 @@ def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]]
     else:
         return "inconclusive"
     se = sd / math.sqrt(len(diffs))
-    crit = float(stats.t.ppf(1.0 - VERDICT_ALPHA / 2.0, df))
+    crit = float(student_t.ppf(1.0 - VERDICT_ALPHA / 2.0, df))
     if se == 0.0:
         return "supported" if m < 0 else "contradicted" if m > 0 else "inconclusive"
     t = m / se
@@ -1455,8 +1453,6 @@ def export_results(out: str, dest: str) -> List[str]:
 
     :return: the files written.
     """
-    import shutil
-
     written = []
     os.makedirs(dest, exist_ok=True)
     for name in ("summary.csv", "summary.md", "curves.png", "timing.json", "study.json"):
