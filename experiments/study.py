@@ -48,7 +48,7 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 __all__ = ["Arm", "Scale", "ARMS", "SCALES", "arm_flags", "run_name", "prepare_data", "run_study",
            "summarize", "iterations_to_reach", "export_results", "PairedBootstrap", "bootstrap_study",
            "bootstrap_interval", "backfill_samples", "seed_band", "GROUP_FIGURES", "verdict",
-           "paired_noise", "VERDICT_ALPHA"]
+           "paired_noise", "paired_lead", "VERDICT_ALPHA"]
 
 
 @dataclass(frozen=True)
@@ -1019,7 +1019,8 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
     probes = {(a.name, s): _probe_rows(folder(a.name, s), final) for a in arms for s in seeds}
     _plot_probe(out, scale, arms, seeds, probes)
     claims = (claims_table(scale, per_arm, rows, os.path.join(out, BOOTSTRAP_FILE), seeds,
-                           probe=probe_relative(probes, _BEST, seeds)) if ledger else "")
+                           probe=probe_relative(probes, _BEST, seeds), lead=paired_lead(curves, _BEST, seeds))
+              if ledger else "")
     if ledger:
         with open(os.path.join(out, "claims.md"), "w") as f:
             f.write(claims)
@@ -1074,8 +1075,10 @@ def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]]
     """
     The verdict on "the arm has the lower FID" from paired differences (arm - other, per seed):
 
-    - with a bootstrap interval of the seed mean: ``supported`` when it lies below 0,
-      ``contradicted`` when it lies above 0, ``inconclusive`` when it holds 0;
+    - with a bootstrap interval of the seed mean over two or more seeds: ``supported`` when it
+      lies below 0, ``contradicted`` when it lies above 0, ``inconclusive`` when it holds 0 (an
+      interval of one seed holds the sampling noise only, not the seed-to-seed noise: it does
+      not decide);
     - without one, a two-sided paired t-test at level ``VERDICT_ALPHA``: t = mean / (sd / sqrt(n))
       against Student's t with df degrees of freedom, sd and df from ``noise`` (``paired_noise``,
       pooled over the scale's arms) or else the differences' own (df = n - 1): ``supported``
@@ -1084,7 +1087,7 @@ def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]]
     - ``not measured`` with no paired seed, ``inconclusive`` with a single seed and neither an
       interval nor ``noise``.
     """
-    if interval is not None:
+    if interval is not None and interval[2] >= 2:
         lo, hi, _ = interval
         return "supported" if hi < 0 else "contradicted" if lo > 0 else "inconclusive"
     if not diffs:
@@ -1102,6 +1105,10 @@ def verdict(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]]
         return "supported" if m < 0 else "contradicted" if m > 0 else "inconclusive"
     t = m / se
     return "supported" if t < -crit else "contradicted" if t > crit else "inconclusive"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
 
 
 def _diff_text(diffs: Sequence[float], interval: Optional[Tuple[float, float, int]] = None) -> str:
@@ -1135,7 +1142,8 @@ def _best_of(per_arm: Dict[str, Dict[str, Any]], names: Sequence[str], label: Ca
 
 def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequence[Dict[str, Any]],
                  bootstrap_path: str, seeds: Sequence[int],
-                 probe: Optional[Dict[int, Tuple[float, float, int]]] = None) -> str:
+                 probe: Optional[Dict[int, Tuple[float, float, int]]] = None,
+                 lead: Optional[Dict[int, Tuple[float, int]]] = None) -> str:
     """
     The paper's claims, what it reports, what the ledger measured at ``scale`` and a ``verdict``
     each (markdown): the CLTS/MDLRC speed-up (Fig. 5), the modules (Fig. 6a), mu (Fig. 6b), the
@@ -1160,7 +1168,7 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
 
     lines = [f"Scale `{scale.name}`: final step {scale.total_steps}, FID of {scale.num_samples} samples; ΔFID = the "
              "first arm's final FID minus the second's, per seed (shared sampling noise), mean ± sd; the interval "
-             "is the paired bootstrap's, where committed. Verdict: the interval where there is one, else a paired "
+             "is the paired bootstrap's, where committed. Verdict: the interval where it spans two or more seeds, else a paired "
              f"t-test at {100 * VERDICT_ALPHA:g}% (two-sided) with the seed noise pooled over the scale's arms"
              + (f" (sd {noise[0]:.2f} FID, {noise[1]} degrees of freedom)" if noise else "")
              + "; rules: `experiments/study.py: verdict`.", "",
@@ -1199,10 +1207,14 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
     d2 = _seed_diffs(per_arm, _BEST, "baseline", "second_fid")
     add(f"{_BEST}'s gain holds with the ancestral sampler (100 steps, many at high noise)",
         "(the paper evaluates with its own samplers)", _diff_text(d2), verdict(d2, noise=paired_noise(per_arm, "second_fid")))
+    if lead:
+        add(f"{_BEST}'s paired ΔFID vs the baseline at every evaluated checkpoint (mean over "
+            f"{_seeds(max(n for _, n in lead.values()))})", "Fig. 5: the gap to the baseline along training",
+            ", ".join(f"step {st}: {m_:+.2f}" for st, (m_, _) in lead.items()), "a measurement")
     if probe:
         text = ", ".join(f"t {t}: {100 * m_:+.1f}%" for t, (m_, _, _) in sorted(probe.items()))
         add(f"{_BEST}'s held-out ε-MSE vs the baseline's at step {scale.total_steps} (mean over "
-            f"{max(n for _, _, n in probe.values())} seeds)",
+            f"{_seeds(max(n for _, _, n in probe.values()))})",
             "Fig. 2: the structure of the output forms at high noise", text, "a measurement")
     return "\n".join(lines) + "\n"
 
@@ -1327,7 +1339,7 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
                   if not math.isnan(r["second_fid_mean"]) else "")
         second_d = (f"{r['second_paired_dfid_mean']:+.2f} ± {_fmt(r['second_paired_dfid_sd'])}"
                     if r["second_paired_dfid_n"] and r["arm"] != "baseline" else "")
-        boot = (f"[{r['boot_dfid_lo']:+.2f}, {r['boot_dfid_hi']:+.2f}] ({r['boot_n']} seeds)"
+        boot = (f"[{r['boot_dfid_lo']:+.2f}, {r['boot_dfid_hi']:+.2f}] ({_seeds(r['boot_n'])})"
                 if r["boot_n"] else "")
         lines.append(f"| {r['arm']} | {_fmt(r['final_fid_mean'])} ± {_fmt(r['final_fid_sd'])} (n={r['n']}) | "
                      f"{r['final_fid_per_seed']} | {paired} | {boot} | {kid} | {reach} | {r['iters_per_seed']} | "
@@ -1400,6 +1412,22 @@ def seed_band(curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], arm
     series = [dict((r[0], r[col]) for r in curves[(arm, s)]) for s in seeds if curves.get((arm, s))]
     steps = sorted(set.intersection(*(set(d) for d in series))) if series else []
     return steps, np.array([[d[st] for st in steps] for d in series], dtype=float)
+
+
+def paired_lead(curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], arm: str,
+                seeds: Sequence[int]) -> Dict[int, Tuple[float, int]]:
+    """
+    step -> (mean over seeds of FID(arm) - FID(baseline) of the same seed, number of seeds), at
+    every checkpoint both runs of a seed evaluated: where along training an arm leads or trails.
+    """
+    per_step: Dict[int, List[float]] = {}
+    for s in seeds:
+        a = {r[0]: r[1] for r in curves.get((arm, s), [])}
+        b = {r[0]: r[1] for r in curves.get(("baseline", s), [])}
+        for st in sorted(set(a) & set(b)):
+            if a[st] is not None and b[st] is not None:
+                per_step.setdefault(st, []).append(a[st] - b[st])
+    return {st: (float(np.mean(d)), len(d)) for st, d in sorted(per_step.items())}
 
 
 def _line_style(i: int) -> Dict[str, Any]:

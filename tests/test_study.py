@@ -308,7 +308,9 @@ def test_verdicts_follow_their_stated_rules():
     assert v([-3.1], noise=(2.0, 20)) == "inconclusive"
     assert v([-4.5], noise=(2.0, 20)) == "supported" and v([4.5], noise=(2.0, 20)) == "contradicted"
     assert v([-5.0, 1.0], (-3.0, -0.5, 2)) == "supported"  # a bootstrap interval decides when there is one
-    assert v([-5.0, -6.0], (-3.0, 0.5, 2)) == "inconclusive" and v([], (0.2, 0.9, 1)) == "contradicted"
+    assert v([-5.0, -6.0], (-3.0, 0.5, 2)) == "inconclusive" and v([], (0.2, 0.9, 2)) == "contradicted"
+    # one seed's interval holds only the sampling noise: it does not decide
+    assert v([13.0], (10.0, 17.0, 1)) == "inconclusive" and v([13.0], (10.0, 17.0, 1), (2.0, 20)) == "contradicted"
 
 
 def test_paired_noise_pools_each_arms_spread_around_its_own_mean():
@@ -319,6 +321,14 @@ def test_paired_noise_pools_each_arms_spread_around_its_own_mean():
     sd, df = study.paired_noise(per_arm)
     assert df == 3 and sd == pytest.approx(np.sqrt(8.0 / 3.0))
     assert study.paired_noise({"baseline": per_arm["baseline"], "c": per_arm["c"]}) is None
+
+
+def test_paired_lead_is_the_per_step_seed_mean_of_the_paired_difference():
+    curves = {("baseline", 1): [(400, 200.0, 0.2), (800, 150.0, 0.1)], ("baseline", 2): [(400, 210.0, 0.2)],
+              ("a", 1): [(400, 190.0, 0.2), (800, 160.0, 0.1)], ("a", 2): [(400, 206.0, 0.2), (800, 1.0, 0.0)]}
+    # step 400: (-10 + -4) / 2 over 2 seeds; step 800: seed 2's baseline has no point, so seed 1 alone
+    assert study.paired_lead(curves, "a", [1, 2]) == {400: (-7.0, 2), 800: (10.0, 1)}
+    assert study.paired_lead(curves, "b", [1, 2]) == {}
 
 
 def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
@@ -332,7 +342,8 @@ def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
     per_arm["baseline"]["second_fid"] = {1: 100.0, 2: 100.0}
     per_arm[b]["second_fid"] = {1: 110.0, 2: 111.0}
     table = study.claims_table(scale, per_arm, rows, str(tmp_path / "none.csv"), [1, 2],
-                               probe={25: (0.002, 0.001, 2), 975: (0.7, 0.02, 2)})
+                               probe={25: (0.002, 0.001, 2), 975: (0.7, 0.02, 2)},
+                               lead={400: (-3.0, 2), 2000: (-10.5, 2)})
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
     assert "ΔFID -7.50 ± 3.54 (n=2: -5.00, -10.00)" in lines[f"CLTS + MDLRC ({b}_mdlrc) trains faster than the baseline (Fig. 5)"]
     assert lines[f"CLTS ({b}) helps on its own (Fig. 6a)"].endswith("| supported |")
@@ -345,7 +356,9 @@ def test_claims_table_names_every_claim_and_what_is_missing(tmp_path):
     assert lines[f"{b}'s gain holds with the ancestral sampler (100 steps, many at high noise)"].endswith(
         "| ΔFID +10.50 ± 0.71 (n=2: +10.00, +11.00) | contradicted |")
     assert "t 25: +0.2%, t 975: +70.0%" in lines[f"{b}'s held-out ε-MSE vs the baseline's at step 2000 (mean over 2 seeds)"]
-    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 4  # header + every claim
+    assert lines[f"{b}'s paired ΔFID vs the baseline at every evaluated checkpoint (mean over 2 seeds)"].endswith(
+        "| step 400: -3.00, step 2000: -10.50 | a measurement |")
+    assert len(lines) == 1 + 1 + 3 + 3 + 2 + len(study.GROUPS["comparisons"]) + 5  # header + every claim
 
 
 @pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
