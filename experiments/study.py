@@ -1121,6 +1121,18 @@ def _diff_text(diffs: Sequence[float], interval: Optional[Tuple[float, float, in
     return text
 
 
+def ablation_value(name: str, group: str, scale: Scale) -> str:
+    """The value an arm of a numeric ablation group varies, as its name spells it: μ (``mu``), the
+    target iteration (``target``) or σ (``sigma``); the best-σ arm itself has μ 0.3 and the scale's target."""
+    if group == "mu":
+        return name.split("_mu")[1] if "_mu" in name else "0.3"
+    if group == "target":
+        return name.split("_tgt")[1] if "_tgt" in name else str(scale.clts_target_steps)
+    if group == "sigma":
+        return name[len("clts_s"):]
+    raise ValueError(f"ablation_value: {group!r} is not a numeric ablation group (mu, target, sigma)")
+
+
 def _best_of(per_arm: Dict[str, Dict[str, Any]], names: Sequence[str], label: Callable[[str], str],
              expected: str, noise: Optional[Tuple[float, int]] = None) -> Tuple[str, str]:
     """(measured, verdict) of "``expected`` is the best of ``names``": the lowest mean final FID, and
@@ -1187,18 +1199,16 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
     for arm in ("md_only", "mdlrc", _BEST):
         m, v = vs(full, arm)
         add(f"all modules beat {arm} (Fig. 6a)", "all together lowest", m, v)
-    m, v = _best_of(per_arm, GROUPS["mu"], lambda n: "μ " + (n.split("_mu")[1] if "_mu" in n else "0.3"), _BEST,
-                    noise)
+    m, v = _best_of(per_arm, GROUPS["mu"], lambda n: "μ " + ablation_value(n, "mu", scale), _BEST, noise)
     add("μ of the target Gaussian: best near 0.3 (Fig. 6b)", "best FID at μ ≈ 0.3", m, v)
-    tgt = lambda n: "target " + (n.split("_tgt")[1] if "_tgt" in n else str(scale.clts_target_steps))  # noqa: E731
-    m, v = _best_of(per_arm, GROUPS["target"], tgt, _BEST, noise)
+    m, v = _best_of(per_arm, GROUPS["target"], lambda n: "target " + ablation_value(n, "target", scale), _BEST, noise)
     add(f"target iteration: best near 1/5 of the run ({scale.clts_target_steps}) (Fig. 6c)",
         "best FID near 100k of about 500k iterations", m, v)
     for arm in GROUPS["comparisons"]:
         m, v = vs(full, arm)
         add(f"CLTS + MDLRC beats {arm} (Tables 2-3)", "ahead of Min-SNR and FDM (and of the other baselines)", m, v)
     m, v = _best_of(per_arm, [n for n in GROUPS["sigma"] if n != "baseline"],
-                    lambda n: "σ " + n[len("clts_s"):], _BEST, noise)
+                    lambda n: "σ " + ablation_value(n, "sigma", scale), _BEST, noise)
     add(f"σ of the target Gaussian: {BEST_SIGMA} (this repository's study reading)", "Eq. 7: \"standard variance 1\"",
         m, v)
     m, v = vs("clts_s1.0")
@@ -1267,14 +1277,23 @@ def probe_relative(probes: Dict[Tuple[str, int], Dict[int, float]], arm: str,
     return out
 
 
-def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
-                probes: Dict[Tuple[str, int], Dict[int, float]]) -> Optional[str]:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (the figures are
+    then skipped; the tables do not need it)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
+                probes: Dict[Tuple[str, int], Dict[int, float]]) -> Optional[str]:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = 0
@@ -1351,10 +1370,9 @@ def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[f
 # the panels of ablation.png (the paper's Fig. 6 and Tables 2-3): (title, group, x label of an arm at a scale)
 ABLATION_PANELS: Tuple[Tuple[str, str, Callable[[str, Scale], str]], ...] = (
     ("modules (Fig. 6a)", "modules", lambda n, sc: n.replace(_BEST, "CLTS").replace("_", " ").strip()),
-    ("μ of the target Gaussian (Fig. 6b)", "mu", lambda n, sc: n.split("_mu")[1] if "_mu" in n else "0.3"),
-    ("target iteration (Fig. 6c)", "target",
-     lambda n, sc: n.split("_tgt")[1] if "_tgt" in n else str(sc.clts_target_steps)),
-    ("σ of the target Gaussian", "sigma", lambda n, sc: n[len("clts_s"):]),
+    ("μ of the target Gaussian (Fig. 6b)", "mu", lambda n, sc: ablation_value(n, "mu", sc)),
+    ("target iteration (Fig. 6c)", "target", lambda n, sc: ablation_value(n, "target", sc)),
+    ("σ of the target Gaussian", "sigma", lambda n, sc: ablation_value(n, "sigma", sc)),
     ("comparisons (Tables 2-3)", "comparisons", lambda n, sc: n.replace(_BEST, "CLTS").replace("_", " ")),
 )
 
@@ -1362,12 +1380,8 @@ ABLATION_PANELS: Tuple[Tuple[str, str, Callable[[str, Scale], str]], ...] = (
 def _plot_ablations(out: str, scale: Scale, per_arm: Dict[str, Dict[str, Any]]) -> Optional[str]:
     """``ablation.png``: each group's final FID per arm (a diamond: the mean over seeds, dots: the
     seeds), the baseline's mean as a dashed line; the comparisons panel also shows CLTS + MDLRC."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
 
     def fids(name: str) -> List[float]:
@@ -1439,12 +1453,8 @@ def _line_style(i: int) -> Dict[str, Any]:
 def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
           curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], name: str = "curves.png",
           title: str = "") -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, a in enumerate(arms):

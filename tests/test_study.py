@@ -374,22 +374,23 @@ def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
     assert grid and min(grid, key=grid.get) == f"clts_s{study.BEST_SIGMA:g}", grid
 
 
+def claims_sections() -> str:
+    """docs/study.md's generated claims sections, both scales."""
+    text = (REPO / "docs" / "study.md").read_text()
+    return "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
+                   for scale in ("cpu", "cpu_long"))
+
+
 def test_the_reading_so_far_quotes_only_the_claims_tables_numbers():
     """docs/study.md's hand-written reading: every number in it is one of the generated claims sections'."""
     doc = REPO / "docs" / "study.md"
     reading = hand_written_block(doc, "study:reading")
     assert reading, "docs/study.md lost its <!-- study:reading --> block"
-    text = doc.read_text()
-    claims = "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
-                     for scale in ("cpu", "cpu_long"))
-    assert_quotes_only(reading, claims, "the claims tables")
+    assert_quotes_only(reading, claims_sections(), "the claims tables")
 
 
 def test_the_readmes_study_summary_quotes_only_the_claims_tables_numbers():
     """README's summary of the study (<!-- study:readme -->): every number in it is a claims table's."""
     summary = hand_written_block(REPO / "README.md", "study:readme")
     assert summary, "README.md lost its <!-- study:readme --> block"
-    text = (REPO / "docs" / "study.md").read_text()
-    claims = "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
-                     for scale in ("cpu", "cpu_long"))
-    assert_quotes_only(summary, claims, "docs/study.md's claims tables")
+    assert_quotes_only(summary, claims_sections(), "docs/study.md's claims tables")
