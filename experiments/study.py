@@ -1,26 +1,24 @@
 """
 A small-scale, rerunnable study of CLTS and MDLRC (Xu et al., 2024) on CIFAR-10.
 
-Six arms, each trained with several seeds from the same data, evaluated by FID and KID against
-CIFAR-10 training images at several checkpoints (``scripts/fid_curve.py``, offline Inception):
+Each arm (``ARMS``: the baseline, the CLTS sigma grid, Fig. 6(a) modules, Fig. 6(b) mu and 6(c)
+target-iteration ablations at ``BEST_SIGMA``, and the Table 2-3 comparisons Min-SNR, P2, SpeeD,
+loss-second-moment and FDM) is a normal training run that differs from the baseline only by its
+flags, trained with several seeds from the same data and evaluated by FID and KID against CIFAR-10
+training images at every checkpoint (``scripts/fid_curve.py``, offline Inception), with a
+held-out denoising-loss probe at fixed timesteps. ``GROUPS`` names sets of arms for ``--arms``;
+``SCALES`` holds the presets (``cpu``: 2,000 steps; ``cpu_long``: 10,000; ``gpu``; ``test``).
 
-    baseline     uniform timesteps, AdamW with beta1 = 0.9
-    clts_s1.0    CLTS, sigma = 1.0 (Eq. 7 read literally: a fraction of T; the default until 2026-12-03)
-    clts_s0.2    CLTS, sigma = 0.2 (the sigma ablation: a target Gaussian that is not nearly flat;
-                 the grid is 0.05, 0.1, 0.2, 0.3, 0.5, 1.0 and its best, BEST_SIGMA, heads the ablations)
-    mdlrc        MDLRC: beta1 0.9 -> 0.5 over the run, lr compensated (lr ends at 0.2 x lr0)
-    lr_only      control: MDLRC's lr schedule with beta1 held at 0.9 (separates the lr decay)
-    clts_mdlrc   CLTS (sigma = 1.0) + MDLRC, study 1's full method (sigma read literally)
-
-Everything goes to one folder (``--out``): ``data/`` (the prepared training and reference
+Everything goes to one folder (``--out``): ``data/`` (the prepared training, reference and held-out
 images), ``runs/<arm>-s<seed>/`` (a normal training run folder: config.yaml, progress.csv,
-checkpoints, fid_curve.csv), ``cache/`` (reference Inception features), ``timing.json`` and the
-summary (``summary.csv``, ``summary.md``, ``curves.png``).
+checkpoints, fid_curve.csv, probe.csv), ``cache/`` (reference Inception features) and
+``timing.json``. Finished runs' small files are copied to the committed ledger
+(``docs/study/ledger/<scale>/<run>/``), from which the summary, the claims table of docs/study.md
+and the figures are computed.
 
-Resumable: a finished run (its last checkpoint set complete) is not trained again, an
-interrupted one resumes from its newest complete checkpoint (``--resume auto``), and
-``fid_curve.py`` skips checkpoints already in its CSV. Rerunning after completion only
-reprints the summary.
+Resumable: a run in the ledger is not run again, a finished run in ``--out`` is not trained
+again, an interrupted one resumes from its newest complete checkpoint (``--resume auto``), and
+``fid_curve.py`` skips checkpoints already in its CSV. Rerunning after completion only reprints the summary.
 """
 from __future__ import annotations
 
@@ -38,9 +36,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from PIL import Image
 from scipy.stats import t as student_t
 
+from evaluations.evaluator import compute_statistics, evaluate, get_extractor, load_batch, read_cache, \
+    reference_cache_file
+from guided_diffusion.checkpoint import find_ema_checkpoint, list_complete_checkpoints
 from guided_diffusion.files import atomic_write, atomic_write_text
+from guided_diffusion.image_datasets import center_crop_arr, write_npz
+from guided_diffusion.model_loading import load_diffusion_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -185,7 +190,7 @@ class Scale:
 
 
 SCALES: Dict[str, Scale] = {
-    # measured on 2 CPU cores (docs/study.md): ~1.2M parameters at 16x16, ~80 min for the whole study
+    # ~1.2M parameters at 16x16; on 2 CPU cores one pair of runs takes ~25 min with its evaluation (docs/study.md)
     "cpu": Scale("cpu", image_size=16, num_channels=32, channel_mult="1,2,2", num_res_blocks=1,
                  attention_resolutions="4", total_steps=2000, batch_size=64, lr=3e-4, ema_rate="0.995",
                  eval_every=400, num_samples=300, ref_images=2000, sampling="ddim25", seeds=(1, 2),
@@ -257,10 +262,6 @@ DEFAULT_SOURCES = (
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    from guided_diffusion.image_datasets import center_crop_arr
-
     if images.shape[1] == size and images.shape[2] == size:
         return images
     return np.stack([center_crop_arr(Image.fromarray(im), size) for im in images])
@@ -276,8 +277,6 @@ def prepare_data(out: str, scale: Scale, source: str = "", log: Callable[[str], 
                    "" takes the first of ``DEFAULT_SOURCES`` that exists.
     :return: (training npz, reference npz).
     """
-    from guided_diffusion.image_datasets import write_npz
-
     data = os.path.join(out, "data")
     train = os.path.join(data, f"train_{scale.image_size}.npz")
     ref = os.path.join(data, f"ref_{scale.image_size}_{scale.ref_images}.npz")
@@ -320,8 +319,6 @@ def prepare_data(out: str, scale: Scale, source: str = "", log: Callable[[str], 
 
 def run_finished(run_dir: str, total_steps: int) -> bool:
     """True when the run's final checkpoint set (step ``total_steps``) is complete."""
-    from guided_diffusion.checkpoint import list_complete_checkpoints
-
     return os.path.isdir(run_dir) and total_steps in list_complete_checkpoints(run_dir)
 
 
@@ -344,8 +341,13 @@ def _call(argv: List[str], log_path: str, env: Dict[str, str]) -> None:
 
 
 def fid_flags(scale: Scale, ref: str, cache_dir: str) -> Dict[str, Any]:
-    """The ``scripts/fid_curve.py`` flags of every evaluation of the study."""
-    return dict(ref=ref, num_samples=scale.num_samples, batch_size=min(scale.num_samples, 250), use_ddim=True,
+    """
+    The ``scripts/fid_curve.py`` flags of every evaluation of the study: the scale's evaluation
+    steps only, so a checkpoint written when a run was stopped between them (a preemption's
+    save) is resumed from but not measured.
+    """
+    return dict(ref=ref, steps=",".join(str(s) for s in scale.eval_steps()),
+                num_samples=scale.num_samples, batch_size=min(scale.num_samples, 250), use_ddim=True,
                 timestep_respacing=scale.sampling, seed=0, metrics="fid,kid", extractor="offline",
                 cache_dir=cache_dir, progress=False, eval_batch_size=32)
 
@@ -406,8 +408,6 @@ def prepare_heldout(out: str, scale: Scale, source: str = "", log: Callable[[str
     study's resolution. Without a test split beside ``source`` the probe falls back to the last
     ``PROBE_IMAGES`` training images (the file name then says ``trainheldout``; logged).
     """
-    from guided_diffusion.image_datasets import write_npz
-
     data = os.path.join(out, "data")
     for kind in ("heldout", "trainheldout"):
         path = os.path.join(data, f"{kind}_{scale.image_size}_{PROBE_IMAGES}.npz")
@@ -446,10 +446,6 @@ def probe_checkpoint(checkpoint: str, heldout: str, batch_size: int = 64) -> Lis
 
     :return: one ``{"t", "mse"}`` row per probe timestep.
     """
-    import torch
-
-    from guided_diffusion.model_loading import load_diffusion_model
-
     model, diffusion, _, _ = load_diffusion_model(checkpoint)
     with np.load(heldout) as f:
         x0 = torch.from_numpy(np.asarray(f["arr_0"])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
@@ -468,8 +464,6 @@ def probe_checkpoint(checkpoint: str, heldout: str, batch_size: int = 64) -> Lis
 
 def probe_run(run_dir: str, scale: Scale, heldout: str) -> str:
     """Append the probe rows of every evaluated EMA checkpoint missing from ``run_dir/probe.csv``."""
-    from guided_diffusion.checkpoint import find_ema_checkpoint
-
     path = os.path.join(run_dir, "probe.csv")
     done = set()
     if os.path.isfile(path):
@@ -587,8 +581,6 @@ class PairedBootstrap:
 
 
 def _reference_statistics(scale: Scale, ref: str, cache_dir: str) -> Tuple[np.ndarray, np.ndarray]:
-    from evaluations.evaluator import get_extractor, read_cache, reference_cache_file
-
     cfile = reference_cache_file(ref, get_extractor("offline", None, "cpu"), cache_dir)
     if read_cache(cfile) is None:
         _warm_reference(scale, ref, cache_dir)
@@ -598,8 +590,6 @@ def _reference_statistics(scale: Scale, ref: str, cache_dir: str) -> Tuple[np.nd
 
 def _sample_features(samples: str, cache_dir: str) -> np.ndarray:
     """Inception pool features of a samples file (offline extractor), cached by the file's content."""
-    from evaluations.evaluator import compute_statistics
-
     with open(samples, "rb") as f:
         digest = hashlib.sha1(f.read()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"pool-{digest}.npy")
@@ -797,8 +787,6 @@ def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, 
 
 def _warm_reference(scale: Scale, ref: str, cache_dir: str) -> None:
     """Compute the reference's Inception features once, before runs evaluate in parallel."""
-    from evaluations.evaluator import evaluate, load_batch
-
     evaluate(ref, load_batch(ref, max_images=2), metrics=("fid", "kid"), extractor="offline",
              batch_size=32, device="cpu", cache_dir=cache_dir)
 
@@ -826,7 +814,7 @@ def run_study(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
 
     :param out: the study folder.
     :param scale: the preset.
-    :param arms: the arms to run (default all six).
+    :param arms: the arms to run (default all of ``ARMS``).
     :param seeds: the seeds (default the preset's).
     :param source: CIFAR-10 source for ``prepare_data``.
     :param jobs: runs at once (default the preset's).
@@ -879,8 +867,11 @@ def _sampler_key(use_ddim: bool, respacing: str) -> Tuple[str, int]:
 def _curve(run_dir: str, scale: Scale, second: bool = False) -> List[Tuple[int, float, float]]:
     """
     (step, fid, kid) rows of the run's fid_curve.csv measured with the study's settings: its
-    DDIM sampler, or with ``second`` the ancestral ``SECOND_SAMPLER``.
+    DDIM sampler, or with ``second`` the ancestral ``SECOND_SAMPLER``, at the scale's evaluation
+    steps (the FDM pair's ledger also holds a point at the step its first try was stopped at,
+    measured before ``fid_flags`` named the steps).
     """
+    steps = set(scale.eval_steps())
     path = os.path.join(run_dir, "fid_curve.csv")
     if not os.path.isfile(path):
         return []
@@ -890,7 +881,7 @@ def _curve(run_dir: str, scale: Scale, second: bool = False) -> List[Tuple[int, 
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            if int(r["num_samples"]) != scale.num_samples or not r.get("fid"):
+            if int(r["num_samples"]) != scale.num_samples or not r.get("fid") or int(r["step"]) not in steps:
                 continue
             if r.get("sampler") and (r["sampler"], int(r["sampling_steps"])) != want:
                 continue
@@ -1320,11 +1311,9 @@ def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int
 
 
 def _save(fig: Any, path: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 

@@ -1,7 +1,8 @@
 """
 Run (or continue) the small-scale CLTS/MDLRC study on CIFAR-10 and print its summary table.
 
-    python scripts/study.py                           # 6 arms x 2 seeds, 2 CPU cores, -> runs/study-cpu
+    python scripts/study.py                           # the "first" arms x 2 seeds, 2 CPU cores, -> runs/study-cpu
+    python scripts/study.py --arms comparisons        # a group (or comma-separated arms); ledger runs are skipped
     python scripts/study.py --scale gpu --out runs/study-gpu   # one GPU, larger model, more steps
     python scripts/study.py --summary_only True       # reprint the table from the saved results
 

@@ -3,6 +3,7 @@ The CPU study (experiments/study.py): its arms produce the intended sampler and 
 settings, an interrupted study resumes without redoing finished runs, and the committed
 ledger reprints every table on a fresh machine.
 """
+import csv
 import os
 import subprocess
 import sys
@@ -157,18 +158,22 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     study.run_study(str(out), scale, arms[:1], source=str(source), ledger=str(ledger))
     base = out / "runs" / "baseline-s1"
     stamps = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"}
-    # ... and was stopped in the middle of the CLTS run (a checkpoint at step 2 of 4)
+    # ... and was stopped in the middle of the CLTS run (a checkpoint at step 1 of 4, between the
+    # evaluation steps 2 and 4, as a preemption leaves it)
     train, _ = study.prepare_data(str(out), scale)
     flags = study.arm_flags(arms[1], scale, 1, train, str(out / "runs" / f"{best}-s1"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
-                   + ["--stop_at", "2"], check=True, env=env, capture_output=True)
+                   + ["--stop_at", "1"], check=True, env=env, capture_output=True)
     capsys.readouterr()
     first = study.run_study(str(out), scale, arms, source=str(source), ledger=str(ledger))
     printed = capsys.readouterr().out
     assert "baseline-s1: training" not in printed and f"{best}-s1: training" in printed
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
-    assert "resumed from step 2" in (out / "logs" / f"{best}-s1.log").read_text()
+    assert "resumed from step 1" in (out / "logs" / f"{best}-s1.log").read_text()
+    with open(ledger / "test" / f"{best}-s1" / "fid_curve.csv", newline="") as f:
+        measured = {int(r["step"]) for r in csv.DictReader(f)}
+    assert measured == set(scale.eval_steps())  # the stop's checkpoint is resumed from, not measured
     assert set(first["arms"]) == {"baseline", best}
     for run in ("baseline-s1", f"{best}-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
