@@ -322,6 +322,22 @@ def run_finished(run_dir: str, total_steps: int) -> bool:
     return os.path.isdir(run_dir) and total_steps in list_complete_checkpoints(run_dir)
 
 
+def training_clock_s(run_dir: str) -> float:
+    """
+    Process-seconds of training by the run's own clock: the last ``gpu_hours`` of its
+    ``progress.csv`` (``TrainLoop`` carries it across resumes in its checkpoints; the steps a
+    stopped attempt took after its last checkpoint are not counted, as they were trained again).
+    0.0 when the run has no progress rows.
+    """
+    path = os.path.join(run_dir, "progress.csv")
+    last = ""
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                last = row.get("gpu_hours") or last
+    return float(last) * 3600.0 if last else 0.0
+
+
 def _env(threads: int) -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -752,13 +768,17 @@ def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, 
     """
     Train one run (or resume it, or skip it when finished), then measure its FID/KID curve.
 
-    :return: ``{"run", "trained", "train_s", "eval_s"}``.
+    ``train_s`` and ``eval_s`` are this invocation's wall seconds; a run that resumes (``resumed``)
+    spent more in the attempts before, so its cost is ``train_clock_s``, the training's own clock.
+
+    :return: ``{"run", "trained", "train_s", "eval_s", "resumed", "train_clock_s"}``.
     """
     run_dir = os.path.join(out, "runs", run_name(arm.name, seed))
     log_path = os.path.join(out, "logs", run_name(arm.name, seed) + ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = _env(scale.threads)
-    info: Dict[str, Any] = {"run": run_name(arm.name, seed), "trained": False, "train_s": 0.0, "eval_s": 0.0}
+    info: Dict[str, Any] = {"run": run_name(arm.name, seed), "trained": False, "train_s": 0.0, "eval_s": 0.0,
+                            "resumed": os.path.isdir(run_dir) and bool(list_complete_checkpoints(run_dir))}
     t0 = time.time()
     if run_finished(run_dir, scale.total_steps):
         log(f"study: {info['run']}: finished earlier, not trained again")
@@ -779,8 +799,10 @@ def train_and_evaluate(arm: Arm, seed: int, scale: Scale, out: str, train: str, 
     if heldout:
         probe_run(run_dir, scale, heldout)
     info["eval_s"] = time.time() - t1
+    info["train_clock_s"] = training_clock_s(run_dir)
     if ledger:
-        commit_to_ledger(ledger, scale, run_dir, info["run"], {k: info[k] for k in ("train_s", "eval_s")})
+        commit_to_ledger(ledger, scale, run_dir, info["run"],
+                         {k: info[k] for k in ("train_s", "eval_s", "train_clock_s", "resumed")})
     log(f"study: {info['run']}: done (train {info['train_s']:.0f} s, eval {info['eval_s']:.0f} s)")
     return info
 

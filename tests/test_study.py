@@ -4,6 +4,7 @@ settings, an interrupted study resumes without redoing finished runs, and the co
 ledger reprints every table on a fresh machine.
 """
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -175,6 +176,11 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
         measured = {int(r["step"]) for r in csv.DictReader(f)}
     assert measured == set(scale.eval_steps())  # the stop's checkpoint is resumed from, not measured
     assert set(first["arms"]) == {"baseline", best}
+    done = {run: json.loads((ledger / "test" / run / "done.json").read_text()) for run in ("baseline-s1", f"{best}-s1")}
+    assert not done["baseline-s1"]["resumed"] and done[f"{best}-s1"]["resumed"]
+    # the training's own clock: within the process's wall time, and carried over a resume
+    assert 0.0 < done["baseline-s1"]["train_clock_s"] <= done["baseline-s1"]["train_s"]
+    assert done[f"{best}-s1"]["train_clock_s"] > 0.0
     for run in ("baseline-s1", f"{best}-s1"):
         files = {p.name for p in (ledger / "test" / run).iterdir()}
         # both are headline arms: their final samples are committed too (the FID's own images)
