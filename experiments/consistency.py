@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from experiments.gan import gan_latents
+from experiments.plotting import pyplot
 from experiments.shared_noise import SharedNoise, final_sample, sample_with_shared_noise, seed_labels
 from guided_diffusion.image_io import to_uint8_nhwc
 
@@ -339,11 +340,7 @@ def save_grid_png(
 
     :param rows: uint8 arrays [N, H, W, C], one per row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = image_grid(rows)
     n_rows, (n, h, w, c) = len(rows), np.shape(rows[0])
     fig_w = max(4.0, cell_inches * n + 2.0)

@@ -51,9 +51,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from guided_diffusion.files import atomic_write
+from experiments import analysis as an
+from experiments.plotting import pyplot
 from experiments.study import Arm, Scale, arm_flags, prepare_data, preset, run_name
+from guided_diffusion import logger
+from guided_diffusion.checkpoint import list_complete_checkpoints
+from guided_diffusion.config import load_config
+from guided_diffusion.files import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -259,8 +265,6 @@ def _same(a: Any, b: Any) -> bool:
 def config_mismatches(run_dir: str, flags: Dict[str, Any], keys: Sequence[str] = _REUSE_KEYS,
                       config_name: str = "config.yaml") -> List[str]:
     """``key: have X, want Y`` for each of ``keys`` where the run's saved config differs from ``flags``."""
-    from guided_diffusion.config import load_config
-
     path = os.path.join(run_dir, config_name)
     if not os.path.isfile(path):
         return [f"no {config_name}"]
@@ -277,8 +281,6 @@ def config_mismatches(run_dir: str, flags: Dict[str, Any], keys: Sequence[str] =
 
 
 def diffusion_finished(run_dir: str, total_steps: int) -> bool:
-    from guided_diffusion.checkpoint import list_complete_checkpoints
-
     return os.path.isdir(run_dir) and total_steps in list_complete_checkpoints(run_dir)
 
 
@@ -448,8 +450,6 @@ def _run_script(rel: str, argv: List[str], log_path: str, settings: Settings) ->
     with open(log_path, "a") as logf:
         logf.write(f"\n$ {_command(rel, argv)}\n")
     if settings.train_inprocess:
-        from guided_diffusion import logger
-
         with open(log_path, "a") as logf, contextlib.redirect_stdout(logf):
             try:
                 load_script(rel).main(argv)
@@ -608,10 +608,6 @@ def run_fig2(task: Task, ctx: Context) -> str:
     (``analysis.predicted_xstart_trajectory``, every step kept); per step, the PSNR between the two
     models' predicted x0 (pooled and per-image mean) and each one's PSNR to its own final sample.
     """
-    import torch
-
-    from experiments import analysis as an
-
     p, s = task.params, ctx.settings
     seeds = list(range(s.fig2_seeds))
     device = an.pick_device(ctx.device)
@@ -697,8 +693,6 @@ class _Tee:
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    import torch
-
     before = torch.get_num_threads()
     if n > 0:
         torch.set_num_threads(n)
@@ -784,8 +778,6 @@ def table1_rows(ledger: str, settings: Settings) -> List[Dict[str, Any]]:
     one row per pair, checkpoint and sampler ("pair" rows), and per model the PSNR between its
     own images of seeds 0..N-1 and N..2N-1 ("null" rows: two independent samples of one model).
     """
-    from experiments import analysis as an
-
     rows: List[Dict[str, Any]] = []
     n = settings.num_samples
     for task in build_tasks(settings):
@@ -1065,19 +1057,8 @@ def fig4_summary(ledger: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_fig1(ledger: str, settings: Settings, rows: List[Dict[str, Any]], summary: List[Dict[str, Any]]) -> List[str]:
     """fig1_grid.png (every model's images of the same seeds, final checkpoints) and fig1_psnr_vs_training.png."""
-    from experiments import analysis as an
-
     written = []
     grid_rows, labels = [], []
     cols = min(10, settings.num_samples)
@@ -1097,7 +1078,7 @@ def plot_fig1(ledger: str, settings: Settings, rows: List[Dict[str, Any]], summa
                          title=f"same noise (diffusion: x_T and every step's noise; GAN: z), final checkpoints",
                          cell_inches=0.7)
         written.append(path)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     any_line = False
     for i, r in enumerate(summary):
@@ -1125,8 +1106,6 @@ def plot_fig1(ledger: str, settings: Settings, rows: List[Dict[str, Any]], summa
 
 
 def plot_fig2(ledger: str, settings: Settings) -> List[str]:
-    from experiments import analysis as an
-
     written = []
     shown_rows, labels, tt = [], [], None
     for pair in ("eps", "x0"):
@@ -1145,7 +1124,7 @@ def plot_fig2(ledger: str, settings: Settings) -> List[str]:
                          title="predicted x0 along each model's own chain (same x_T and per-step noise)",
                          cell_inches=0.7)
         written.append(path)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
     for pair, color in (("eps", "C0"), ("x0", "C3")):
@@ -1180,7 +1159,7 @@ def plot_fig3(ledger: str, s3: Dict[str, Any]) -> List[str]:
     kinds = [k for k in ("diffusion", "gan") if k in s3]
     if not kinds:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         m = s3[kind]
@@ -1207,7 +1186,7 @@ def plot_fig4(ledger: str, s4: Dict[str, Any]) -> List[str]:
     kinds = [k for k in ("diffusion", "gan") if k in s4]
     if not kinds:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         rows = _read_csv(os.path.join(ledger, "fig4", kind, "loss_landscape.csv"))
@@ -1243,8 +1222,6 @@ def report(ledger: str, settings: Settings, doc: str = "", log: Callable[[str], 
 
     :return: ``{"status", "table1", "fig2", "fig3", "fig4", "markdown"}``.
     """
-    from experiments import analysis as an
-
     status = ledger_status(ledger, settings)
     rows = table1_rows(ledger, settings)
     if rows:

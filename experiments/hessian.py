@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 
 from guided_diffusion.fp16_util import unflatten_like
 
@@ -179,8 +180,6 @@ class LanczosResult:
 
     def ritz(self) -> Tuple[np.ndarray, np.ndarray]:
         """Eigenvalues (ascending) of T and the first components of its eigenvectors."""
-        from scipy.linalg import eigh_tridiagonal
-
         if len(self.alphas) == 1:
             return self.alphas.copy(), np.ones(1)
         w, q = eigh_tridiagonal(self.alphas, self.betas)

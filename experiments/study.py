@@ -42,6 +42,7 @@ from scipy.stats import t as student_t
 
 from evaluations.evaluator import compute_statistics, evaluate, get_extractor, load_batch, read_cache, \
     reference_cache_file
+from experiments.plotting import pyplot
 from guided_diffusion.checkpoint import find_ema_checkpoint, list_complete_checkpoints
 from guided_diffusion.files import atomic_write, atomic_write_text
 from guided_diffusion.image_datasets import center_crop_arr, write_npz
@@ -1290,22 +1291,9 @@ def probe_relative(probes: Dict[Tuple[str, int], Dict[int, float]], arm: str,
     return out
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (the figures are
-    then skipped; the tables do not need it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
                 probes: Dict[Tuple[str, int], Dict[int, float]]) -> Optional[str]:
-    plt = _pyplot()
+    plt = pyplot(required=False)
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -1335,7 +1323,7 @@ def _plot_probe(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int
 def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -1391,7 +1379,7 @@ ABLATION_PANELS: Tuple[Tuple[str, str, Callable[[str, Scale], str]], ...] = (
 def _plot_ablations(out: str, scale: Scale, per_arm: Dict[str, Dict[str, Any]]) -> Optional[str]:
     """``ablation.png``: each group's final FID per arm (a diamond: the mean over seeds, dots: the
     seeds), the baseline's mean as a dashed line; the comparisons panel also shows CLTS + MDLRC."""
-    plt = _pyplot()
+    plt = pyplot(required=False)
     if plt is None:
         return None
 
@@ -1464,7 +1452,7 @@ def _line_style(i: int) -> Dict[str, Any]:
 def _plot(out: str, scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
           curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], name: str = "curves.png",
           title: str = "") -> Optional[str]:
-    plt = _pyplot()
+    plt = pyplot(required=False)
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -14,14 +14,13 @@ schedule sampler (``--noised True``), AdamW, cross-entropy; logs ``train_loss``,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, Optional, Sequence
 
-
-import contextlib
-
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from guided_diffusion import dist_util, logger
@@ -99,8 +98,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     torch.manual_seed(args.seed)
     keys = classifier_and_diffusion_defaults().keys()
     if dist_util.get_rank() == 0:
-        import yaml
-
         config = {k: getattr(args, k) for k in create_argparser_defaults()}
         atomic_write_text(os.path.join(log_dir, "config.yaml"),
                           "# Resolved configuration of this classifier run.\n" + yaml.safe_dump(config, sort_keys=False))
