@@ -55,9 +55,8 @@ import torch
 
 from experiments import analysis as an
 from experiments.plotting import pyplot
-from experiments.study import Arm, Scale, arm_flags, prepare_data, preset, run_name
+from experiments.study import Arm, Scale, arm_flags, prepare_data, preset, run_finished, run_name
 from guided_diffusion import logger
-from guided_diffusion.checkpoint import list_complete_checkpoints
 from guided_diffusion.config import load_config
 from guided_diffusion.files import atomic_write
 
@@ -280,10 +279,6 @@ def config_mismatches(run_dir: str, flags: Dict[str, Any], keys: Sequence[str] =
     return out
 
 
-def diffusion_finished(run_dir: str, total_steps: int) -> bool:
-    return os.path.isdir(run_dir) and total_steps in list_complete_checkpoints(run_dir)
-
-
 def gan_finished(run_dir: str, total_steps: int) -> bool:
     return all(os.path.isfile(os.path.join(run_dir, f"{n}_{total_steps:06d}.pt"))
                for n in ("generator", "discriminator"))
@@ -489,7 +484,7 @@ def locate_runs(settings: Settings, out: str, study_out: str, data: str, names: 
         total = settings.diffusion.total_steps
         if spec.from_study and study_out:
             theirs = os.path.join(study_out, "runs", name)
-            if diffusion_finished(theirs, total):
+            if run_finished(theirs, total):
                 bad = config_mismatches(theirs, diffusion_flags(spec, settings, data, theirs))
                 if not bad:
                     where[name] = dict(dir=theirs, source="study", finished=True,
@@ -504,7 +499,7 @@ def locate_runs(settings: Settings, out: str, study_out: str, data: str, names: 
             if bad:
                 raise ValueError(f"{own} was trained with other settings ({'; '.join(bad)}); delete it or use another "
                                  "--out")
-        where[name] = dict(dir=own, source="figures", finished=diffusion_finished(own, total), flags=flags,
+        where[name] = dict(dir=own, source="figures", finished=run_finished(own, total), flags=flags,
                            script="image_train.py")
     return where
 
@@ -529,7 +524,7 @@ def train_runs(settings: Settings, where: Dict[str, Dict[str, Any]], out: str, j
             f"seed {RUN_BY_NAME[name].seed}) -> {_rel(w['dir'])}")
         _run_script(w["script"], _argv(w["flags"]), os.path.join(out, "logs", name + ".log"), settings)
         done = (gan_finished(w["dir"], settings.gan.total_steps) if RUN_BY_NAME[name].kind == "gan"
-                else diffusion_finished(w["dir"], settings.diffusion.total_steps))
+                else run_finished(w["dir"], settings.diffusion.total_steps))
         if not done:
             raise RuntimeError(f"{name}: training ended without its final checkpoint; see {out}/logs/{name}.log")
         w["finished"] = True
