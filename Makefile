@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(DATA),--data_dir $(DATA),)
 
 # The small-scale CPU study (docs/study.md). `make study` trains nothing: it reprints every table
-# and redraws every figure from the committed results in docs/study/ledger. `make study-run
+# and redraws every figure of both scales (cpu, and the long horizon cpu_long) from the committed
+# results in docs/study/ledger, and rewrites docs/study.md's generated sections. `make study-run
 # ARMS=sigma SEEDS=1,2` trains what is not committed yet (resumable; finished runs land in the
 # ledger at once). SOURCE=cifar-10-python.tar.gz (default: ../shared's CIFAR-10 JPEG zip).
 SOURCE ?=
@@ -32,6 +33,7 @@ ARMS ?= first
 SEEDS ?=
 study: $(STAMP)
 	$(PY) scripts/study.py --summary_only True
+	$(PY) scripts/study.py --scale cpu_long --arms long --summary_only True
 study-run: $(STAMP)
 	$(PY) scripts/study.py --arms $(ARMS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(SOURCE),--source $(SOURCE),)
 

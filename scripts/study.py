@@ -4,7 +4,7 @@ Run (or continue) the small-scale CLTS/MDLRC study on CIFAR-10 and print its sum
     python scripts/study.py                           # the "first" arms x 2 seeds, 2 CPU cores, -> runs/study-cpu
     python scripts/study.py --arms comparisons        # a group (or comma-separated arms); ledger runs are skipped
     python scripts/study.py --scale gpu --out runs/study-gpu   # one GPU, larger model, more steps
-    python scripts/study.py --summary_only True       # reprint the table from the saved results
+    python scripts/study.py --summary_only True       # reprint the tables from the ledger (make study: both scales)
 
 Arms, scales and outputs: experiments/study.py and docs/study.md. Rerunning the same command
 continues where it stopped and skips finished runs and evaluated checkpoints.
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence
 
 
 from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, bootstrap_study, \
-    export_results, prepare_data, preset, run_study, summarize, write_claims  # noqa: E402
+    export_results, prepare_data, preset, run_study, summarize, write_doc_section  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -65,8 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)
     # the ledger's docs page (docs/study/ledger -> docs/study.md), also when the runner works from a worktree
     doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ledger))), "study.md") if args.ledger else ""
-    if doc and summary.get("claims") and write_claims(doc, scale.name, summary["claims"]):
-        print(f"study: {doc}: the {scale.name} claims section rewritten from the ledger")
+    for part, text in (("summary", summary.get("table")), ("claims", summary.get("claims"))):
+        if doc and text and write_doc_section(doc, scale.name, text, part):
+            print(f"study: {doc}: the {scale.name} {part} section rewritten from the ledger")
     if args.export:
         print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")
     return summary

@@ -215,32 +215,61 @@ def test_the_ledger_is_not_ignored_by_git():
 LEDGER = REPO / "docs" / "study" / "ledger"
 
 
-@pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
-def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path):
+# each scale that `make study` reprints, with the arms it reprints
+MAKE_STUDY = (("cpu", "first"), ("cpu_long", "long"))
+
+
+@pytest.mark.parametrize("scale,arms", MAKE_STUDY)
+def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale, arms):
     import shutil
 
+    if not (LEDGER / scale / "summary.md").is_file():
+        pytest.skip(f"no committed {scale} study results yet (docs/study/ledger/{scale}/summary.md)")
     copy = tmp_path / "ledger"
     shutil.copytree(LEDGER, copy)
-    res = study.summarize(str(tmp_path / "unused"), study.SCALES["cpu"], ledger=str(copy), log=lambda m: None)
-    assert res["table"] == (LEDGER / "cpu" / "summary.md").read_text()
-    assert (copy / "cpu" / "summary.csv").read_text() == (LEDGER / "cpu" / "summary.csv").read_text()
-    for run in (p for p in (LEDGER / "cpu").iterdir() if p.is_dir()):  # every committed run is complete
+    res = study.summarize(str(tmp_path / "unused"), study.SCALES[scale], study.arms_named(arms), ledger=str(copy),
+                          log=lambda m: None)
+    assert res["table"] == (LEDGER / scale / "summary.md").read_text()
+    assert (copy / scale / "summary.csv").read_text() == (LEDGER / scale / "summary.csv").read_text()
+    for run in (p for p in (LEDGER / scale).iterdir() if p.is_dir()):  # every committed run is complete
         assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
-    # docs/study.md's generated claims section is the one the committed ledger gives
-    begin, end = study.claims_markers("cpu")
+    # docs/study.md's generated sections are the ones the committed ledger gives
     doc = (REPO / "docs" / "study.md").read_text()
-    assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + res["claims"]
-    assert (LEDGER / "cpu" / "claims.md").read_text() == res["claims"]
+    for part, text in (("summary", res["table"]), ("claims", res["claims"])):
+        begin, end = study.doc_markers(scale, part)
+        assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + text, f"docs/study.md's {part} {scale} section"
+    assert (LEDGER / scale / "claims.md").read_text() == res["claims"]
+    for r in res["rows"]:  # a seed the arm has no run of is "n/a" in the per-seed columns, not "never"
+        fids, iters = r["final_fid_per_seed"].split(), r["iters_per_seed"].split()
+        assert [f == "n/a" for f in fids] == [i == "n/a" for i in iters], r["arm"]
     # the figures docs/study.md shows: every group with runs has its own, and the ablation panels
-    drawn = {p.name for p in (copy / "cpu").glob("*.png")}
+    drawn = {p.name for p in (copy / scale).glob("*.png")}
     groups = {g for g in study.GROUP_FIGURES if any(r["arm"] in study.GROUPS[g] and r["arm"] != "baseline"
                                                      for r in res["rows"])}
-    assert {"curves.png", "probe.png", "ablation.png"} | {f"curves_{g}.png" for g in groups} <= drawn
-    assert drawn <= {p.name for p in (LEDGER / "cpu").glob("*.png")}  # and they are committed
-    boot = LEDGER / "cpu" / study.BOOTSTRAP_FILE
+    expected = {"curves.png", "probe.png"}
+    if study.SCALES[scale].ablation_figures:
+        expected |= {"ablation.png"} | {f"curves_{g}.png" for g in groups}
+    assert expected <= drawn
+    assert drawn <= {p.name for p in (LEDGER / scale).glob("*.png")}  # and they are committed
+    boot = LEDGER / scale / study.BOOTSTRAP_FILE
     for arm, seed, _ in study.read_bootstrap(str(boot)):  # a bootstrapped pair's samples are committed
         for name in (arm, "baseline"):
-            assert (LEDGER / "cpu" / study.run_name(name, seed) / study.SAMPLES_FILE).is_file()
+            assert (LEDGER / scale / study.run_name(name, seed) / study.SAMPLES_FILE).is_file()
+
+
+def test_doc_section_rewrites_only_its_part(tmp_path):
+    """write_doc_section replaces one scale's one part and leaves the hand-written rest and the other parts."""
+    doc = tmp_path / "study.md"
+    parts = [study.doc_markers(s, p) for s in ("cpu", "cpu_long") for p in study.DOC_PARTS]
+    doc.write_text("intro\n" + "".join(f"{b}\nold\n{e}\nprose {i}\n" for i, (b, e) in enumerate(parts)))
+    assert study.write_doc_section(str(doc), "cpu_long", "| new |\n", "summary")
+    text = doc.read_text()
+    b, e = study.doc_markers("cpu_long", "summary")
+    assert f"{b}\n| new |\n{e}" in text and text.count("old") == 3 and "prose 3" in text and text.startswith("intro")
+    assert not study.write_doc_section(str(doc), "cpu_long", "| new |\n", "summary")  # unchanged
+    assert not study.write_doc_section(str(tmp_path / "missing.md"), "cpu", "x\n")
+    with pytest.raises(ValueError, match="docs/study.md part"):
+        study.doc_markers("cpu", "reading")
 
 
 def test_seed_band_keeps_arms_with_fewer_seeds():
@@ -386,14 +415,14 @@ def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
 
 
 def claims_sections() -> str:
-    """docs/study.md's generated claims sections, both scales."""
+    """docs/study.md's generated sections (claims and per-arm tables), both scales."""
     text = (REPO / "docs" / "study.md").read_text()
-    return "".join(text[text.index(f"<!-- claims {scale}: generated"):text.index(f"<!-- claims {scale}: end -->")]
-                   for scale in ("cpu", "cpu_long"))
+    spans = [study.doc_markers(scale, part) for scale, _ in MAKE_STUDY for part in study.DOC_PARTS]
+    return "".join(text[text.index(b):text.index(e)] for b, e in spans)
 
 
 def test_the_reading_so_far_quotes_only_the_claims_tables_numbers():
-    """docs/study.md's hand-written reading: every number in it is one of the generated claims sections'."""
+    """docs/study.md's hand-written reading: every number in it is one of the generated sections' (claims and per-arm tables)."""
     doc = REPO / "docs" / "study.md"
     reading = hand_written_block(doc, "study:reading")
     assert reading, "docs/study.md lost its <!-- study:reading --> block"
