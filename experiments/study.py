@@ -1004,8 +1004,8 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                 for s in seeds if d["final_fid"][s] is not None and curves.get(("baseline", s))}
         bm, bsd = _mean_sd([v for v in back.values() if v is not None])
         rows[-1].update(baseline_iters_to_arm_mean=bm, baseline_iters_to_arm_sd=bsd,
-                        baseline_iters_to_arm_per_seed=" ".join(_fmt(v, 0) if v is not None else "never"
-                                                                for v in back.values()))
+                        baseline_iters_to_arm_per_seed=" ".join("n/a" if s not in back else _fmt(back[s], 0)
+                                                                if back[s] is not None else "never" for s in seeds))
         second = {s: next((f for st, f, _ in _curve(folder(a.name, s), scale, second=True) if st == final), None)
                   for s in seeds}
         base2 = {s: next((f for st, f, _ in _curve(folder("baseline", s), scale, second=True) if st == final), None)

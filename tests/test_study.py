@@ -240,8 +240,9 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale
         assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + text, f"docs/study.md's {part} {scale} section"
     assert (LEDGER / scale / "claims.md").read_text() == res["claims"]
     for r in res["rows"]:  # a seed the arm has no run of is "n/a" in the per-seed columns, not "never"
-        fids, iters = r["final_fid_per_seed"].split(), r["iters_per_seed"].split()
-        assert [f == "n/a" for f in fids] == [i == "n/a" for i in iters], r["arm"]
+        fids = r["final_fid_per_seed"].split()
+        for col in ("iters_per_seed",) + (("baseline_iters_to_arm_per_seed",) if r["arm"] != "baseline" else ()):
+            assert [f == "n/a" for f in fids] == [i == "n/a" for i in r[col].split()], (r["arm"], col)
     # the figures docs/study.md shows: every group with runs has its own, and the ablation panels
     drawn = {p.name for p in (copy / scale).glob("*.png")}
     groups = {g for g in study.GROUP_FIGURES if any(r["arm"] in study.GROUPS[g] and r["arm"] != "baseline"
