@@ -994,9 +994,8 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                      "final_fid_per_seed": " ".join(_fmt(d["final_fid"][s]) for s in seeds),
                      "final_kid_mean": km, "final_kid_sd": ks,
                      "iters_to_baseline_fid_mean": rm, "iters_to_baseline_fid_sd": rs,
-                     # "never": the seed's run did not reach it; "n/a": the arm has no run of that seed
-                     "iters_per_seed": " ".join("n/a" if d["final_fid"][s] is None else
-                                                _fmt(reach[s], 0) if reach[s] is not None else "never" for s in seeds),
+                     "iters_per_seed": _iters_per_seed({s: reach[s] for s in seeds if d["final_fid"][s] is not None},
+                                                       seeds),
                      "reached": d["reached"], "n": d["n"]})
         rows[-1].update(_paired(d["final_fid"], per_arm.get("baseline", {}).get("final_fid", {}), "paired_dfid"))
         # the other way round: where the baseline of the same seed reaches this arm's final FID (the speed-up)
@@ -1004,8 +1003,7 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
                 for s in seeds if d["final_fid"][s] is not None and curves.get(("baseline", s))}
         bm, bsd = _mean_sd([v for v in back.values() if v is not None])
         rows[-1].update(baseline_iters_to_arm_mean=bm, baseline_iters_to_arm_sd=bsd,
-                        baseline_iters_to_arm_per_seed=" ".join("n/a" if s not in back else _fmt(back[s], 0)
-                                                                if back[s] is not None else "never" for s in seeds))
+                        baseline_iters_to_arm_per_seed=_iters_per_seed(back, seeds))
         second = {s: next((f for st, f, _ in _curve(folder(a.name, s), scale, second=True) if st == final), None)
                   for s in seeds}
         base2 = {s: next((f for st, f, _ in _curve(folder("baseline", s), scale, second=True) if st == final), None)
@@ -1050,6 +1048,8 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
 
 # docs/study.md's generated parts, per scale: the per-arm table (``summary.md``) and the claims table
 DOC_PARTS = ("summary", "claims")
+# the scales docs/study.md shows, each with the arms `make study` reprints for it
+PAGE_SCALES = (("cpu", "first"), ("cpu_long", "long"))
 
 
 def doc_markers(scale: str, part: str = "claims") -> Tuple[str, str]:
@@ -1334,6 +1334,12 @@ def _save(fig: Any, path: str) -> str:
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+def _iters_per_seed(iters: Dict[int, Optional[float]], seeds: Sequence[int]) -> str:
+    """One entry per seed: the iterations, "never" when that seed's run did not get there, "n/a" when
+    there is no run of that seed (the seed is not in ``iters``)."""
+    return " ".join("n/a" if s not in iters else "never" if iters[s] is None else _fmt(iters[s], 0) for s in seeds)
 
 
 def _fmt(x: Optional[float], digits: int = 2) -> str:

@@ -215,11 +215,7 @@ def test_the_ledger_is_not_ignored_by_git():
 LEDGER = REPO / "docs" / "study" / "ledger"
 
 
-# each scale that `make study` reprints, with the arms it reprints
-MAKE_STUDY = (("cpu", "first"), ("cpu_long", "long"))
-
-
-@pytest.mark.parametrize("scale,arms", MAKE_STUDY)
+@pytest.mark.parametrize("scale,arms", study.PAGE_SCALES)
 def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale, arms):
     import shutil
 
@@ -418,7 +414,7 @@ def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
 def claims_sections() -> str:
     """docs/study.md's generated sections (claims and per-arm tables), both scales."""
     text = (REPO / "docs" / "study.md").read_text()
-    spans = [study.doc_markers(scale, part) for scale, _ in MAKE_STUDY for part in study.DOC_PARTS]
+    spans = [study.doc_markers(scale, part) for scale, _ in study.PAGE_SCALES for part in study.DOC_PARTS]
     return "".join(text[text.index(b):text.index(e)] for b, e in spans)
 
 
