@@ -66,8 +66,12 @@ class Arm:
     description: str
 
 
-def clts_arm(std: float, mean: float = 0.3, target_steps: Optional[int] = None, mdlrc: bool = False) -> Arm:
-    """A CLTS arm: ``clts_s<std>`` [``_mu<mean>``] [``_tgt<steps>``] [``_mdlrc``]."""
+def clts_arm(std: float, mean: float = 0.3, target_steps: Optional[int] = None, mdlrc: bool = False,
+             floor: float = 0.0, release: float = 1.0, weighting: str = "") -> Arm:
+    """
+    A CLTS arm: ``clts_s<std>`` [``_mu<mean>``] [``_tgt<steps>``] [``_floor<f>``] [``_release<s>``]
+    [``_mdlrc``] [``_<weighting>``].
+    """
     name = f"clts_s{std:g}" if std != 1.0 else "clts_s1.0"
     flags: Dict[str, Any] = {"schedule_sampler": "clts", "clts_std": std, "clts_mean": mean, "momentum_decay": False}
     what = f"CLTS, mu = {mean:g}, sigma = {std:g} (fractions of T)"
@@ -77,10 +81,24 @@ def clts_arm(std: float, mean: float = 0.3, target_steps: Optional[int] = None, 
         name += f"_tgt{target_steps}"
         flags["clts_target_steps"] = target_steps
         what += f", target iteration {target_steps}"
+    if floor:
+        name += f"_floor{floor:g}"
+        flags["clts_floor"] = floor
+        what += f", uniform floor {floor:g}"
+    if release < 1.0:
+        name += f"_release{release:g}"
+        flags["clts_release_start"] = release
+        what += f", released to uniform from {release:g} of the run"
     if mdlrc:
         name += "_mdlrc"
         flags.update(momentum_decay=True, lr_compensation=True)
         what += " + MDLRC"
+    if weighting == "min_snr":
+        name += "_minsnr"
+        flags.update(loss_weighting="min_snr", min_snr_gamma=5.0)
+        what += " + Min-SNR (gamma 5)"
+    elif weighting:
+        raise ValueError(f"clts_arm: no arm name for weighting {weighting!r}")
     return Arm(name, flags, what)
 
 
@@ -118,6 +136,17 @@ ARMS: Tuple[Arm, ...] = (
     Arm("lsm", {"schedule_sampler": "loss-second-moment"}, "loss-aware (loss-second-moment) timestep sampling"),
     Arm("fdm", {"fdm": True, "fdm_multiplier": 2.0, "fdm_sigma_range": "vp", "fdm_warmup_steps": 400},
         "FDM: critically damped input scaling, loss-weight warm-up over 400 steps"),
+    # issue 32: a curriculum that keeps the high-noise steps trained, and the modern noise-level anchors
+    clts_arm(BEST_SIGMA, floor=0.5), clts_arm(BEST_SIGMA, release=0.5),
+    clts_arm(BEST_SIGMA, floor=0.5, weighting="min_snr"),
+    Arm("laplace", {"schedule_sampler": "laplace", "laplace_mu": 0.0, "laplace_b": 0.5},
+        "Laplace(0, 0.5) over log-SNR (Hang et al. 2024), unweighted epsilon loss"),
+    Arm("edm", {"schedule_sampler": "edm_lognormal", "edm_p_mean": -1.2, "edm_p_std": 1.2,
+                "loss_weighting": "edm", "edm_sigma_data": 0.5},
+        "EDM: log-normal noise levels (P_mean -1.2, P_std 1.2) and EDM's loss weight (sigma_data 0.5)"),
+    Arm("logit_normal", {"schedule_sampler": "logit_normal", "logit_normal_m": 0.0, "logit_normal_s": 1.0,
+                         "loss_weighting": "flow"},
+        "SD3: logit-normal(0, 1) timesteps and the flow-matching loss weight"),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 _BEST = f"clts_s{BEST_SIGMA:g}"
@@ -130,6 +159,9 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "modules": ("md_only", "mdlrc", "lr_only", _BEST, f"{_BEST}_mdlrc"),
     "comparisons": ("min_snr", "p2", "speed", "lsm", "fdm"),
     "long": ("baseline", _BEST, f"{_BEST}_mdlrc", "min_snr"),  # with --scale cpu_long
+    # issue 32's new long-horizon arms, in the order the queue runs them (with --scale cpu_long)
+    "long_new": (f"{_BEST}_floor0.5", "laplace", f"{_BEST}_release0.5", f"{_BEST}_floor0.5_minsnr", "edm",
+                 "logit_normal", "p2", "speed"),
     "headline": ("baseline", _BEST, f"{_BEST}_mdlrc"),  # 3 seeds
 }
 # the headline arms: 3 seeds, and a second sampler at the final checkpoint

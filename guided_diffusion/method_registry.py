@@ -19,8 +19,9 @@ from .checks import canonical_name, lookup_registered, reject_unknown_options
 
 __all__ = ["MethodRegistry", "constructor_options", "method_option_defaults", "known_method_options"]
 
-# the constructor parameters that are not options: what every method is built with
-_NOT_OPTIONS = ("self", "diffusion", "seed", "rank")
+# the constructor parameters that are not options: what a method is built with (the run's length
+# is the training flag --total_steps, handed to the methods whose schedule depends on it)
+_NOT_OPTIONS = ("self", "diffusion", "seed", "rank", "total_steps")
 _REGISTRIES: List["MethodRegistry"] = []
 
 

@@ -398,7 +398,8 @@ def _check_methods(args: Dict[str, Any]) -> None:
     # building the chosen sampler and weighting here runs those checks early.
     options = {k: args[k] for k in method_options() if k in args}
     if "schedule_sampler" in args:
-        create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0, **options)
+        create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0,
+                                      total_steps=args.get("total_steps"), **options)
     if "loss_weighting" in args:
         create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
 

@@ -18,6 +18,7 @@ host-to-device copy per returned tensor, so ``sample()`` never waits for the GPU
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -32,6 +33,10 @@ __all__ = [
     "LossSecondMomentResampler",
     "CLTSSampler",
     "SpeeDSampler",
+    "LogSNRDensitySampler",
+    "LaplaceSampler",
+    "EDMLogNormalSampler",
+    "LogitNormalSampler",
     "SAMPLER_NAMES",
     "SAMPLER_FLAGS",
     "WEIGHTING_NAMES",
@@ -49,6 +54,8 @@ __all__ = [
     "MinSNRWeighting",
     "P2Weighting",
     "SpeeDWeighting",
+    "EDMWeighting",
+    "FlowWeighting",
     "create_loss_weighting",
     "loss_weighting",
     "snr",
@@ -57,11 +64,14 @@ __all__ = [
 
 from .checks import UnknownNameError, alphas_cumprod_of, canonical_name, check_integer, check_number, \
     num_timesteps_of
+from .log_snr import LaplaceDensity, LogSNRDensity, NormalDensity, discretize_density
 from .method_registry import MethodRegistry, known_method_options  # noqa: F401  (re-exported: its old home)
 # Loss weightings live in ``weighting.py`` (below this module); their names stay importable from here.
 from .weighting import (  # noqa: F401  (re-exported)
     WEIGHTING_FLAGS,
     WEIGHTING_NAMES,
+    EDMWeighting,
+    FlowWeighting,
     LossWeighting,
     MinSNRWeighting,
     P2Weighting,
@@ -390,18 +400,28 @@ class CLTSSampler(ScheduleSampler):
     Curriculum-learning timestep schedule (CLTS, Xu et al. 2024), DESIGN.md section 4:
 
         g(t)   = exp(-(t - mu*T)^2 / (2 (sigma*T)^2)),  normalised over t = 0..T-1
-        lambda = min(i / I_target, 1)
+        lambda = min(i / I_target, 1) * (1 - f) * r(i)
         p_i(t) = (1 - lambda) / T + lambda * g(t)
 
-    with i the global step given by ``set_step``.  CLTS changes the training distribution on
-    purpose, so ``sample()`` returns loss weights of 1 (no importance re-weighting).
+    with i the global step given by ``set_step``.  The paper's CLTS is f = 0 and r = 1 (the
+    defaults). Two additions beyond the paper, off by default, keep the high-noise steps trained
+    (the study's long horizon found the pure Gaussian after I_target starves them):
+
+    - the floor f (``--clts_floor``): the mixing weight never exceeds 1 - f, so every t keeps
+      p_i(t) >= f / T;
+    - the release (``--clts_release_start s``, a fraction of ``--total_steps`` N): r(i) = 1 up to
+      s N, then falls linearly to 0 at N, so the run ends on uniform sampling; s = 1 is no release.
+
+    CLTS changes the training distribution on purpose, so ``sample()`` returns loss weights of 1
+    (no importance re-weighting).
     """
 
     name = "clts"
     importance_weighting = False
 
     def __init__(self, diffusion: Any, clts_mean: float = 0.3, clts_std: float = 0.1,
-                 clts_target_steps: int = 100000, *, seed: Optional[int] = None, rank: int = 0):
+                 clts_target_steps: int = 100000, clts_floor: float = 0.0, clts_release_start: float = 1.0,
+                 *, total_steps: Optional[int] = None, seed: Optional[int] = None, rank: int = 0):
         """
         :param diffusion: the diffusion object (only ``num_timesteps`` is used).
         :param clts_mean: mu, the Gaussian's centre as a fraction of T, in [0, 1].
@@ -410,6 +430,12 @@ class CLTSSampler(ScheduleSampler):
                          README's "Readings we made"); 1.0 is the literal "standard variance 1".
         :param clts_target_steps: I_target, the training step (count) at which the mixture is
                                   fully Gaussian, >= 1.
+        :param clts_floor: f in [0, 1): the share of uniform sampling that is never mixed away
+                           (0: the paper's CLTS).
+        :param clts_release_start: s in (0, 1], a fraction of the run: from step s * total_steps
+                                   the mixing weight falls linearly back to uniform at the run's
+                                   end (1: no release, the paper's CLTS).
+        :param total_steps: the run's length N (``--total_steps``); required by a release.
         :param seed: base seed of the sampler's random stream (None: from ``np.random``).
         :param rank: process rank (selects an independent stream).
         """
@@ -418,6 +444,16 @@ class CLTSSampler(ScheduleSampler):
         self.clts_std = _number(clts_std, "clts_std", lo=0.0, lo_open=True,
                                 what="a number > 0 (a fraction of T)")
         self.clts_target_steps = _integer(clts_target_steps, "clts_target_steps", lo=1)
+        self.clts_floor = _number(clts_floor, "clts_floor", lo=0.0, hi=1.0, hi_open=True)
+        self.clts_release_start = _number(clts_release_start, "clts_release_start", lo=0.0, hi=1.0, lo_open=True,
+                                          what="a number in (0, 1] (a fraction of --total_steps; 1: no release)")
+        self.total_steps: Optional[int] = None
+        if self.clts_release_start < 1.0:
+            if not total_steps:
+                raise ValueError(f"--clts_release_start {self.clts_release_start:g} releases the curriculum over "
+                                 "the end of the run, so it needs the run's length: set --total_steps (got "
+                                 f"{total_steps!r})")
+            self.total_steps = _integer(total_steps, "total_steps", lo=1)
         T = _num_timesteps(diffusion)
         t = np.arange(T, dtype=np.float64)
         g = np.exp(-((t - self.clts_mean * T) ** 2) / (2.0 * (self.clts_std * T) ** 2))
@@ -430,14 +466,29 @@ class CLTSSampler(ScheduleSampler):
         """The normalised discretised Gaussian g(t) (float64, length T)."""
         return self._gaussian.copy()
 
+    def release_factor(self, step: int) -> float:
+        """r(i): 1 before the release starts, then linearly down to 0 at ``total_steps`` (and after)."""
+        if self.total_steps is None:
+            return 1.0
+        start = self.clts_release_start * self.total_steps
+        if step <= start:
+            return 1.0
+        return max(0.0, (self.total_steps - step) / (self.total_steps - start))
+
     def mixing_weight(self, step: Optional[int] = None) -> float:
         """
-        lambda(i) = min(i / I_target, 1).
+        lambda(i) = min(i / I_target, 1) * (1 - f) * r(i) (the paper's min(i / I_target, 1) with
+        the default floor 0 and no release).
 
         :param step: the global step i (default: the sampler's current step).
         """
         i = self.step if step is None else _integer(step, "step", lo=0)
-        return min(i / self.clts_target_steps, 1.0)
+        lam = min(i / self.clts_target_steps, 1.0)
+        if self.clts_floor:
+            lam *= 1.0 - self.clts_floor
+        if self.total_steps is not None:
+            lam *= self.release_factor(i)
+        return lam
 
     def probabilities_at(self, step: int) -> np.ndarray:
         """
@@ -457,6 +508,113 @@ class CLTSSampler(ScheduleSampler):
     def probabilities(self) -> np.ndarray:
         # already normalised; not re-dividing by the sum keeps step 0 at exactly 1/T
         return self.probabilities_at(self.step)
+
+
+class LogSNRDensitySampler(ScheduleSampler):
+    """
+    A fixed timestep distribution defined by a density q over the log-SNR lambda of the run's own
+    schedule (``log_snr.discretize_density``: the q-mass between the midpoints of neighbouring
+    lambda's, the tails to t = 0 and t = T-1), so it follows the schedule (cosine or linear, any T,
+    a respaced chain). Subclasses give the density (``density``). The samples are the noise levels
+    to train, not an importance sampler: ``sample()`` returns loss weights of 1 (a loss weighting,
+    e.g. ``--loss_weighting edm``, composes with it as with any sampler).
+    """
+
+    importance_weighting = False
+
+    def _init_density(self, diffusion: Any, seed: Optional[int], rank: int) -> None:
+        self.diffusion = diffusion
+        self._p = discretize_density(self.density(), _alphas_cumprod(diffusion))
+        self._init_rng(seed, rank)
+
+    @abstractmethod
+    def density(self) -> LogSNRDensity:
+        """The density q over lambda = log(abar / (1 - abar))."""
+
+    def weights(self) -> np.ndarray:
+        return self._p
+
+
+class LaplaceSampler(LogSNRDensitySampler):
+    """
+    Laplace importance sampling of log-SNR (Hang et al. 2024, "Improved Noise Schedule for
+    Diffusion Training", arXiv 2407.03297): q(lambda) = exp(-|lambda - mu| / b) / (2 b). The
+    paper's ImageNet-256 setting is mu = 0, b = 0.5 (the defaults; 0.75 at 512 px), trained with an
+    unweighted loss: the density alone moves the effort to lambda near 0.
+    """
+
+    name = "laplace"
+
+    def __init__(self, diffusion: Any, laplace_mu: float = 0.0, laplace_b: float = 0.5,
+                 *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (``alphas_cumprod``).
+        :param laplace_mu: mu, the centre in log-SNR (any real number).
+        :param laplace_b: b, the scale in log-SNR, > 0.
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.laplace_mu = _number(laplace_mu, "laplace_mu")
+        self.laplace_b = _number(laplace_b, "laplace_b", lo=0.0, lo_open=True)
+        self._init_density(diffusion, seed, rank)
+
+    def density(self) -> LogSNRDensity:
+        return LaplaceDensity(self.laplace_mu, self.laplace_b)
+
+
+class EDMLogNormalSampler(LogSNRDensitySampler):
+    """
+    EDM's noise distribution (Karras et al. 2022; NVlabs/edm training/loss.py, ``EDMLoss``):
+    ln sigma ~ N(P_mean, P_std^2) with sigma^2 = 1 / SNR, i.e. lambda = -2 ln sigma ~
+    N(-2 P_mean, (2 P_std)^2); defaults P_mean = -1.2, P_std = 1.2, so lambda ~ N(2.4, 2.4^2).
+    EDM pairs it with the weight lambda(sigma) of ``loss_weighting("edm")``.
+    """
+
+    name = "edm_lognormal"
+
+    def __init__(self, diffusion: Any, edm_p_mean: float = -1.2, edm_p_std: float = 1.2,
+                 *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (``alphas_cumprod``).
+        :param edm_p_mean: P_mean, the mean of ln sigma.
+        :param edm_p_std: P_std, the standard deviation of ln sigma, > 0.
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.edm_p_mean = _number(edm_p_mean, "edm_p_mean")
+        self.edm_p_std = _number(edm_p_std, "edm_p_std", lo=0.0, lo_open=True)
+        self._init_density(diffusion, seed, rank)
+
+    def density(self) -> LogSNRDensity:
+        return NormalDensity(-2.0 * self.edm_p_mean, 2.0 * self.edm_p_std)
+
+
+class LogitNormalSampler(LogSNRDensitySampler):
+    """
+    Stable Diffusion 3's logit-normal timesteps (Esser et al. 2024, "Scaling Rectified Flow
+    Transformers", rf/lognorm(m, s); (0, 1) ranks best over their Table 1): the rectified-flow
+    time t_rf = sigmoid(z), z ~ N(m, s^2), with z_t = (1 - t_rf) x_0 + t_rf eps, so
+    SNR = ((1 - t_rf) / t_rf)^2 and lambda = -2 z ~ N(-2 m, (2 s)^2). SD3 trains it with the
+    flow-matching loss, ``loss_weighting("flow")`` in this repository's epsilon units.
+    """
+
+    name = "logit_normal"
+
+    def __init__(self, diffusion: Any, logit_normal_m: float = 0.0, logit_normal_s: float = 1.0,
+                 *, seed: Optional[int] = None, rank: int = 0):
+        """
+        :param diffusion: the diffusion object (``alphas_cumprod``).
+        :param logit_normal_m: m, the location of the logit of t_rf.
+        :param logit_normal_s: s, its scale, > 0.
+        :param seed: base seed of the sampler's random stream (None: from ``np.random``).
+        :param rank: process rank (selects an independent stream).
+        """
+        self.logit_normal_m = _number(logit_normal_m, "logit_normal_m")
+        self.logit_normal_s = _number(logit_normal_s, "logit_normal_s", lo=0.0, lo_open=True)
+        self._init_density(diffusion, seed, rank)
+
+    def density(self) -> LogSNRDensity:
+        return NormalDensity(-2.0 * self.logit_normal_m, 2.0 * self.logit_normal_s)
 
 
 SPEED_THRESHOLD = 0.1  # 1e-4 per step of the published linear T = 1000 chain, per unit of t/T
@@ -580,17 +738,21 @@ def sampler_option_defaults() -> Dict[str, Any]:
     return SAMPLERS.option_defaults()
 
 
-for _cls in (UniformSampler, LossSecondMomentResampler, CLTSSampler, SpeeDSampler):
+for _cls in (UniformSampler, LossSecondMomentResampler, CLTSSampler, SpeeDSampler, LaplaceSampler,
+             EDMLogNormalSampler, LogitNormalSampler):
     register_sampler(_cls)
 
 
-def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> ScheduleSampler:
+def create_named_schedule_sampler(name: str, diffusion: Any, *, total_steps: Optional[int] = None,
+                                  **options: Any) -> ScheduleSampler:
     """
     Create a ScheduleSampler from the registry (upstream's function).
 
-    :param name: "uniform", "loss-second-moment", "clts" or "speed" (or any registered name;
-                 case, underscores and hyphens do not matter).
+    :param name: "uniform", "loss-second-moment", "clts", "speed", "laplace", "edm_lognormal" or
+                 "logit_normal" (or any registered name; case, underscores and hyphens do not matter).
     :param diffusion: the diffusion object to sample for.
+    :param total_steps: the run's length (``--total_steps``), for samplers whose schedule depends
+                        on it (CLTS's release); None or 0: the run has no set end.
     :param options: sampler options named as the flags (``clts_mean=``, ``speed_k=``, ``seed=``,
                     ``rank=``, ...).  Options that belong to another sampler or to a loss
                     weighting are ignored, so a caller may pass every flag; any other option is
@@ -598,4 +760,7 @@ def create_named_schedule_sampler(name: str, diffusion: Any, **options: Any) -> 
     :return: the sampler.
     """
     cls = SAMPLERS.lookup(name)
-    return cls(diffusion, **SAMPLERS.options_for(cls, options))
+    kwargs = SAMPLERS.options_for(cls, options)
+    if "total_steps" in inspect.signature(cls.__init__).parameters:
+        kwargs["total_steps"] = total_steps or None
+    return cls(diffusion, **kwargs)

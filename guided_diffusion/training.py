@@ -156,7 +156,8 @@ def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Opti
     :return: ``(schedule_sampler, loss_weights)``.
     """
     options = {k: getattr(args, k) for k in method_options() if hasattr(args, k)}
-    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0, **options)
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
+                                            total_steps=getattr(args, "total_steps", None), **options)
     weights = None
     if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
         weights = loss_weighting(args.loss_weighting, diffusion, predict_xstart=args.predict_xstart, **options)
@@ -186,7 +187,8 @@ def check_flags(args: argparse.Namespace) -> LoopSettings:
     :raises ValueError: naming the flag.
     """
     settings = LoopSettings.from_flags(vars(args))
-    validate_training_args({k: v for k, v in vars(args).items() if k not in LOOP_FLAG_NAMES})
+    # the run's length stays: a sampler's schedule may depend on it (CLTS's release)
+    validate_training_args({k: v for k, v in vars(args).items() if k not in LOOP_FLAG_NAMES or k == "total_steps"})
     return settings
 
 

@@ -1,6 +1,7 @@
 """
 Loss weightings w(t) over timesteps, for the methods the paper compares with: Min-SNR-gamma
-(Hang et al. 2023), P2 (Choi et al. 2022) and SpeeD's change-aware weighting (Wang et al. 2024).
+(Hang et al. 2023), P2 (Choi et al. 2022), SpeeD's change-aware weighting (Wang et al. 2024), and the
+objectives of EDM (Karras et al. 2022) and flow matching (Esser et al. 2024) in epsilon units.
 A weighting multiplies the MSE term of the loss only, as in their authors' code.
 
 Each weighting is one class in the registry (``register_weighting``); as for the timestep
@@ -25,6 +26,8 @@ __all__ = [
     "MinSNRWeighting",
     "P2Weighting",
     "SpeeDWeighting",
+    "EDMWeighting",
+    "FlowWeighting",
     "WEIGHTING_FLAGS",
     "WEIGHTING_NAMES",
     "register_weighting",
@@ -190,6 +193,45 @@ class SpeeDWeighting(LossWeighting):
         return w
 
 
+class EDMWeighting(LossWeighting):
+    """
+    EDM's loss weight (Karras et al. 2022; NVlabs/edm ``EDMLoss``) in epsilon units. EDM minimises
+    lambda(sigma) ||D - x_0||^2 with lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2; with
+    sigma^2 = 1 / SNR the x_0 error is sigma (eps_hat - eps), so the objective is
+        w(t) = 1 + sigma^2 / sigma_d^2 = 1 + 1 / (sigma_d^2 SNR(t))   times ||eps_hat - eps||^2.
+    The weight grows without bound at high noise (about 4 / SNR): EDM's log-normal density draws
+    those levels rarely (``--schedule_sampler edm_lognormal``).
+    """
+
+    name = "edm"
+
+    def __init__(self, edm_sigma_data: float = 0.5):
+        """:param edm_sigma_data: sigma_d, the data's standard deviation, > 0 (EDM: 0.5)."""
+        self.sigma_data = check_number(edm_sigma_data, "edm_sigma_data", lo=0.0, lo_open=True)
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            sigma2 = (1.0 - ac) / ac  # 1 / SNR
+        return 1.0 + sigma2 / self.sigma_data ** 2
+
+
+class FlowWeighting(LossWeighting):
+    """
+    The flow-matching (velocity) loss of rectified flow, z_t = (1 - t) x_0 + t eps with target
+    v = eps - x_0 (Stable Diffusion 3, Esser et al. 2024), in epsilon units: the velocity error is
+    (eps_hat - eps) / (1 - t), and 1 / (1 - t) = 1 + exp(-lambda / 2) at log-SNR lambda, so
+        w(t) = (1 + SNR(t)^(-1/2))^2   times ||eps_hat - eps||^2.
+    """
+
+    name = "flow"
+
+    def __call__(self, alphas_cumprod: np.ndarray) -> np.ndarray:
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return (1.0 + np.sqrt((1.0 - ac) / ac)) ** 2
+
+
 WEIGHTINGS = MethodRegistry("loss weighting", "loss_weighting", order=1)  # after the samplers' options
 #: registered name (and alias) -> its options; the registry's table
 WEIGHTING_FLAGS: Dict[str, Tuple[str, ...]] = WEIGHTINGS.flags
@@ -209,7 +251,7 @@ def weighting_option_defaults() -> Dict[str, Any]:
     return WEIGHTINGS.option_defaults()
 
 
-for _cls in (UniformWeighting, MinSNRWeighting, P2Weighting, SpeeDWeighting):
+for _cls in (UniformWeighting, MinSNRWeighting, P2Weighting, SpeeDWeighting, EDMWeighting, FlowWeighting):
     register_weighting(_cls)
 
 
