@@ -70,6 +70,7 @@ __all__ = [
     "NoExtractorError",
     "ReferenceInfo",
     "check_extractor",
+    "check_finite",
     "compute_statistics",
     "evaluate",
     "fid_from_features",
@@ -313,6 +314,29 @@ def _npz_array(npz: Any, key: str, where: str) -> np.ndarray:
                          "plain numeric arrays (uint8 images [N, H, W, 3] in arr_0, float mu/sigma)") from None
 
 
+def check_finite(arr: Any, where: str, name: str,
+                 advice: str = "Recompute the statistics (evaluations/ref_stats.py) or use another reference"
+                 ) -> np.ndarray:
+    """
+    ``arr`` as an array, refused when it holds NaN or Inf: a statistic with one gives ``FID: nan``
+    (or a number that means nothing) without any error.
+
+    :param where: the file (or what) it came from, e.g. ``REF ref.npz``.
+    :param name: the array (``'mu'``, ``'sigma'``, ``'pool-3 features'``).
+    :param advice: what to do, the message's last sentence.
+    :raises ValueError: naming ``where``, the array and how many values are NaN / Inf.
+    """
+    a = np.asarray(arr)
+    if a.dtype.kind in "fc":
+        finite = np.isfinite(a)
+        if not finite.all():
+            nan = int(np.isnan(a).sum())
+            raise ValueError(f"{where}: its {name!r} array holds non-finite values ({nan} NaN, "
+                             f"{int(a.size - finite.sum()) - nan} Inf of {a.size}); FID/sFID from it would be "
+                             f"nan or meaningless. {advice}")
+    return a
+
+
 def _is_image_member(name: str) -> bool:
     """An image file name inside a zip, as the training data reader counts them."""
     base = name.rsplit("/", 1)[-1]
@@ -478,6 +502,9 @@ def fid_from_features(sample_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: n
     n, d = sample_feats.shape
     if n < 2:
         raise ValueError(f"FID needs at least 2 samples, got {n}")
+    check_finite(mu_ref, "FID reference", "mu")
+    check_finite(sigma_ref, "FID reference", "sigma")
+    check_finite(sample_feats, "FID samples", "features")
     if n <= d:
         return _frechet_distance_low_rank(sample_feats, mu_ref, sigma_ref)
     mu, sigma = _statistics(sample_feats)
@@ -603,6 +630,10 @@ def _cached_image_statistics(path: str, ext: Extractor, batch_size: int, cache_d
     """
     cfile = reference_cache_file(path, ext, cache_dir, max_images)
     cached = read_cache(cfile)
+    if cached is not None and not all(np.isfinite(cached[k]).all() for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")
+                                      if k in cached and np.asarray(cached[k]).dtype.kind in "fc"):
+        _log(f"the cache {cfile} holds non-finite statistics of {path}: computed again")
+        cached = None
     if cached is not None and "pool" in cached and not (need_spatial and "mu_s" not in cached):
         _log(f"features of {path} ({int(cached['num_images'])} images, {ext.name}) from the cache {cfile}")
         return cached, True
@@ -682,6 +713,11 @@ def inspect_reference(ref: Union[str, Path]) -> ReferenceInfo:
         arr = shapes.get("arr_0")
         size: Optional[Tuple[int, int]] = (arr[1], arr[2]) if arr is not None and len(arr) == 4 else None
         num = arr[0] if arr is not None and len(arr) == 4 else None
+        if has_stats:  # a NaN/Inf statistic is refused here, before any sampling (fid_curve.py)
+            with np.load(path, allow_pickle=False) as f:
+                for k in ("mu", "sigma", "mu_s", "sigma_s"):
+                    if k in f.files:
+                        check_finite(_npz_array(f, k, f"REF {path}"), f"REF {path}", k)
         if "num_images" in shapes or (size is None and "image_shape" in shapes):
             with np.load(path, allow_pickle=False) as f:
                 if "num_images" in f.files:
@@ -773,6 +809,8 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
             keys = set(f.files)
             if {"mu", "sigma"} <= keys:
                 given = {k: _npz_array(f, k, f"REF {path}") for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+                for k, v in given.items():  # a NaN/Inf in a given statistic would print "FID: nan" and exit 0
+                    check_finite(v, f"REF {path}", k)
                 has_images = "arr_0" in keys
                 num_given = int(_npz_array(f, "num_images", f"REF {path}")) if "num_images" in keys else None
                 made_by = str(_npz_array(f, "extractor", f"REF {path}")) if "extractor" in keys else None
@@ -804,6 +842,8 @@ def _reference(ref: Union[str, Path], ext: Extractor, metrics: Sequence[str], ba
         for m in need_images:
             missing[m] = f"REF {path} holds statistics only (no 'arr_0' images to take features from)"
     stats = {k: v for k, v in computed.items() if k in ("mu", "sigma", "mu_s", "sigma_s")}
+    for k, v in stats.items():  # the statistics of REF's images (a network gone wrong gives NaN features)
+        check_finite(v, f"REF {path} (statistics of its images, {ext.name})", k)
     if "mu_s" in computed and "mu_s" not in given and "mu" in given and "sfid" in metrics:
         notes.append(f"REF {path} has no mu_s/sigma_s: sFID uses statistics of its arr_0 images")
     stats.update(given)
@@ -926,6 +966,11 @@ def evaluate(ref: Union[str, Path], samples: Union[str, Path, np.ndarray], *,
     feats = _extract(ext, images, wanted, batch_size, desc="sample features", progress=progress)
     n = images.shape[0]
 
+    where = f"SAMPLES {samples}" if not isinstance(samples, np.ndarray) else "samples"
+    for key, name in ((POOL, "pool-3 features"), (SPATIAL_FEATURE, "sFID spatial features")):
+        if key in feats and any(m in todo for m in (("fid", "prc", "kid") if key == POOL else ("sfid",))):
+            check_finite(feats[key], f"{where} ({ext.name})", name,  # the samples' statistics come from these
+                         f"The extractor {ext.name} gave non-finite features for these images")
     result: dict = {"extractor": ext.name, "extractor_weights": ext.weights}
     if "fid" in todo:
         result["fid"] = fid_from_features(feats[POOL], reference.stats["mu"], reference.stats["sigma"])

@@ -357,17 +357,14 @@ def load_state_file(path: str) -> Dict[str, Any]:
 
     :raises ResumeError: naming the file and why it was refused or could not be read.
     """
-    import pickle
-
+    problem = None
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ResumeError(f"refused to load the state file {path}: it holds objects other than tensors, "
-                          f"Python values and numpy arrays, so loading it could run code ({e}). "
-                          "Use a state file written by this project") from e
-    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-        raise ResumeError(f"cannot read the state file {path}: {type(e).__name__}: {e}") from e
+            state = dist_util.safe_torch_load(path, what="state file", map_location="cpu")
+    except ValueError as e:  # the message names the file and why, without torch's advice to load it unsafely
+        problem = str(e)
+    if problem is not None:  # raised here, with no exception chained to it
+        raise ResumeError(problem)
     if not isinstance(state, dict) or "step" not in state:
         raise ResumeError(f"{path} is not a training state file of this project (no 'step' entry)")
     return state
@@ -379,10 +376,12 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     possible, so a check is cheap)."""
     if "://" in path:
         return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
+    # a failure names the file without torch's advice to load it unsafely (dist_util.safe_torch_load)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return dist_util.safe_torch_load(path, map_location="cpu", mmap=True)
+    except ValueError:  # e.g. a file in torch's legacy format cannot be memory-mapped: read below
+        pass
+    return dist_util.safe_torch_load(path, map_location="cpu")
 
 
 def saved_config(point: ResumePoint) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
@@ -529,10 +528,8 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - say which file could not be read
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch state_dict ({e})") from None
+    # a failure names the file without torch's advice to load it unsafely (dist_util.safe_torch_load)
+    sd = dist_util.safe_torch_load(path, map_location="cpu")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"checkpoint {path}: expected a plain state_dict (name -> tensor)")
     return sd

@@ -24,6 +24,7 @@ from .errors import ProjectError
 __all__ = [
     "str2bool",
     "add_dict_to_argparser",
+    "expand_bare_bool_flags",
     "args_to_dict",
     "FLAVORS",
     "DEFAULT_FLAVOR",
@@ -67,9 +68,57 @@ def _flag_type(default):
 
 
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
-    """Add one ``--key`` flag per entry, typed like its default (bools via ``str2bool``)."""
+    """
+    Add one ``--key`` flag per entry, typed like its default (bools via ``str2bool``).
+
+    A boolean flag also takes the bare form: ``--flag`` alone means True (``nargs="?"``,
+    ``const=True``); ``--flag True`` / ``--flag False`` work as upstream's. A bare flag before a
+    positional argument (``--flag RUN_DIR``) does not swallow it when the parser is a
+    ``FlagSuggestingParser`` (``parse_args_with_config``, every script under ``run_script``):
+    see ``expand_bare_bool_flags``.
+    """
     for k, v in default_dict.items():
-        parser.add_argument(f"--{k}", default=v, type=_flag_type(v))
+        if isinstance(v, bool):
+            parser.add_argument(f"--{k}", default=v, type=str2bool, nargs="?", const=True)
+        else:
+            parser.add_argument(f"--{k}", default=v, type=_flag_type(v))
+
+
+_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+
+
+def _is_bare_bool_action(action: argparse.Action) -> bool:
+    return action.nargs == "?" and action.const is True and action.type is str2bool
+
+
+def expand_bare_bool_flags(parser: argparse.ArgumentParser, args: Sequence[str]) -> list:
+    """
+    ``args`` with an explicit ``True`` after each bare boolean flag (``nargs="?"``, ``const=True``,
+    ``type=str2bool``) that is followed by a word that is not a boolean value: argparse would
+    otherwise give that word (a positional argument such as a run folder) to the flag and fail.
+    ``--flag``, ``--flag False``, ``--flag=yes`` and ``--flag --other`` are left as they are;
+    nothing after ``--`` is touched.
+    """
+    args = list(args)
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse keeps its option table here
+    longs = [o for o in actions if o.startswith("--")]
+    out = []
+    for i, tok in enumerate(args):
+        out.append(tok)
+        if tok == "--":
+            return out + args[i + 1:]
+        if not isinstance(tok, str) or not tok.startswith("-") or "=" in tok:
+            continue
+        action = actions.get(tok)
+        if action is None and tok.startswith("--") and getattr(parser, "allow_abbrev", True):
+            hits = {actions[o] for o in longs if o.startswith(tok)}
+            action = hits.pop() if len(hits) == 1 else None
+        if action is None or not _is_bare_bool_action(action):
+            continue
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if isinstance(nxt, str) and not nxt.startswith("-") and nxt.lower() not in _BOOL_WORDS:
+            out.append("True")
+    return out
 
 
 def args_to_dict(args, keys: Iterable[str]) -> Dict[str, Any]:
@@ -244,6 +293,7 @@ def parse_args_with_config(
 # --------------------------------------------------------------------------------------
 
 _ARGPARSE_PARSE_ARGS = argparse.ArgumentParser.parse_args
+_ARGPARSE_PARSE_KNOWN_ARGS = argparse.ArgumentParser.parse_known_args
 _ARGPARSE_ERROR = argparse.ArgumentParser.error
 
 
@@ -313,6 +363,12 @@ def is_number(text: str) -> bool:
         return False
 
 
+def _parse_known_args_expanding(self, args=None, namespace=None):
+    """``parse_known_args``, with ``expand_bare_bool_flags`` applied to ``args`` first."""
+    args = sys.argv[1:] if args is None else args
+    return _ARGPARSE_PARSE_KNOWN_ARGS(self, expand_bare_bool_flags(self, args), namespace)
+
+
 def _parse_args_suggesting(self, args=None, namespace=None):
     if not getattr(self, "exit_on_error", True):
         return _ARGPARSE_PARSE_ARGS(self, args, namespace)
@@ -330,6 +386,7 @@ class FlagSuggestingParser(argparse.ArgumentParser):
     """
 
     parse_args = _parse_args_suggesting
+    parse_known_args = _parse_known_args_expanding
 
     def error(self, message):
         _short_error(self, message)
@@ -350,13 +407,16 @@ class _FlagSuggestions:
     """While active, every ArgumentParser behaves like a FlagSuggestingParser (see ``run_script``)."""
 
     def __enter__(self):
-        self.saved = (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error)
+        self.saved = (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error,
+                      argparse.ArgumentParser.parse_known_args)
         argparse.ArgumentParser.parse_args = _parse_args_suggesting
         argparse.ArgumentParser.error = _suggesting_error
+        argparse.ArgumentParser.parse_known_args = _parse_known_args_expanding
         return self
 
     def __exit__(self, *exc):
-        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error = self.saved
+        (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.error,
+         argparse.ArgumentParser.parse_known_args) = self.saved
         return False
 
 

@@ -34,6 +34,15 @@ if dist.is_available():
     # interpreter, so destroying the group could never free its backend and stop its threads.
     import torch.distributed.nn  # noqa: F401
 
+# Upstream's cluster layout: the GPU of rank r was r % GPUS_PER_NODE (it rewrote
+# CUDA_VISIBLE_DEVICES). Here a process uses the GPU of its local rank on its node (from MPI's
+# shared-memory communicator or torchrun's LOCAL_RANK), which is the same GPU when every node runs
+# GPUS_PER_NODE ranks, and needs no constant; kept, at upstream's value, for code that reads it.
+GPUS_PER_NODE = 8
+
+# Upstream defines this and never reads it (its setup does not retry); kept at its value.
+SETUP_RETRY_COUNT = 3
+
 # Environment variables that MPI launchers set (Open MPI, MPICH/Hydra, PMIx).
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -228,7 +237,9 @@ def load_state_dict(path: str, **kwargs):
     Load a checkpoint (local path or any blobfile URL) into CPU memory.
 
     Safe by default: ``weights_only=True`` (tensors and plain Python values only), so a file from
-    someone else cannot run code; pass ``weights_only=False`` only for files you trust.
+    someone else cannot run code; pass ``weights_only=False`` only for files you trust. A file the
+    safe load cannot read (not a torch file, or a pickle of other objects) is a ``ValueError`` naming
+    it (``safe_torch_load``), without torch's advice to retry unsafely.
 
     :param kwargs: passed to ``torch.load`` (``map_location`` defaults to "cpu").
     """
@@ -238,7 +249,76 @@ def load_state_dict(path: str, **kwargs):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
-    return torch.load(io.BytesIO(data), **kwargs)
+    if not kwargs["weights_only"]:
+        return torch.load(io.BytesIO(data), **kwargs)
+    return safe_torch_load(io.BytesIO(data), path, **kwargs)
+
+
+# torch's own text around a refused weights_only load: advice to retry with weights_only=False or to
+# allowlist the refused global (both run the file's code), and pointers to its docs; lines that hold
+# one of these are dropped from our messages
+_TORCH_ADVICE = ("weights_only", "weights only", "trusted source", "safe_globals", "allowlist",
+                 "check the documentation", "please file an issue")
+
+
+def _torch_detail(error: BaseException) -> str:
+    """What torch said went wrong, without its advice (see ``_TORCH_ADVICE``)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not any(a in line.lower() for a in _TORCH_ADVICE)]
+    return " ".join(kept)
+
+
+def load_error_message(path: Any, error: BaseException, head: bytes = b"", what: str = "checkpoint") -> str:
+    """
+    The message for a file a safe ``torch.load`` (``weights_only=True``) could not read: it names
+    the file, says whether it is no torch file at all, or holds objects that loading could run code
+    for, and never repeats torch's advice to retry with ``weights_only=False``.
+
+    :param head: the file's first bytes, when known (a torch file starts as a zip or a pickle).
+    :param what: what the file was expected to be, for the message ("checkpoint", "state file").
+    """
+    import pickle
+
+    detail = _torch_detail(error)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+        kind = "an empty file" if not head else f"it starts with {head[:16]!r}"
+        return (f"{path} is not a valid {what}: not a file written by torch.save ({kind}); "
+                f"pass a {what} written by this project or upstream's code")
+    if isinstance(error, pickle.UnpicklingError) and "global" in detail.lower():
+        return (f"refused to load the {what} {path}: it is not a valid {what} of tensors and plain Python "
+                f"values; it holds other Python objects, and loading it could run code ({detail}). Use a {what} "
+                "written by this project or upstream's code")
+    why = f"{type(error).__name__}" + (f": {detail}" if detail else "")
+    return f"{path} is not a valid {what}: it cannot be read as a torch file ({why})"
+
+
+def safe_torch_load(source: Any, path: Any = None, what: str = "checkpoint", **kwargs):
+    """
+    ``torch.load(source, weights_only=True, **kwargs)``; any failure becomes a ``ValueError`` whose
+    message (``load_error_message``) names the file and what was wrong, without torch's advice to
+    load it unsafely; an ``OSError`` (a missing or unreadable file) is raised as it is.
+
+    :param source: a path or a binary file object.
+    :param path: the file's name for messages (default ``source``).
+    """
+    kwargs["weights_only"] = True
+    path = source if path is None else path
+    try:
+        return torch.load(source, **kwargs)
+    except OSError:  # a missing or unreadable file: the OS's own error (it names the file)
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure to read is reported with the file
+        try:
+            if hasattr(source, "seek"):
+                source.seek(0)
+                head = source.read(16)
+            else:
+                with open(source, "rb") as f:
+                    head = f.read(16)
+        except Exception:  # noqa: BLE001 - the head only refines the message
+            head = b"\x80"
+        error = ValueError(load_error_message(path, e, head, what))
+    raise error  # outside the except clause: torch's error (and its advice) is not chained to ours
 
 
 def state_dict_mismatch(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], show: int = 8) -> str:

@@ -28,7 +28,9 @@ small and read into memory. An .npz whose ``arr_0`` is compressed (``np.savez_co
 cannot be mapped: it is read into memory, with a warning that says so.
 
 Folders and zips are decoded once, with upstream's ``center_crop_arr``, into one uint8 array
-held in memory. With ``device`` given the whole dataset is copied there (in chunks, from the map
+held in memory. Every image file is read by ``image_io.open_rgb``: each PIL mode at its own scale
+(16-bit PNGs by their high byte, alpha dropped as upstream), an ambiguous one refused naming the
+file and its mode (``image_io.ImageModeError``, even with ``skip_corrupt``). With ``device`` given the whole dataset is copied there (in chunks, from the map
 or the array) when it fits, and batches are gathered, flipped and converted on the device (the
 fast path). Packing once with ``scripts/datasets/pack.py`` skips the decoding at every start.
 
@@ -41,7 +43,6 @@ world size. ``state_dict()`` holds the position; ``load_state_dict()`` continues
 """
 from __future__ import annotations
 
-import io
 import math
 import mmap as mmap_module
 import os
@@ -59,6 +60,7 @@ import torch
 from . import dist_util
 from .checks import check_integer
 from .files import atomic_write
+from .image_io import ImageModeError, open_rgb
 from PIL import Image
 
 __all__ = [
@@ -163,24 +165,25 @@ def random_crop_arr(
     return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
 
 
-def decode_image(data: Union[bytes, str], image_size: int) -> np.ndarray:
+def decode_image(data: Union[bytes, str], image_size: int, name: Optional[str] = None) -> np.ndarray:
     """
     Decode one image file (path or bytes) to RGB and center-crop it to ``image_size``.
 
     :param data: a file path or the file's bytes.
     :param image_size: output side in pixels.
+    :param name: what messages call the file (default: the path).
     :return: uint8 array [image_size, image_size, 3].
+    :raises image_io.ImageModeError: an image mode or value range with no faithful 8-bit reading
+                                     (``image_io.open_rgb`` reads every mode at its scale or refuses).
     :raises OSError, ValueError, SyntaxError, ...: what Pillow raises for an unreadable file.
     """
-    return _decode_sized(data, image_size)[0]
+    return _decode_sized(data, image_size, name)[0]
 
 
-def _decode_sized(data: Union[bytes, str], image_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+def _decode_sized(data: Union[bytes, str], image_size: int,
+                  name: Optional[str] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
     """``decode_image`` and the image's own (width, height)."""
-    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    with Image.open(fileobj) as img:
-        img.load()  # decode now: truncated/corrupt data fails here, not later
-        rgb = img.convert("RGB")
+    rgb = open_rgb(data, name)
     return center_crop_arr(rgb, image_size), rgb.size
 
 
@@ -417,10 +420,10 @@ def _decode_many(
     def work(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             try:
-                out[i], (w, h) = _decode_sized(read(names[i]), image_size)
+                out[i], (w, h) = _decode_sized(read(names[i]), image_size, os.path.join(where, names[i]))
                 if min(w, h) < image_size:
                     small[i] = f"{names[i]} ({w}x{h})"
-            except MemoryError:
+            except (MemoryError, ImageModeError):  # a mode without a known scale is refused, never skipped
                 raise
             except Exception as e:  # Pillow raises many types for bad files
                 if not skip_corrupt:
@@ -690,7 +693,9 @@ def load_source(
     :param image_size: image side in pixels (folders/zips are center-cropped to it; packed
                        arrays must already have it).
     :param skip_corrupt: skip unreadable images (with a warning giving their number) instead of
-                         raising ``CorruptImageError``.
+                         raising ``CorruptImageError``. An image in a mode or value range without a
+                         known 8-bit scale (``image_io.ImageModeError``, naming the file and mode) is
+                         refused either way: skipping would hide why.
     :param workers: decoding threads (default min(8, CPU count)).
     :param mmap: memory-map packed images (.npy, .npz ``arr_0``, shards) instead of reading them into
                  memory; a shard folder is then a ``ShardedImages`` (no concatenation).
@@ -1258,13 +1263,8 @@ class ImageDataset(torch.utils.data.Dataset):
             import blobfile as bf
 
             with bf.BlobFile(path, "rb") as f:
-                data = f.read()
-            fileobj: Any = io.BytesIO(data)
-        else:
-            fileobj = path
-        with Image.open(fileobj) as img:
-            img.load()
-            return img.convert("RGB")
+                return open_rgb(f.read(), path)
+        return open_rgb(path)
 
     def __getitem__(self, idx: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         import random

@@ -350,6 +350,23 @@ def default_log_dir(name: str = "run") -> str:
     return os.path.join("runs", f"{name}-{stamp}")
 
 
+def get_rank_without_mpi_import() -> int:
+    """
+    This process's MPI rank read from the launcher's environment (``PMI_RANK``, MPICH/Hydra;
+    ``OMPI_COMM_WORLD_RANK``, Open MPI; and ``PMIX_RANK``), without importing mpi4py (which would
+    call ``MPI_Init()``); 0 when none is set (upstream's helper). ``configure`` uses it before a
+    process group exists, so that only rank 0 writes.
+    """
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return 0
+
+
 def configure(dir: Optional[str] = None, format_strs: Optional[List[str]] = None, comm=None, log_suffix: str = ""):
     """
     Start logging into a run folder.
@@ -368,7 +385,8 @@ def configure(dir: Optional[str] = None, format_strs: Optional[List[str]] = None
             import tensorboard  # noqa: F401
         except ImportError:
             format_strs = [f for f in format_strs if f != "tensorboard"]
-    if dist_util.get_rank() != 0:
+    # without a process group (yet), an MPI launcher's environment says which rank this is
+    if (dist_util.get_rank() if dist_util.is_distributed() else get_rank_without_mpi_import()) != 0:
         format_strs = []
     else:
         os.makedirs(dir, exist_ok=True)

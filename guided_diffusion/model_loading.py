@@ -67,7 +67,8 @@ def parse_model_flags(text: str, defaults: Dict[str, Any]) -> Dict[str, Any]:
     :raises ValueError: naming an unknown flag or a bad value.
     """
     parser = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
-    add_dict_to_argparser(parser, {k: None for k in defaults})  # None defaults: see what was set
+    add_dict_to_argparser(parser, defaults)  # typed like the defaults (a bare boolean flag means True) ...
+    parser.set_defaults(**{k: None for k in defaults})  # ... but None defaults: see what was set
     typed = argparse.ArgumentParser(prog="--model_flags", add_help=False, exit_on_error=False)
     add_dict_to_argparser(typed, defaults)
     tokens = shlex.split(text)
@@ -397,7 +398,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, count: str = "one",
                                            "per --run_dir"))
     defaults = checkpoint_selection_defaults()
     parser.add_argument("--ema_rate", type=str, default=defaults["ema_rate"], help=CHECKPOINT_SELECTION_HELP["ema_rate"])
-    parser.add_argument("--use_ema", type=str2bool, default=defaults["use_ema"], help=CHECKPOINT_SELECTION_HELP["use_ema"])
+    parser.add_argument("--use_ema", type=str2bool, nargs="?", const=True, default=defaults["use_ema"],
+                        help=CHECKPOINT_SELECTION_HELP["use_ema"])
     return parser
 
 

@@ -4,10 +4,12 @@ Small building blocks shared by the diffusion networks.
 Names and behaviour follow upstream guided-diffusion's ``nn.py`` (state_dict keys of the
 models built from them are identical); the implementations are written for modern PyTorch:
 ``update_ema`` uses ``torch._foreach`` kernels and ``checkpoint`` is the non-reentrant
-``torch.utils.checkpoint`` (autocast-safe, no custom autograd function).
+``torch.utils.checkpoint`` (autocast-safe, no custom autograd function). Upstream's autograd
+function, ``CheckpointFunction``, is kept for code that calls it directly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -190,3 +192,50 @@ def checkpoint(
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """
+    Upstream's gradient checkpointing as an autograd function (what its ``checkpoint`` called):
+    ``CheckpointFunction.apply(run_function, len(inputs), *inputs, *params)`` runs
+    ``run_function(*inputs)`` without keeping its activations; the backward pass runs it again on
+    detached copies of the inputs, with gradients on, and returns the gradients of the inputs and
+    of ``params`` (None for a tensor that does not require one).
+
+    Unlike upstream's, the recomputation runs under the autocast state and from the random streams
+    of the forward pass (so it computes in the same dtypes and draws the same dropout masks), and
+    tensors that need no gradient are skipped, not an error.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function: Callable[..., torch.Tensor], length: int, *args: torch.Tensor):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        ctx.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads: torch.Tensor):
+        inputs = [x.detach().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x for x in ctx.input_tensors]
+        cpu_rng, cuda_rng = ctx.rng
+        with torch.random.fork_rng(devices=range(len(cuda_rng or []))), torch.enable_grad(), \
+                contextlib.ExitStack() as stack:
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            for device, (enabled, dtype) in ctx.autocast.items():
+                if enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+            # views, so that an in-place op of run_function cannot modify the detached leaves
+            outputs = ctx.run_function(*[x.view_as(x) if torch.is_tensor(x) else x for x in inputs])
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        wanted = [t for t in inputs + ctx.input_params if torch.is_tensor(t) and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, output_grads) if torch.is_tensor(o) and o.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if wanted and pairs else [None] * len(wanted))
+        result = [next(grads) if torch.is_tensor(t) and t.requires_grad else None for t in inputs + ctx.input_params]
+        del ctx.input_tensors, ctx.input_params
+        return (None, None) + tuple(result)

@@ -398,8 +398,11 @@ def _check_methods(args: Dict[str, Any]) -> None:
     # building the chosen sampler and weighting here runs those checks early.
     options = {k: args[k] for k in method_options() if k in args}
     if "schedule_sampler" in args:
+        # --total_steps is a TrainLoop setting, checked with the loop's (LoopSettings); where it is not
+        # among ``args`` a stand-in length lets the sampler check its own options, and
+        # training.create_schedule builds it with the real one before anything is written
         create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0,
-                                      total_steps=args.get("total_steps"), **options)
+                                      total_steps=args.get("total_steps", 1), **options)
     if "loss_weighting" in args:
         create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
 
@@ -412,8 +415,13 @@ def momentum_decay_from_flags(args: Mapping[str, Any]) -> MomentumDecay:
     """
     d = _LOOP_FLAG_DEFAULTS
     get = lambda k: args.get(k, d[k])  # noqa: E731
-    return MomentumDecay(beta1=get("beta1"), beta1_min=get("beta1_min"), total_steps=get("total_steps") or None,
-                         lr_compensation=get("lr_compensation"), enabled=bool(get("momentum_decay")),
+    total = get("total_steps")
+    enabled = bool(get("momentum_decay"))
+    # --total_steps 0 means "no end": passed as it is when MDLRC is on, so that the refusal names
+    # the value given ("got 0", not "got None"); off, 0 stands for no horizon (None)
+    return MomentumDecay(beta1=get("beta1"), beta1_min=get("beta1_min"),
+                         total_steps=total if enabled else (total or None),
+                         lr_compensation=get("lr_compensation"), enabled=enabled,
                          decay_beta1=bool(get("decay_beta1")))
 
 

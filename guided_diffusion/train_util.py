@@ -89,7 +89,7 @@ from .train_guards import (  # noqa: F401  (re-exported: these names lived here)
     TrainingInterrupted,
 )
 from .train_logs import LossMeter, RunClock, log_loss_dict
-from .train_state import cpu_state_dict, load_optimizer_state, restore_run_state, rng_state
+from .train_state import UpstreamTrainHooks, adopt_parameters, cpu_state_dict, restore_run_state, rng_state, samples_seen
 
 __all__ = [
     "TrainLoop",
@@ -295,7 +295,7 @@ def write_checkpoint_set(log_dir: str, names: Dict[str, Any], model: torch.nn.Mo
 # ---------------------------------------------------------------------------------------------
 
 
-class TrainLoop:
+class TrainLoop(UpstreamTrainHooks):
     """
     Train a diffusion model (upstream's ``TrainLoop``: its keyword arguments, attributes and
     hooks). ``run_loop()`` trains until ``total_steps``/``lr_anneal_steps``/``stop_at``.
@@ -304,8 +304,10 @@ class TrainLoop:
     ``MixedPrecisionTrainer`` interface over this loop's float32 parameters and loss scaler;
     its master params are the model params), ``opt``, ``ema_params``, ``use_ddp``, ``ddp_model``
     (the DDP wrapper when ``use_ddp``, else the model itself), ``step``/``resume_step``,
-    ``global_batch``, and the per-step hooks ``_anneal_lr()``, ``_update_ema()`` and
-    ``log_step()``, which ``optimize()`` calls in this order::
+    ``global_batch``, the resume hooks ``_load_and_sync_parameters()``, ``_load_optimizer_state()``,
+    ``_load_ema_parameters(rate)`` and Improved-Diffusion's fp16 methods (``train_state.UpstreamTrainHooks``:
+    ``__init__`` calls the hooks where upstream does), and the per-step hooks ``_anneal_lr()``,
+    ``_update_ema()`` and ``log_step()``, which ``optimize()`` calls in this order::
 
         _anneal_lr()                      # lr (and MDLRC's beta1) of the update of step i
         took_step = mp_trainer.optimize(opt)
@@ -390,28 +392,29 @@ class TrainLoop:
 
         self.step = self.resume_step = 0
         point = resolve_point(self.log_dir, s["resume"], self.resume_checkpoint, self.ema_rate, self.config, model)
+        self.resume_point: Optional[ResumePoint] = point
         self.model.to(self.device)
-        if point is not None:
-            self.model.load_state_dict(load_weights(point.model_path))
+        self._load_and_sync_parameters()  # upstream's hooks, called where upstream calls them (train_state)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model_params = list(self.model.parameters())
-        self.ema_models = ema_copies(self.model, self.ema_rate, point)
+        self.ema_models = ema_copies(self.model, self.ema_rate, None)  # a resume loads them: _load_ema_parameters
         # "auto" leaves the kernel to create_optimizer (fused when on CUDA)
         fused = {} if str(s["fused_optimizer"]).strip().lower() == "auto" else {"fused": fast["fused_optimizer"]}
         self.opt = create_optimizer(self.model_params, lr=self.lr, weight_decay=self.weight_decay,
                                     beta1=s["beta1"], beta2=self.beta2, **fused)
         self.fused_optimizer = bool(self.opt.defaults.get("fused"))
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, init_scale=2.0 ** INITIAL_LOG_LOSS_SCALE, growth_factor=2.0, backoff_factor=0.5,
-            growth_interval=max(1, int(round(1.0 / self.fp16_scale_growth)))) if self.use_fp16 else None
-        nonfinite, hours = self._load_checkpoint(point) if point is not None else (0, 0.0)
-        self.nonfinite = NonFiniteGuard(self.max_nonfinite, self.device, self.fused_optimizer, total=nonfinite)
-        self.clock = RunClock(self.world_size, hours)
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        if self.use_fp16:
+            self._setup_fp16()  # the loss scaler
         self._ema_keep: Optional[torch.Tensor] = None  # set by each step: None, or "not skipped" on the device
         self.mp_trainer = GradScalerTrainer(
             model=self.model, model_params=self.model_params, scaler=self.scaler, use_fp16=self.use_fp16,
             fp16_scale_growth=self.fp16_scale_growth, step_fn=self._step_optimizer)
+        self._samples_at_resume = 0  # images seen before resume_step (the state file's count)
+        nonfinite, hours = self._load_checkpoint(point) if point is not None else (0, 0.0)
+        self.nonfinite = NonFiniteGuard(self.max_nonfinite, self.device, self.fused_optimizer, total=nonfinite)
+        self.clock = RunClock(self.world_size, hours)
         self.sync_cuda = self.device.type == "cuda"
         self.use_ddp = self.world_size > 1
         self.ddp_model, self.forward_model = wrap_model(self.model, self.use_ddp, self.device, self.use_compile,
@@ -444,18 +447,23 @@ class TrainLoop:
                         "(as upstream)")
 
     def _load_checkpoint(self, point: ResumePoint) -> Tuple[int, float]:
-        """Optimizer, loss scaler, sampler, data position and RNG from a checkpoint set; returns the
-        non-finite count and GPU hours so far."""
+        """Optimizer and EMAs (upstream's hooks), then loss scaler, sampler, data position, RNG and
+        images seen from the state file; returns the non-finite count and GPU hours so far."""
         self.step = self.resume_step = int(point.step)
-        if point.opt_path:
-            load_optimizer_state(self.opt, point.opt_path, self.beta2, self.model_params)
-        else:
-            logger.warn(f"no optimizer checkpoint for step {point.step}: the AdamW moments start from zero")
+        self._load_optimizer_state()
+        for rate, ema in zip(self.ema_rate, self.ema_models):
+            adopt_parameters(ema, self._load_ema_parameters(rate))
         state = point.load_state()
+        self._samples_at_resume = samples_seen(state, self.step, self.global_batch)
         if state is None:
             return 0, 0.0
         return restore_run_state(state, scaler=self.scaler, sampler=self.schedule_sampler, data=self.data,
-                                 world_size=self.world_size, rank=self.rank)
+                                 world_size=self.world_size, rank=self.rank, global_batch=self.global_batch)
+
+    def _samples_after(self, index: int) -> int:
+        """Images seen over all ranks once step ``index`` is done: those before the resume plus
+        this run's global batch for every step since (a resume may change the global batch)."""
+        return self._samples_at_resume + (index + 1 - self.resume_step) * self.global_batch
 
     @property
     def ema_params(self) -> List[List[torch.nn.Parameter]]:
@@ -749,7 +757,7 @@ class TrainLoop:
         log row of the step writes the same two values.
         """
         logger.logkv("step", self.step)
-        logger.logkv("samples", (self.step + 1) * self.global_batch)
+        logger.logkv("samples", self._samples_after(self.step))
 
     def _dump_logs(self, index: int) -> None:
         """Write the log row of step ``index`` (one host sync for everything)."""
@@ -759,7 +767,7 @@ class TrainLoop:
         grad_norm, param_norm = float(self._grad_norm), float(param_norm)
         now, its = self.clock.row()
         # the row's own step (log_step wrote the same while the step ran; a subclass may skip it)
-        for key, value in (("step", index), ("samples", (index + 1) * self.global_batch),
+        for key, value in (("step", index), ("samples", self._samples_after(index)),
                            ("global_batch", self.global_batch), ("lr", self._cur_lr), ("beta1", self._cur_beta1),
                            *means.items(), ("grad_norm", grad_norm), ("param_norm", param_norm),
                            ("nonfinite_skipped", self.nonfinite.total)):
@@ -815,6 +823,7 @@ class TrainLoop:
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.world_size,
             "global_batch": self.global_batch,
+            "samples": self._samples_after(step - 1),  # images seen in steps 0..step-1 (each step's global batch)
             "per_rank": gathered,  # RNG states and data position of every rank
             "config": self.config,
             "ema_rates": list(self.ema_rate),

@@ -187,8 +187,7 @@ def check_flags(args: argparse.Namespace) -> LoopSettings:
     :raises ValueError: naming the flag.
     """
     settings = LoopSettings.from_flags(vars(args))
-    # the run's length stays: a sampler's schedule may depend on it (CLTS's release)
-    validate_training_args({k: v for k, v in vars(args).items() if k not in LOOP_FLAG_NAMES or k == "total_steps"})
+    validate_training_args({k: v for k, v in vars(args).items() if k not in LOOP_FLAG_NAMES})
     return settings
 
 
@@ -239,7 +238,10 @@ def train(argv: Optional[Sequence[str]] = None, description: str = DESCRIPTION,
     config = resolved_config(args, task)
     point, changes, replace = prepare_resume(
         log_dir, config, model, resume=args.resume, resume_checkpoint=args.resume_checkpoint,
-        ema_rates=parse_ema_rates(args.ema_rate), allow_change=args.allow_change, overwrite=args.overwrite)
+        ema_rates=parse_ema_rates(args.ema_rate), allow_change=args.allow_change, overwrite=args.overwrite,
+        world_size=dist_util.get_world_size(), log=lambda note: print(note, flush=True) if rank == 0 else None)
+    # a resume over another number of processes keeps the run's global batch (run_folder.resume_batch)
+    args.batch_size = config["batch_size"]
 
     # the data is read before anything is written, so a bad --data_dir leaves the run folder as it was
     data = task.load_data(args)

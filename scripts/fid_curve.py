@@ -321,7 +321,8 @@ def read_rows_header(path: str) -> List[str]:
 
 
 def checkpoint_facts(run_dir: str, step: int) -> Dict[str, Any]:
-    """``samples_seen`` (= step x global batch) and ``gpu_hours`` from the state file (or config)."""
+    """``samples_seen`` (the state file's count of images seen; = step x global batch for state files
+    without one, or from the config) and ``gpu_hours`` from the state file."""
     facts: Dict[str, Any] = {"samples_seen": None, "gpu_hours": None}
     state_path = os.path.join(run_dir, f"state{step:06d}.pt")
     state: Dict[str, Any] = {}
@@ -332,7 +333,9 @@ def checkpoint_facts(run_dir: str, step: int) -> Dict[str, Any]:
         batch = state["config"].get("batch_size")
         if batch is not None:
             batch = int(batch) * int(state.get("world_size", 1))
-    if batch is not None:
+    if state.get("samples") is not None:  # the sum of each step's global batch (a resume may change it)
+        facts["samples_seen"] = int(state["samples"])
+    elif batch is not None:
         facts["samples_seen"] = int(step) * int(batch)
     if state.get("gpu_hours") is not None:
         facts["gpu_hours"] = round(float(state["gpu_hours"]), 6)

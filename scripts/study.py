@@ -6,8 +6,10 @@ Run (or continue) the small-scale CLTS/MDLRC study on CIFAR-10 and print its sum
     python scripts/study.py --scale gpu --out runs/study-gpu   # one GPU, larger model, more steps
     python scripts/study.py --summary_only True       # reprint the tables from the ledger (make study: both scales)
 
-Arms, scales and outputs: experiments/study.py and docs/study.md. Rerunning the same command
-continues where it stopped and skips finished runs and evaluated checkpoints.
+Arms, scales and outputs: experiments/study/ (the package) and docs/study.md. Rerunning the same
+command continues where it stopped and skips finished runs and evaluated checkpoints. The ledger is
+checked before anything is computed from it: a damaged or incomplete run folder stops the command
+with one line naming the file, and nothing is rewritten.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 
-from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, bootstrap_study, \
-    export_results, prepare_data, preset, run_study, summarize, write_doc_section  # noqa: E402
+from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
+    run_bootstrap, run_study, summarize, write_doc_section  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -30,9 +32,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                 "../shared/data/cifar10-jpeg/train.zip)")
     p.add_argument("--arms", default="first", help=f"comma-separated arms and/or groups ({', '.join(GROUPS)}); "
                                                    f"arms: {', '.join(ARM_NAMES)}")
-    p.add_argument("--ledger", default=DEFAULT_LEDGER,
-                   help="the committed results (default docs/study/ledger): runs found there are not run again, "
-                        "finished runs are copied there, tables and figures are computed from it; '' = none")
+    p.add_argument("--ledger", default=None,
+                   help="the committed results (default docs/study/ledger; with --scale test <out>/ledger): runs "
+                        "found there are not run again, finished runs are copied there, tables and figures are "
+                        "computed from it; '' = none")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--jobs", type=int, default=0, help="runs at once (default: the preset's)")
     p.add_argument("--summary_only", type=str2bool, default=False, help="only reprint the saved summary")
@@ -45,10 +48,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_ledger(ledger: Optional[str], scale: str, out: str) -> str:
+    """``--ledger`` as given (``''``: none); unnamed, the committed ledger, but for the ``test`` scale
+    (seconds-long runs, never committed) ``<out>/ledger``."""
+    if ledger is not None:
+        return ledger
+    return os.path.join(out, "ledger") if scale == "test" else DEFAULT_LEDGER
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     scale = preset(args.scale)
     out = args.out or os.path.join("runs", f"study-{args.scale}")
+    args.ledger = resolve_ledger(args.ledger, scale.name, out)
     arms = arms_named(args.arms)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or list(scale.seeds)
@@ -57,9 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.bootstrap_only:
         if not args.ledger:
             raise ValueError("--bootstrap_only True needs --ledger (the bootstrap is computed from committed runs)")
-        _, ref = prepare_data(out, scale, args.source)
-        bootstrap_study(out, scale, args.ledger, ref)
+        run_bootstrap(out, scale, args.ledger, args.source)
     if args.summary_only or args.bootstrap_only:
+        if not args.bootstrap_only:
+            print(f"study: ledger {os.path.join(os.path.abspath(args.ledger), scale.name)}" if args.ledger
+                  else f"study: no ledger (--ledger ''): the summary of {os.path.abspath(out)}")
         summary = summarize(out, scale, arms, seeds, ledger=args.ledger)
     else:
         summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)

@@ -346,3 +346,53 @@ def test_evaluator_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         ev.main([str(tmp_path / "ref.npz"), str(tmp_path / "s.npz"), "--metrics", "fid,bogus"])
     assert info.value.code == 2 and "--metrics" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- non-finite statistics (issue 31 item 5)
+
+
+@pytest.mark.parametrize("key,bad", [("mu", np.nan), ("sigma", np.inf), ("mu_s", np.nan), ("sigma_s", -np.inf)])
+def test_reference_with_non_finite_statistics_is_refused(tmp_path, fake_extractor, capsys, key, bad):
+    # used to print "FID: nan" and exit 0
+    images, _ = synthetic_images(24, 16, seed=1)
+    pool, spatial = _features(255 - images)
+    arrays = dict(zip(("mu", "sigma"), _stats(pool)))
+    arrays.update(zip(("mu_s", "sigma_s"), _stats(spatial)))
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[3] = bad
+    ref, samples = tmp_path / "VIRTUAL_ref.npz", tmp_path / "samples_24x16x16x3.npz"
+    np.savez(ref, arr_0=images, **arrays)
+    np.savez(samples, arr_0=images)
+    metrics = "fid" if key in ("mu", "sigma") else "sfid"
+    with pytest.raises(SystemExit) as info:
+        ev.main([str(ref), str(samples), "--metrics", metrics, "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr()
+    assert info.value.code == 2
+    assert f"REF {ref}: its '{key}' array holds non-finite values" in err.err
+    assert "nan" not in err.out.lower()
+    with pytest.raises(ValueError, match=f"REF .*VIRTUAL_ref.npz: its '{key}' array"):  # checked up front (fid_curve.py)
+        ev.inspect_reference(ref)
+
+
+def test_non_finite_sample_statistics_are_refused(tmp_path, fake_extractor, monkeypatch):
+    images, _ = synthetic_images(24, 16, seed=1)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=images)
+    real = ev._extract
+
+    def nan_samples(ext, imgs, features, batch_size, desc="", progress=True):
+        out = real(ext, imgs, features, batch_size, desc, progress)
+        if desc == "sample features":
+            out[POOL] = out[POOL].copy()
+            out[POOL][0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(ev, "_extract", nan_samples)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=images)
+    with pytest.raises(ValueError, match=r"SAMPLES .*samples.npz \(fake-net\): its 'pool-3 features' array holds "
+                                         r"non-finite values \(1 NaN"):
+        ev.evaluate(ref, str(samples), metrics="fid", cache_dir=str(tmp_path / "c"))
+    # and the formula itself refuses them, naming which side
+    with pytest.raises(ValueError, match="FID reference: its 'mu' array"):
+        ev.fid_from_features(np.ones((4, 3)), np.array([0.0, np.nan, 0.0]), np.eye(3))

@@ -46,11 +46,15 @@ def read_layers() -> List[Tuple[str, List[str]]]:
 
 
 def project_modules() -> Dict[str, Path]:
-    """Dotted name -> file, for every module of the packages and every script (``scripts.x.y``)."""
+    """Dotted name -> file, for every module of the packages, their subpackages (``experiments.study.x``)
+    included, and every script (``scripts.x.y``)."""
     out = {}
     for pkg in PACKAGES:
-        for path in sorted((REPO / pkg).glob("*.py")):
-            out[pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"] = path
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            if not all((REPO.joinpath(*parts[:i]) / "__init__.py").is_file() for i in range(1, len(parts))):
+                continue  # a folder that is not a package
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in sorted((REPO / SCRIPTS).rglob("*.py")):
         rel = path.relative_to(REPO).with_suffix("")
         out[".".join(rel.parts)] = path

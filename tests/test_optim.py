@@ -177,3 +177,23 @@ def test_step_validation():
     with pytest.raises(ValueError, match="step"):
         md.beta1_at(-1)
     assert md.beta1_at(5.0) == md.beta1_at(5)
+
+
+# issue 31 item 5 (2): --momentum_decay True --total_steps 0 named the value it got as None
+def test_mdlrc_without_total_steps_names_the_value_given():
+    import sys
+    from pathlib import Path
+
+    from guided_diffusion.options import momentum_decay_from_flags, validate_training_args
+
+    with pytest.raises(ValueError, match=r"--momentum_decay needs --total_steps .*got 0$"):
+        momentum_decay_from_flags({"momentum_decay": True, "total_steps": 0})
+    with pytest.raises(ValueError, match=r"got 0$"):
+        validate_training_args({"momentum_decay": True, "total_steps": 0})
+    assert momentum_decay_from_flags({"momentum_decay": False, "total_steps": 0}).total_steps is None  # off: no horizon
+    assert momentum_decay_from_flags({"momentum_decay": True, "total_steps": 8}).total_steps == 8
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import image_train
+
+    with pytest.raises(ValueError, match=r"got 0$"):  # the script's own message, flags as a user types them
+        image_train.main(["--momentum_decay", "True", "--total_steps", "0", "--print_config"])

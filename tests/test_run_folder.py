@@ -160,7 +160,10 @@ def test_run_defining_flags_are_derived_from_the_declarations():
     # the only deliberate difference from the hand-typed list: the three sampler options it missed
     # (history_per_term, uniform_prob, speed_dual), which run_defining_flags already added from
     # options.method_options(); the resulting set of run-defining flags is the same as before
-    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | {"history_per_term", "uniform_prob", "speed_dual"}
+    # and the options the noise-level methods added later (issue 32), each declared once by its class
+    issue32 = {"clts_floor", "clts_release_start", "laplace_mu", "laplace_b", "edm_p_mean", "edm_p_std",
+               "logit_normal_m", "logit_normal_s", "edm_sigma_data"}
+    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | {"history_per_term", "uniform_prob", "speed_dual"} | issue32
     assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | set(options.method_options())
     # every option a sampler or weighting declares is run-defining, none may be declared free
     assert set(options.method_options()) <= set(derived)
@@ -182,3 +185,46 @@ def test_a_changed_sampler_option_is_refused_on_resume(run_a, tmp_path, flag, va
     with pytest.raises(RunFolderError, match=rf"--{flag}: run .*, now {value}"):
         train("--log_dir", run, "--total_steps", 4, "--seed", 1, f"--{flag}", value)
     assert snapshot(run) == before
+
+
+def test_a_rerun_after_an_allowed_change_does_not_silently_revert_config(run_a, tmp_path, capsys):
+    # issue 31 item 5 (3): an allowed --total_steps change that stops before its next checkpoint
+    # leaves state000002.pt with the old value (4) and config.yaml with the new one (6); rerunning
+    # with the original value (or none) used to pass the check and rewrite config.yaml back silently
+    run = copy_of(run_a, tmp_path)
+    train("--log_dir", run, "--total_steps", 6, "--stop_at", 2, "--seed", 1, "--allow_change", "total_steps")
+    assert yaml.safe_load((run / "config.yaml").read_text())["total_steps"] == 6
+    assert list_complete_checkpoints(str(run))[-1] == 2  # no new state file: it still says 4
+    before = snapshot(run)
+    with pytest.raises(RunFolderError, match=r"--total_steps: run 6, now 4 .*config\.yaml.*written with 4"
+                                             r".*--allow_change total_steps"):
+        train("--log_dir", run, "--total_steps", 4, "--stop_at", 2, "--seed", 1)
+    assert snapshot(run) == before
+    with pytest.raises(RunFolderError, match=r"--total_steps: run 6, now 0"):  # no value: the default 0
+        image_train.main(["--config", str(TINY), "--ema_rate", "0.9", "--save_interval", "2", "--log_dir", str(run),
+                          "--total_steps", "0", "--stop_at", "2", "--seed", "1"])
+    assert snapshot(run) == before
+    # the run's current value (config.yaml's) needs no --allow_change, though the checkpoint says 4;
+    # config.yaml records the command's own --allow_change too, and says that this changed
+    capsys.readouterr()
+    train("--log_dir", run, "--total_steps", 6, "--stop_at", 2, "--seed", 1)
+    out = capsys.readouterr().out
+    assert "config.yaml: --allow_change changes from 'total_steps' to ''" in out and "total_steps changes" not in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["total_steps"] == 6
+    # changing it back on purpose is a logged change, the history keeps every earlier file
+    train("--log_dir", run, "--total_steps", 4, "--stop_at", 2, "--seed", 1, "--allow_change", "total_steps")
+    out = capsys.readouterr().out
+    assert "--allow_change: total_steps changes from 6 to 4 at step 2" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["total_steps"] == 4
+    assert len(list((run / "config_history").iterdir())) == 3
+
+
+def test_every_config_yaml_change_is_named(tmp_path, capsys):
+    # a flag free to change on resume (--log_interval) still changes config.yaml: the rerun says so
+    run = tmp_path / "run"
+    train("--log_dir", run, "--total_steps", 4, "--stop_at", 2, "--seed", 1)
+    capsys.readouterr()
+    train("--log_dir", run, "--total_steps", 4, "--stop_at", 2, "--seed", 1, "--log_interval", 7)
+    out = capsys.readouterr().out
+    assert "config.yaml: --log_interval changes from 1 to 7" in out
+    assert len(list((run / "config_history").iterdir())) == 1

@@ -91,3 +91,60 @@ def test_real_cifar_batch_layout_still_reads():
     data = pickle.dumps({b"data": raw, b"labels": [3, 7], b"batch_label": b"x"}, protocol=2)
     images, labels = cifar10._unpickle_batch(data, "data_batch_1")
     assert images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 7]
+
+
+# issue 31 item 5 (4): a file safe loading cannot read is named and called what it is; torch's advice
+# to retry with weights_only=False (which runs the file's code) is never passed on
+def _load_with(loader, path):
+    from guided_diffusion.checkpoint import load_weights
+
+    return {"state_dict_file": load_state_dict_file, "dist_util": dist_util.load_state_dict,
+            "weights": load_weights, "state_file": load_state_file}[loader](str(path))
+
+
+LOADERS = ["state_dict_file", "dist_util", "weights", "state_file"]
+NO_UNSAFE_ADVICE = ("weights_only", "safe_globals", "trusted source", "allowlist")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("text", [b"not a checkpoint\n", b'{"a": 1}', b"this is text", b""])
+def test_a_text_file_named_pt_is_not_a_checkpoint(tmp_path, loader, text):
+    path = tmp_path / "model000010.pt"
+    path.write_bytes(text)
+    with pytest.raises(ValueError) as info:  # ResumeError for the state file is a ValueError too
+        _load_with(loader, path)
+    msg = str(info.value)
+    assert str(path) in msg and "not a valid" in msg and "torch.save" in msg
+    assert not any(a in msg.lower() for a in NO_UNSAFE_ADVICE), msg
+    assert info.value.__cause__ is None and info.value.__context__ is None  # torch's text is not chained either
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("kind", ["torch_save", "plain_pickle"])
+def test_a_refused_pickle_names_the_file_without_unsafe_advice(tmp_path, loader, kind):
+    marker = tmp_path / "ran"
+    path = tmp_path / "state000010.pt"
+    if kind == "torch_save":
+        torch.save({"step": 10, "payload": Evil(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"step": 10, "payload": Evil(marker)}, protocol=2))
+    with pytest.raises(ValueError) as info:
+        _load_with(loader, path)
+    msg = str(info.value)
+    assert not marker.exists()
+    assert str(path) in msg and ("refused" in msg or "not a valid" in msg)
+    assert not any(a in msg.lower() for a in NO_UNSAFE_ADVICE), msg
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_sample_script_names_a_text_checkpoint(tmp_path, capsys):
+    import subprocess
+
+    path = tmp_path / "model.pt"
+    path.write_text("not a checkpoint\n")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "image_sample.py"), "--model_path", str(path),
+                           "--num_samples", "1", "--out_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert f"{path} is not a valid checkpoint" in proc.stderr
+    assert "weights_only" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr

@@ -128,3 +128,60 @@ def test_config_bad_value_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
         gsu.load_config(tmp_path / "list.yaml")
+
+
+# issue 31 item 5 (1): a boolean flag also takes the bare form (--flag alone means True)
+def test_bare_boolean_flag_means_true():
+    p = argparse.ArgumentParser()
+    gsu.add_dict_to_argparser(p, dict(a=1, d=False, e=True))
+    assert p.parse_args(["--d"]).d is True
+    ns = p.parse_args(["--d", "--a", "3"])  # followed by another flag
+    assert (ns.d, ns.a, ns.e) == (True, 3, True)
+    assert p.parse_args(["--e", "False", "--d"]).e is False  # the explicit form still works
+    assert p.parse_args(["--d", "false"]).d is False and p.parse_args(["--d=yes"]).d is True
+    assert p.parse_args(["--a", "2"]).d is False  # absent: the default
+    with pytest.raises(SystemExit):
+        p.parse_args(["--d", "maybe"])
+
+
+def test_bare_boolean_flag_does_not_swallow_a_positional():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", nargs="?", default=None)
+    ns = gsu.parse_args_with_config(dict(keep=False, progress=True, n=1), ["--keep", "runs/x", "--n", "2"],
+                                    parser=parser)
+    assert (ns.keep, ns.run_dir, ns.n, ns.progress) == (True, "runs/x", 2, True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", nargs="?", default=None)
+    ns = gsu.parse_args_with_config(dict(keep=False, progress=True), ["--keep", "no", "--progress", "runs/x"],
+                                    parser=parser)
+    assert (ns.keep, ns.progress, ns.run_dir) == (False, True, "runs/x")
+    from guided_diffusion.config import expand_bare_bool_flags
+
+    assert expand_bare_bool_flags(parser, ["--keep", "x", "--", "--progress", "y"]) == \
+        ["--keep", "True", "x", "--", "--progress", "y"]
+
+
+def test_scripts_take_bare_boolean_flags(capsys):
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    import fid_curve
+    import image_train
+
+    # fid_curve.py's RUN_DIR positional after a bare flag, and before one
+    for argv in (["--keep_samples", "runs/x"], ["runs/x", "--keep_samples"], ["--keep_samples", "--progress", "False",
+                                                                               "runs/x"]):
+        args = fid_curve.parse_args(argv)
+        assert (args.run_dir, args.keep_samples) == ("runs/x", True), argv
+    assert fid_curve.parse_args(["--progress", "False", "runs/x"]).progress is False
+    # --print_config alone (it used to need a value: "expected one argument")
+    capsys.readouterr()
+    assert image_train.main(["--print_config", "--batch_size", "2"]) == ""
+    assert "batch_size: 2" in capsys.readouterr().out
+    # a --model_flags string in upstream syntax takes the bare form too
+    from guided_diffusion.model_loading import parse_model_flags
+
+    flags = parse_model_flags("--learn_sigma --num_channels 64 --use_fp16 False", gsu.model_and_diffusion_defaults())
+    assert flags == {"learn_sigma": True, "num_channels": 64, "use_fp16": False}

@@ -166,10 +166,18 @@ def test_interrupted_study_resumes_commits_and_reprints_from_the_ledger_alone(tm
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, str(REPO / "scripts" / "image_train.py")] + study.flags_to_argv(flags)
                    + ["--stop_at", "1"], check=True, env=env, capture_output=True)
+    # ... and its commit to the ledger was cut short: a folder without done.json (an incomplete run)
+    partial = ledger / "test" / f"{best}-s1"
+    partial.mkdir()
+    (partial / "fid_curve.csv").write_text("step,fid\n")
     capsys.readouterr()
     first = study.run_study(str(out), scale, arms, source=str(source), ledger=str(ledger))
     printed = capsys.readouterr().out
     assert "baseline-s1: training" not in printed and f"{best}-s1: training" in printed
+    assert f"study: ledger {ledger / 'test'}" in printed  # the runner says where the ledger is
+    # the incomplete folder does not count silently, and it is not replaced without a word
+    assert f"{partial}: in the ledger without done.json (an incomplete run); {best}-s1 runs again" in printed
+    assert f"replacing the ledger folder {partial} with this run's results (it has no done.json" in printed
     assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.suffix == ".pt"} == stamps
     assert "resumed from step 1" in (out / "logs" / f"{best}-s1.log").read_text()
     with open(ledger / "test" / f"{best}-s1" / "fid_curve.csv", newline="") as f:
@@ -223,6 +231,7 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale
         pytest.skip(f"no committed {scale} study results yet (docs/study/ledger/{scale}/summary.md)")
     copy = tmp_path / "ledger"
     shutil.copytree(LEDGER, copy)
+    assert study.ledger_problems(str(copy), study.SCALES[scale]) == []  # every committed run is complete
     res = study.summarize(str(tmp_path / "unused"), study.SCALES[scale], study.arms_named(arms), ledger=str(copy),
                           log=lambda m: None)
     assert res["table"] == (LEDGER / scale / "summary.md").read_text()
@@ -431,3 +440,159 @@ def test_the_readmes_study_summary_quotes_only_the_claims_tables_numbers():
     summary = hand_written_block(REPO / "README.md", "study:readme")
     assert summary, "README.md lost its <!-- study:readme --> block"
     assert_quotes_only(summary, claims_sections(), "docs/study.md's claims tables")
+
+
+# --------------------------------------------------------------------------- the ledger checked, the runner's rough cases
+
+
+def study_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_script", REPO / "scripts" / "study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_study_script(argv, capsys):
+    """scripts/study.py's main under ``run_script``, as ``python scripts/study.py`` runs it: (exit status, stderr)."""
+    from guided_diffusion.script_util import run_script
+
+    mod = study_script()
+    capsys.readouterr()
+    try:
+        run_script(lambda: mod.main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def tree_state(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _cut_to_two_lines(run):
+    path = run / "fid_curve.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    return "fid_curve.csv: no FID of 300 samples (ddim25) at steps 800, 1200, 1600, 2000; no FID of the second " \
+           "sampler (ancestral, 100 steps) at the final step 2000"
+
+
+def _half_cut_row(run):
+    path = run / "fid_curve.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][:20])
+    return "fid_curve.csv, line 4: a damaged row (4 of 16 fields)"
+
+
+def _no_done_json(run):
+    (run / "done.json").unlink()
+    return "baseline-s1: no done.json: an incomplete run folder"
+
+
+def _probe_cut(run):
+    path = run / "probe.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-3]))
+    return "probe.csv: no probe rows at the final step 2000 for t 875, 925, 975"
+
+
+@pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
+@pytest.mark.parametrize("damage", [_cut_to_two_lines, _half_cut_row, _no_done_json, _probe_cut])
+def test_a_damaged_or_incomplete_ledger_stops_the_reprint_and_rewrites_nothing(tmp_path, capsys, damage):
+    """The ledger is checked before anything is computed from it: one line naming the file (and the line of
+    a damaged row) and what is missing, exit status 1, and nothing in docs/ touched (tables, claims,
+    figures, study.md). The old code reprinted a curve cut to two lines as if it were whole, and a half-cut
+    row ended in a TypeError naming no file."""
+    import shutil
+
+    docs = tmp_path / "docs"
+    shutil.copytree(LEDGER / "cpu", docs / "study" / "ledger" / "cpu")
+    shutil.copyfile(REPO / "docs" / "study.md", docs / "study.md")
+    run = docs / "study" / "ledger" / "cpu" / "baseline-s1"
+    expected = damage(run)
+    before = tree_state(docs)
+    code, err = run_study_script(["--summary_only", "True", "--ledger", str(docs / "study" / "ledger"),
+                                  "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "the cpu ledger is incomplete or damaged, nothing was rewritten: " in err and expected in err, err
+    assert str(run) in err
+    assert tree_state(docs) == before  # not a byte, not a timestamp
+
+
+def test_commit_says_which_ledger_folder_it_replaces_and_why(tmp_path):
+    scale = study.SCALES["test"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in study.LEDGER_FILES:
+        (run_dir / name).write_text(name)
+    ledger = tmp_path / "ledger"
+    old = ledger / "test" / "baseline-s1"
+    old.mkdir(parents=True)
+    (old / "fid_curve.csv").write_text("half")
+    said = []
+    dest = study.commit_to_ledger(str(ledger), scale, str(run_dir), "baseline-s1", {}, log=said.append)
+    assert said == [f"study: baseline-s1: replacing the ledger folder {old} with this run's results (it has no "
+                    "done.json: an incomplete run folder)"]
+    assert (old / "fid_curve.csv").read_text() == "fid_curve.csv" and (old / "done.json").is_file()
+    said.clear()
+    study.commit_to_ledger(str(ledger), scale, str(run_dir), "baseline-s1", {}, log=said.append)
+    assert len(said) == 1 and f"replacing the ledger folder {dest}" in said[0] and "another study" in said[0]
+
+
+def test_the_test_scale_keeps_its_ledger_under_out(tmp_path, capsys, monkeypatch):
+    """``--scale test`` without ``--ledger`` writes its ledger under ``--out``, never into the committed one;
+    the script says where the ledger is."""
+    mod = study_script()
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(mod, "DEFAULT_LEDGER", str(committed))
+    out = tmp_path / "out"
+    mod.main(["--scale", "test", "--out", str(out), "--summary_only", "True"])
+    printed = capsys.readouterr().out
+    assert f"study: ledger {out / 'ledger' / 'test'}" in printed
+    assert (out / "ledger" / "test").is_dir() and not committed.exists()
+    mod.main(["--scale", "cpu", "--out", str(out), "--summary_only", "True"])  # the other scales: the committed one
+    assert f"study: ledger {committed / 'cpu'}" in capsys.readouterr().out
+
+
+def test_a_second_study_on_the_same_out_stops_in_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (out / study.LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                       "since": "2026-01-01 00:00:00"}))
+        code, err = run_study_script(["--scale", "test", "--out", str(out), "--source", str(tmp_path / "none.npz")],
+                                     capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{out} is in use by another study (pid {holder.pid} on this host" in err
+    assert str(out / study.LOCK_FILE) in err
+    # the holder is gone: its lock is stale, taken over and released
+    lock = study.StudyLock(str(out)).acquire()
+    assert lock.took_over["pid"] == holder.pid and json.loads((out / study.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / study.LOCK_FILE).exists()
+
+
+def test_a_full_disk_or_file_size_limit_is_one_line_naming_the_file(tmp_path):
+    """``ulimit -f`` smaller than the prepared training images: the study stops with one line naming the file
+    and the errno's meaning, exit status 1, no traceback."""
+    from guided_diffusion.image_datasets import synthetic_images, write_npz
+
+    source = tmp_path / "c_train.npz"
+    write_npz(str(source), synthetic_images(64, 32, seed=0)[0])
+    out = tmp_path / "out"
+    cmd = (f"ulimit -f 8; exec {sys.executable} {REPO / 'scripts' / 'study.py'} --scale test --out {out} "
+           f"--source {source}")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, proc.stderr
+    assert f"cannot write {out / 'data' / 'train_8.npz'}: File too large (EFBIG)" in err
+    assert not (out / study.LOCK_FILE).exists()  # released on the way out

@@ -1,15 +1,11 @@
 """
 Upstream's public names, for users porting guided-diffusion / improved-diffusion code: every
-name this project claims to provide imports from the module upstream has it in, and the ones
-added for porting behave as upstream documents (fp16_util, TrainLoop's hooks and ``mp_trainer``,
-``ImageDataset``, the logger's ``scoped_configure``/``reset``/``profile``).
-
-Upstream names this project does not provide (reported, not listed below):
-``dist_util.GPUS_PER_NODE`` / ``SETUP_RETRY_COUNT`` (process setup is torch.distributed's here),
-``nn.CheckpointFunction`` (``checkpoint`` is torch.utils.checkpoint), TrainLoop's ``_load_and_sync_parameters`` /
-``_load_ema_parameters`` / ``_load_optimizer_state`` (resume happens in ``__init__``),
-improved-diffusion's ``TrainLoop._master_params_to_state_dict`` / ``optimize_fp16`` (use
-``mp_trainer``).
+name this project claims to provide imports from the module upstream has it in (``GUIDED``,
+``IMPROVED``; ``TrainLoop``'s methods: ``GUIDED_LOOP``, ``IMPROVED_LOOP``), and the ones added for
+porting behave as upstream documents (fp16_util, TrainLoop's hooks and ``mp_trainer``, the resume
+hooks called where upstream calls them, Improved-Diffusion's fp16 methods, ``nn.CheckpointFunction``,
+``ImageDataset``, the logger's ``scoped_configure``/``reset``/``profile``/``get_rank_without_mpi_import``).
+Every upstream public name is provided (docs/dev/contract.md).
 """
 import importlib
 import random
@@ -21,7 +17,7 @@ import torch
 from PIL import Image
 
 GUIDED = {
-    "dist_util": ["setup_dist", "dev", "load_state_dict", "sync_params"],
+    "dist_util": ["setup_dist", "dev", "load_state_dict", "sync_params", "GPUS_PER_NODE", "SETUP_RETRY_COUNT"],
     "fp16_util": [
         "convert_module_to_f16", "convert_module_to_f32", "make_master_params", "model_grads_to_master_grads",
         "master_params_to_model_params", "unflatten_master_params", "get_param_groups_and_shapes",
@@ -39,11 +35,12 @@ GUIDED = {
         "log", "debug", "info", "warn", "error", "set_level", "set_comm", "get_dir", "record_tabular",
         "dump_tabular", "profile_kv", "profile", "get_current", "Logger", "configure", "reset",
         "scoped_configure", "mpi_weighted_mean", "DEBUG", "INFO", "WARN", "ERROR", "DISABLED",
+        "get_rank_without_mpi_import",
     ],
     "losses": ["normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood"],
     "nn": [
         "SiLU", "GroupNorm32", "conv_nd", "linear", "avg_pool_nd", "update_ema", "zero_module", "scale_module",
-        "mean_flat", "normalization", "timestep_embedding", "checkpoint",
+        "mean_flat", "normalization", "timestep_embedding", "checkpoint", "CheckpointFunction",
     ],
     "resample": [
         "create_named_schedule_sampler", "ScheduleSampler", "UniformSampler", "LossAwareSampler",
@@ -95,12 +92,26 @@ IMPROVED = {
 }
 
 
-@pytest.mark.parametrize("package, table", [("guided_diffusion", GUIDED), ("improved_diffusion", IMPROVED)])
-def test_upstream_names_exist(package, table):
+#: upstream TrainLoop's methods (guided-diffusion's; Improved-Diffusion's add its fp16 update)
+GUIDED_LOOP = [
+    "_load_and_sync_parameters", "_load_ema_parameters", "_load_optimizer_state", "run_loop", "run_step",
+    "forward_backward", "_update_ema", "_anneal_lr", "log_step", "save",
+]
+IMPROVED_LOOP = [n for n in GUIDED_LOOP if n != "_update_ema"] + [
+    "_setup_fp16", "optimize_fp16", "optimize_normal", "_log_grad_norm", "_master_params_to_state_dict",
+    "_state_dict_to_master_params",
+]
+
+
+@pytest.mark.parametrize("package, table, loop", [("guided_diffusion", GUIDED, GUIDED_LOOP),
+                                                  ("improved_diffusion", IMPROVED, IMPROVED_LOOP)])
+def test_upstream_names_exist(package, table, loop):
     missing = []
     for module, names in table.items():
         mod = importlib.import_module(f"{package}.{module}")
         missing += [f"{package}.{module}.{n}" for n in names if not hasattr(mod, n)]
+    trainloop = importlib.import_module(f"{package}.train_util").TrainLoop
+    missing += [f"{package}.train_util.TrainLoop.{n}" for n in loop if not callable(getattr(trainloop, n, None))]
     assert not missing, "upstream names missing: " + ", ".join(missing)
 
 
@@ -242,13 +253,13 @@ def test_mixed_precision_trainer_fp32_is_plain():
 # -------------------------------------------------------------------------------- TrainLoop
 
 
-@pytest.fixture
-def loop(tmp_path):
+def make_loop(folder, cls=None, **overrides):
+    """A tiny TrainLoop in ``folder`` (2 steps, a checkpoint at the end; resumes what is there)."""
     from guided_diffusion import logger
     from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
     from guided_diffusion.train_util import TrainLoop
 
-    logger.configure(dir=str(tmp_path), format_strs=["csv"])
+    logger.configure(dir=str(folder), format_strs=["csv"])
     args = model_and_diffusion_defaults()
     args.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
                 learn_sigma=False, diffusion_steps=50, dropout=0.0)
@@ -259,8 +270,15 @@ def loop(tmp_path):
         while True:
             yield torch.rand(2, 3, 8, 8) * 2 - 1, {}
 
-    return TrainLoop(model=model, diffusion=diffusion, data=data(), batch_size=2, microbatch=-1, lr=1e-3,
-                     ema_rate="0.9", log_interval=1, save_interval=0, log_dir=str(tmp_path), total_steps=2)
+    kwargs = dict(model=model, diffusion=diffusion, data=data(), batch_size=2, microbatch=-1, lr=1e-3,
+                  ema_rate="0.9", log_interval=1, save_interval=0, log_dir=str(folder), total_steps=2)
+    kwargs.update(overrides)
+    return (cls or TrainLoop)(**kwargs)
+
+
+@pytest.fixture
+def loop(tmp_path):
+    return make_loop(tmp_path)
 
 
 def test_ddp_model_is_the_model_in_one_process(loop):
@@ -326,6 +344,242 @@ def test_upstream_style_run_step_override(loop):
     loop.run_step = run_step.__get__(loop)
     loop.run_loop()
     assert calls == [True, True] and loop.step == 2
+
+
+# ------------------------------------------------------ TrainLoop's resume hooks (called as upstream)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A folder with the checkpoint set of step 2 (model, EMA 0.9, optimizer, state)."""
+    make_loop(tmp_path).run_loop()
+    return tmp_path
+
+
+def hook_spy(calls):
+    from guided_diffusion.train_util import TrainLoop
+
+    class Spy(TrainLoop):
+        def _load_and_sync_parameters(self):
+            calls.append("params")
+            super()._load_and_sync_parameters()
+
+        def _setup_fp16(self):
+            calls.append("fp16")
+            super()._setup_fp16()
+
+        def _load_optimizer_state(self):
+            calls.append("opt")
+            super()._load_optimizer_state()
+
+        def _load_ema_parameters(self, rate):
+            calls.append(("ema", rate))
+            return super()._load_ema_parameters(rate)
+
+    return Spy
+
+
+def test_load_hooks_are_called_where_upstream_calls_them(trained, tmp_path_factory):
+    calls = []
+    make_loop(tmp_path_factory.mktemp("fresh"), hook_spy(calls))
+    assert calls == ["params"]  # a fresh run: the parameters are synced, nothing is loaded
+    calls.clear()
+    loop = make_loop(trained, hook_spy(calls), total_steps=4)
+    assert calls == ["params", "opt", ("ema", 0.9)]  # resuming: upstream's order
+    assert loop.resume_step == loop.step == 2
+
+
+def test_load_and_sync_parameters_loads_the_checkpoint(trained):
+    loop = make_loop(trained, total_steps=4)
+    saved = torch.load(trained / "model000002.pt")
+    assert all(torch.equal(saved[k], v) for k, v in loop.model.state_dict().items())
+    with torch.no_grad():
+        for p in loop.model_params:
+            p.zero_()
+    loop._load_and_sync_parameters()  # again, by hand: the checkpoint's weights are back
+    assert all(torch.equal(saved[k], v) for k, v in loop.model.state_dict().items())
+    assert loop.resume_step == 2
+
+
+def test_load_optimizer_state_override_runs_on_resume(trained):
+    from guided_diffusion.train_util import TrainLoop
+
+    seen = []
+
+    class OwnOptimizerState(TrainLoop):
+        def _load_optimizer_state(self):  # e.g. a port that keeps its optimizer elsewhere
+            seen.append(self.resume_step)
+
+    loop = make_loop(trained, OwnOptimizerState, total_steps=4)
+    assert seen == [2] and loop.opt.state == {}  # its override ran, instead of the default's load
+    loop = make_loop(trained, total_steps=4)  # the default loads the moments
+    saved = torch.load(trained / "opt000002.pt")
+    assert torch.equal(loop.opt.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+def test_load_ema_parameters_returns_the_rates_weights_and_an_override_sets_them(trained):
+    from guided_diffusion.train_util import TrainLoop
+
+    loop = make_loop(trained, total_steps=4)
+    ema = torch.load(trained / "ema_0.9_000002.pt")
+    params = loop._load_ema_parameters(0.9)
+    names = [n for n, _ in loop.model.named_parameters()]
+    assert all(torch.equal(p, ema[n]) for n, p in zip(names, params))
+    assert not all(torch.equal(p, m) for p, m in zip(params, loop.model_params))  # not the model's
+
+    class EmaFromModel(TrainLoop):
+        def _load_ema_parameters(self, rate):  # upstream-style: a list of tensors, here the model's
+            return [p.detach().clone() for p in self.model_params]
+
+    loop = make_loop(trained, EmaFromModel, total_steps=4)
+    assert all(torch.equal(e, p) for e, p in zip(loop.ema_params[0], loop.model_params))
+
+
+# --------------------------------------------------------- Improved-Diffusion's fp16 and update methods
+
+
+def test_setup_fp16_builds_the_loss_scale(tmp_path):
+    from guided_diffusion.fp16_util import INITIAL_LOG_LOSS_SCALE
+
+    calls = []
+    loop = make_loop(tmp_path, hook_spy(calls), use_fp16=True, fp16_scale_growth=0.25)
+    assert calls == ["params", "fp16"] and loop.mp_trainer.scaler is loop.scaler
+    assert loop.scaler.get_scale() == 2.0 ** INITIAL_LOG_LOSS_SCALE and loop.scaler.get_growth_interval() == 4
+    assert loop.mp_trainer.lg_loss_scale == INITIAL_LOG_LOSS_SCALE
+    assert make_loop(tmp_path / "fp32").scaler is None
+
+
+def improved_run_step(self, batch, cond):
+    # Improved-Diffusion's run_step, as a port would keep it
+    self.forward_backward(batch, cond)
+    if self.use_fp16:
+        self.optimize_fp16()
+    else:
+        self.optimize_normal()
+    self.log_step()
+
+
+def test_optimize_normal_is_the_update_with_its_grad_norm(tmp_path):
+    from guided_diffusion import logger
+
+    loop = make_loop(tmp_path, total_steps=1)
+    loop.run_step = improved_run_step.__get__(loop)
+    before = [p.detach().clone() for p in loop.model_params]
+    ema_before = [e.detach().clone() for e in loop.ema_params[0]]
+    loop._seed_step(0)
+    loop.forward_backward(torch.rand(2, 3, 8, 8) * 2 - 1, {})
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in loop.model_params])).item()
+    assert loop.optimize_normal() is True
+    assert logger.getkvs()["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert logger.getkvs()["samples"] == 2 and logger.getkvs()["step"] == 0
+    moved = [not torch.equal(a, p) for a, p in zip(before, loop.model_params)]
+    assert any(moved)
+    for e, b, p in zip(loop.ema_params[0], ema_before, loop.model_params):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
+    loop.run_loop()  # and as the loop's step
+    assert loop.step == 1
+
+
+def test_optimize_fp16_skips_overflows_and_shrinks_the_scale(tmp_path):
+    loop = make_loop(tmp_path, use_fp16=True, total_steps=3)
+    loop.run_step = improved_run_step.__get__(loop)
+    loop._seed_step(0)
+    loop.forward_backward(torch.rand(2, 3, 8, 8) * 2 - 1, {})
+    loop.model_params[0].grad.fill_(float("inf"))  # an overflow, as a too-large loss scale makes
+    before = [p.detach().clone() for p in loop.model_params]
+    assert loop.optimize_fp16() is False
+    assert all(torch.equal(a, p) for a, p in zip(before, loop.model_params))  # skipped
+    assert loop.mp_trainer.lg_loss_scale == 19.0  # halved
+    loop.run_loop()
+    assert loop.step == 3
+
+
+def test_master_params_state_dict_round_trip(loop):
+    sd = loop._master_params_to_state_dict(loop.ema_params[0])
+    assert set(sd) == set(loop.model.state_dict())
+    names = [n for n, _ in loop.model.named_parameters()]
+    assert all(sd[n] is e for n, e in zip(names, loop.ema_params[0]))
+    back = loop._state_dict_to_master_params(sd)
+    assert all(a is b for a, b in zip(back, loop.ema_params[0]))
+    assert len(back) == len(loop.mp_trainer.master_params)
+
+
+# --------------------------------------------------------------------- nn, dist_util, logger
+
+
+def test_checkpoint_function_matches_the_plain_gradients():
+    from guided_diffusion.nn import CheckpointFunction
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.SiLU(), torch.nn.Linear(6, 3))
+    x = torch.randn(5, 4, requires_grad=True)
+    frozen = torch.randn(5, 3)  # an input that needs no gradient
+
+    def f(a, b):
+        return layer(a) * b
+
+    params = list(layer.parameters())
+    out = CheckpointFunction.apply(f, 2, x, frozen, *params)
+    out.pow(2).sum().backward()
+    ours = [x.grad.clone()] + [p.grad.clone() for p in params]
+    x.grad = None
+    layer.zero_grad()
+    f(x, frozen).pow(2).sum().backward()
+    for a, b in zip(ours, [x.grad] + [p.grad for p in params]):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the forward kept no graph
+        assert CheckpointFunction.apply(f, 2, x, frozen, *params).grad_fn is None
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # recomputed under the forward's autocast
+        y = CheckpointFunction.apply(layer, 1, x, *params)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()  # would fail on a float32 recomputation (dtype of the gradient)
+    mixed = x.grad.clone()
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    torch.testing.assert_close(mixed, x.grad)
+    # dropout: the recomputation draws the forward's masks (the gradient is the plain one)
+    drop = torch.nn.Sequential(layer, torch.nn.Dropout(0.5)).train()
+    x.grad = None
+    torch.manual_seed(3)
+    y = CheckpointFunction.apply(drop, 1, x, *params)
+    torch.rand(7)  # the global stream moves on before the backward
+    y.pow(2).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    y2 = drop(x)
+    y2.pow(2).sum().backward()
+    assert torch.equal(y, y2)
+    torch.testing.assert_close(ours, x.grad)
+
+
+def test_dist_util_constants():
+    from guided_diffusion import dist_util
+
+    assert dist_util.GPUS_PER_NODE == 8 and dist_util.SETUP_RETRY_COUNT == 3
+
+
+def test_get_rank_without_mpi_import(monkeypatch, tmp_path):
+    from guided_diffusion import logger
+
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert logger.get_rank_without_mpi_import() == 0
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert logger.get_rank_without_mpi_import() == 3
+    monkeypatch.setenv("PMI_RANK", "2")
+    assert logger.get_rank_without_mpi_import() == 2  # upstream's order: PMI_RANK first
+    # rank 2 of an MPI launch before any process group: configure writes nothing
+    logger.configure(dir=str(tmp_path / "rank2"), format_strs=["csv", "log"])
+    logger.logkv("a", 1)
+    logger.dumpkvs()
+    assert not (tmp_path / "rank2").exists()
+    monkeypatch.delenv("PMI_RANK")
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+    logger.configure(dir=str(tmp_path / "rank0"), format_strs=["csv"])
+    assert (tmp_path / "rank0").is_dir()
 
 
 # ---------------------------------------------------------------------------------- datasets

@@ -45,6 +45,7 @@ from guided_diffusion.image_datasets import (  # noqa: E402
     subset_indices,
     write_npz,
 )
+from guided_diffusion.image_io import ImageModeError  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 SYNSET = re.compile(r"^n\d{8}$")
@@ -160,7 +161,7 @@ def _decode(job: Tuple[str, int]) -> Tuple[Optional[np.ndarray], str]:
     path, image_size = job
     try:
         return decode_image(path, image_size), ""
-    except MemoryError:
+    except (MemoryError, ImageModeError):  # a mode without a known 8-bit scale is refused, never skipped
         raise
     except Exception as e:  # Pillow raises many types for bad files
         return None, f"{type(e).__name__}: {e}"
@@ -180,6 +181,16 @@ def _decoded(paths: List[str], image_size: int, workers: int) -> Iterator[Tuple[
             following = pool.map(_decode, jobs[lo:lo + block], chunksize=16) if lo < len(jobs) else iter(())
             yield from pending
             pending = following
+
+
+def _removing_on_refusal(items: Iterator[Tuple[Optional[np.ndarray], str]],
+                         tmp: str) -> Iterator[Tuple[Optional[np.ndarray], str]]:
+    """``items``; an ``ImageModeError`` (it names the file and its mode) removes ``tmp`` and is re-raised."""
+    try:
+        yield from items
+    except ImageModeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def pack_shards(source: str, out: str, *, image_size: int = 128, shard_size: int = 10000, workers: int = 1,
@@ -226,7 +237,7 @@ def pack_shards(source: str, out: str, *, image_size: int = 128, shard_size: int
             print(f"  {written} images in {shards} shard(s), {time.time() - start:.0f} s", flush=True)
 
     full_paths = [os.path.join(source, p) for p in paths]
-    for i, (img, err) in enumerate(_decoded(full_paths, image_size, workers)):
+    for i, (img, err) in enumerate(_removing_on_refusal(_decoded(full_paths, image_size, workers), tmp)):
         if img is None:
             if not skip_corrupt:
                 shutil.rmtree(tmp)

@@ -1,0 +1,129 @@
+"""
+The study's data: CIFAR-10 at the study's resolution (``prepare_data``: the training images and the
+FID/KID reference subset) and the held-out probe images (``prepare_heldout``: CIFAR-10's test split).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Tuple
+
+import numpy as np
+from PIL import Image
+
+from experiments.study.arms import ROOT, SCRIPTS, Scale
+from experiments.study.errors import run_step, writing
+from guided_diffusion.image_datasets import center_crop_arr, write_npz
+
+
+DEFAULT_SOURCES = (
+    os.path.join(ROOT, ".data", "cifar10_train.npz"),
+    os.path.join(ROOT, "cifar-10-python.tar.gz"),
+    os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-jpeg", "train.zip"),
+)
+
+
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    return np.stack([center_crop_arr(Image.fromarray(im), size) for im in images])
+
+
+def prepare_data(out: str, scale: Scale, source: str = "", log: Callable[[str], None] = print) -> Tuple[str, str]:
+    """
+    Write ``out/data/train_<px>.npz`` (every CIFAR-10 training image at the study's resolution,
+    upstream's BOX+BICUBIC resize) and ``out/data/ref_<px>_<n>.npz`` (a fixed random subset of
+    them: the FID/KID reference). Existing files are kept.
+
+    :param source: a packed CIFAR-10 .npz, the python tarball or a CIFAR-10 image zip/folder;
+                   "" takes the first of ``DEFAULT_SOURCES`` that exists.
+    :return: (training npz, reference npz).
+    """
+    data = os.path.join(out, "data")
+    train = os.path.join(data, f"train_{scale.image_size}.npz")
+    ref = os.path.join(data, f"ref_{scale.image_size}_{scale.ref_images}.npz")
+    if os.path.isfile(train) and os.path.isfile(ref):
+        return train, ref
+    if not source:
+        source = next((s for s in DEFAULT_SOURCES if os.path.exists(s)), "")
+        if not source:
+            raise FileNotFoundError("--source: no CIFAR-10 found; pass the official cifar-10-python.tar.gz, a "
+                                    "CIFAR-10 image zip/folder or a packed .npz (looked for: "
+                                    + ", ".join(DEFAULT_SOURCES) + ")")
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"--source: not found: {source}")
+    os.makedirs(data, exist_ok=True)
+    if source.endswith(".npz"):
+        with np.load(source) as f:
+            images = f["arr_0"]
+    else:
+        packed = os.path.join(data, "cifar10_train_32.npz")
+        if not os.path.isfile(packed):
+            log(f"study: packing CIFAR-10 from {source}")
+            run_step([sys.executable, os.path.join(SCRIPTS, "datasets", "cifar10.py"), "--source", source,
+                      "--split", "train", "--out", packed])
+        with np.load(packed) as f:
+            images = f["arr_0"]
+    log(f"study: {len(images)} training images -> {scale.image_size}x{scale.image_size}")
+    small = _resize_all(images, scale.image_size)
+    if not os.path.isfile(train):
+        with writing(train):
+            write_npz(train, small)
+    if not os.path.isfile(ref):
+        pick = np.random.default_rng(0).permutation(len(small))[: scale.ref_images]
+        with writing(ref):
+            write_npz(ref, small[np.sort(pick)])
+    return train, ref
+
+
+# the held-out probe's batch: this many CIFAR-10 test images (experiments.study.evaluation: the probe)
+PROBE_IMAGES = 256
+
+
+def heldout_source(source: str) -> Tuple[str, str]:
+    """(source, split) of the held-out probe images for a training ``source``: CIFAR-10's test split."""
+    if source.endswith(".zip") and os.path.basename(source).startswith("train"):
+        return os.path.join(os.path.dirname(source), "test.zip"), "test"
+    if source.endswith(".tar.gz") or os.path.isdir(source):
+        return source, "test"
+    if source.endswith(".npz") and "train" in os.path.basename(source):
+        return os.path.join(os.path.dirname(source), os.path.basename(source).replace("train", "test")), "npz"
+    return "", ""
+
+
+def prepare_heldout(out: str, scale: Scale, source: str = "", log: Callable[[str], None] = print) -> str:
+    """
+    Write ``out/data/heldout_<px>_<n>.npz``: the first ``PROBE_IMAGES`` CIFAR-10 test images at the
+    study's resolution. Without a test split beside ``source`` the probe falls back to the last
+    ``PROBE_IMAGES`` training images (the file name then says ``trainheldout``; logged).
+    """
+    data = os.path.join(out, "data")
+    for kind in ("heldout", "trainheldout"):
+        path = os.path.join(data, f"{kind}_{scale.image_size}_{PROBE_IMAGES}.npz")
+        if os.path.isfile(path):
+            return path
+    if not source:
+        source = next((s for s in DEFAULT_SOURCES if os.path.exists(s)), "")
+    test, split = heldout_source(source)
+    os.makedirs(data, exist_ok=True)
+    if test and os.path.exists(test):
+        if split == "npz":
+            with np.load(test) as f:
+                images = f["arr_0"][:PROBE_IMAGES]
+        else:
+            packed = os.path.join(data, "cifar10_test_32.npz")
+            if not os.path.isfile(packed):
+                run_step([sys.executable, os.path.join(SCRIPTS, "datasets", "cifar10.py"), "--source", test,
+                          "--split", "test", "--out", packed])
+            with np.load(packed) as f:
+                images = f["arr_0"][:PROBE_IMAGES]
+        path = os.path.join(data, f"heldout_{scale.image_size}_{PROBE_IMAGES}.npz")
+    else:
+        train, _ = prepare_data(out, scale, source, log)
+        with np.load(train) as f:
+            images = f["arr_0"][-PROBE_IMAGES:]
+        path = os.path.join(data, f"trainheldout_{scale.image_size}_{PROBE_IMAGES}.npz")
+        log(f"study: no CIFAR-10 test split beside {source or 'the source'}; the probe uses training images")
+    with writing(path):
+        write_npz(path, _resize_all(np.asarray(images), scale.image_size))
+    return path
