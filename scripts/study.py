@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 
 
 from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
-    run_bootstrap, run_study, summarize, write_doc_section  # noqa: E402
+    doc_sections, run_bootstrap, run_study, summarize, write_doc_section  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -79,8 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         summary = run_study(out, scale, arms, seeds, source=args.source, jobs=args.jobs or None, ledger=args.ledger)
     # the ledger's docs page (docs/study/ledger -> docs/study.md), also when the runner works from a worktree
     doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ledger))), "study.md") if args.ledger else ""
-    for part, text in (("summary", summary.get("table")), ("claims", summary.get("claims"))):
-        if doc and text and write_doc_section(doc, scale.name, text, part):
+    for part, text in doc_sections(summary):
+        if doc and write_doc_section(doc, scale.name, text, part):
             print(f"study: {doc}: the {scale.name} {part} section rewritten from the ledger")
     if args.export:
         print(f"study: {len(export_results(out, args.export))} result files copied to {args.export}")

@@ -240,10 +240,14 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale
         assert {"config.yaml", "progress.csv", "fid_curve.csv", "probe.csv", "done.json"} <= {f.name for f in run.iterdir()}
     # docs/study.md's generated sections are the ones the committed ledger gives
     doc = (REPO / "docs" / "study.md").read_text()
-    for part, text in (("summary", res["table"]), ("claims", res["claims"])):
+    sections = study.doc_sections(res)
+    assert [p for p, _ in sections] == list(study.DOC_PARTS)  # every part, the speed-up's included
+    for part, text in sections:
         begin, end = study.doc_markers(scale, part)
         assert doc.split(begin, 1)[1].split(end, 1)[0] == "\n" + text, f"docs/study.md's {part} {scale} section"
     assert (LEDGER / scale / "claims.md").read_text() == res["claims"]
+    assert (LEDGER / scale / "speedup.md").read_text() == res["speedup"]
+    assert (res["fastest"] is not None) == (scale == study.DECISION_SCALE)
     for r in res["rows"]:  # a seed the arm has no run of is "n/a" in the per-seed columns, not "never"
         fids = r["final_fid_per_seed"].split()
         for col in ("iters_per_seed",) + (("baseline_iters_to_arm_per_seed",) if r["arm"] != "baseline" else ()):
@@ -252,7 +256,7 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale
     drawn = {p.name for p in (copy / scale).glob("*.png")}
     groups = {g for g in study.GROUP_FIGURES if any(r["arm"] in study.GROUPS[g] and r["arm"] != "baseline"
                                                      for r in res["rows"])}
-    expected = {"curves.png", "probe.png"}
+    expected = {"curves.png", "probe.png", "speedup.png"}
     if study.SCALES[scale].ablation_figures:
         expected |= {"ablation.png"} | {f"curves_{g}.png" for g in groups}
     assert expected <= drawn
@@ -271,7 +275,8 @@ def test_doc_section_rewrites_only_its_part(tmp_path):
     assert study.write_doc_section(str(doc), "cpu_long", "| new |\n", "summary")
     text = doc.read_text()
     b, e = study.doc_markers("cpu_long", "summary")
-    assert f"{b}\n| new |\n{e}" in text and text.count("old") == 3 and "prose 3" in text and text.startswith("intro")
+    assert f"{b}\n| new |\n{e}" in text and text.count("old") == len(parts) - 1 and "prose 3" in text \
+        and text.startswith("intro")
     assert not study.write_doc_section(str(doc), "cpu_long", "| new |\n", "summary")  # unchanged
     assert not study.write_doc_section(str(tmp_path / "missing.md"), "cpu", "x\n")
     with pytest.raises(ValueError, match="docs/study.md part"):
@@ -596,3 +601,46 @@ def test_a_full_disk_or_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, proc.stderr
     assert f"cannot write {out / 'data' / 'train_8.npz'}: File too large (EFBIG)" in err
     assert not (out / study.LOCK_FILE).exists()  # released on the way out
+
+
+def test_speedup_is_k_over_the_iterations_to_the_baselines_fid_at_k():
+    base = [(1000, 100.0), (2000, 80.0), (3000, 70.0), (4000, 65.0)]
+    arm = [(1000, 90.0), (2000, 70.0), (3000, 68.0), (4000, 66.0)]
+    # the baseline's FID at 2000 (80) is reached half-way from 1000 to 2000: S = 2000 / 1500
+    assert study.speedup(arm, base, 2000) == (pytest.approx(2000 / 1500), "")
+    assert study.speedup(arm, base, 3000) == (pytest.approx(3000 / 2000), "")
+    # already below the baseline's FID at 1000 at its first point: at least 1000 / 1000
+    assert study.speedup(arm, base, 1000) == (1.0, ">=")
+    # never reaches 65 within its curve: S is below 4000 / its last step
+    assert study.speedup(arm, base, 4000) == (1.0, "<")
+    assert study.speedup(arm, base, 5000) is None and study.speedup([], base, 1000) is None
+    assert study.mean_speedup({1: (1.5, ""), 2: (1.0, "<")}) == (1.25, "<")
+    assert study.mean_speedup({1: (1.5, ""), 2: (2.0, ">=")}) == (1.75, ">=")
+    assert study.mean_speedup({1: None}) is None
+
+
+def test_the_fastest_rule_needs_the_speedup_at_every_late_horizon_and_the_lead(tmp_path):
+    scale = study.SCALES["cpu_long"]
+    steps = scale.eval_steps()
+    base = [(k, 200.0 * 1000 / k) for k in steps]  # FID ~ 1/k
+    fast = [(k, 200.0 * 1000 / (2 * k)) for k in steps]  # twice as fast throughout
+    fading = [(k, f if k <= 5000 else 200.0 * 1000 / k * 1.01) for k, f in fast]  # then behind
+    curves = {}
+    for seed in (1, 2):
+        for arm, c in (("baseline", base), ("min_snr", [(k, f * 0.99) for k, f in base]),
+                       ("laplace", fast), ("edm", fading), ("logit_normal", [(k, f * 0.98) for k, f in base])):
+            curves[(arm, seed)] = [(k, f, 0.0) for k, f in c]
+    arms = study.arms_named("baseline,min_snr,laplace,edm,logit_normal")
+    table = study.speedup_table(scale, arms, (1, 2), curves)
+    assert table["laplace"][4000]["mean"] == (pytest.approx(2.0), "")
+    per_arm = {a.name: {"final_fid": {s: curves[(a.name, s)][-1][1] for s in (1, 2)}} for a in arms}
+    decision = study.decide_fastest(scale, table, per_arm)
+    assert decision["qualified"] == ["laplace"]
+    # S(k) counts the first time an arm gets there: one that led and then fell behind keeps its S,
+    # and the rule's second half (the final FID) is what rules it out
+    assert decision["checked"]["edm"] == "does not end ahead of baseline; does not end ahead of min_snr"
+    # ahead of both at the end, but barely faster: S < 1.5
+    assert decision["checked"]["logit_normal"].startswith("S < 1.5 from step 2000")
+    assert study.decide_fastest(study.SCALES["cpu"], table, per_arm) is None
+    text = study.speedup_markdown(scale, table, decision)
+    assert "Arms that meet it: laplace." in text and "| laplace | 1 2 | ≥1.00 [≥1.00, ≥1.00] | ≥2.00 [≥2.00, ≥2.00] |" in text

@@ -35,7 +35,7 @@ The package, one concern per module (each imports only the ones listed after it)
 
 This module re-exports their public names: ``from experiments import study; study.ARMS``.
 """
-from experiments.study.arms import ARM_NAMES, ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, \
+from experiments.study.arms import ARM_CLAIMS, ARM_NAMES, ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, \
     HEADLINE, ROOT, SCALES, SCRIPTS, Arm, Scale, ablation_value, arm_flags, arms_named, clts_arm, flags_to_argv, \
     keeps_samples, preset, run_name
 from experiments.study.data import DEFAULT_SOURCES, PROBE_IMAGES, heldout_source, prepare_data, prepare_heldout
@@ -48,10 +48,11 @@ from experiments.study.ledger import BOOTSTRAP_FILE, DEFAULT_LEDGER, DONE_FILE, 
     check_ledger, commit_to_ledger, committed_seeds, csv_records, curve_records, final_fid, final_samples, in_ledger, \
     ledger_dir, ledger_problems, missing_points, probe_rows, read_bootstrap, read_curve, run_finished, \
     run_folder_problems, training_clock_s
-from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, \
-    paired_differences, paired_lead, paired_noise, probe_relative, seed_band, seed_diffs, verdict
-from experiments.study.plots import ABLATION_PANELS, plot_ablations, plot_curves, plot_probe
-from experiments.study.report import DOC_PARTS, PAGE_SCALES, claims_table, doc_markers, summarize, write_doc_section
+from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, mean_speedup, \
+    speedup, paired_differences, paired_lead, paired_noise, probe_relative, seed_band, seed_diffs, verdict
+from experiments.study.plots import ABLATION_PANELS, plot_ablations, plot_curves, plot_probe, plot_speedup
+from experiments.study.report import DECISION_SCALE, DOC_PARTS, PAGE_SCALES, claims_table, decide_fastest, doc_markers, \
+    doc_sections, speedup_markdown, speedup_table, summarize, write_doc_section
 from experiments.study.runner import LOCK_FILE, StudyLock, backfill_samples, backfill_second_sampler, \
     bootstrap_arms, bootstrap_study, export_results, run_bootstrap, run_study, train_and_evaluate
 

@@ -120,6 +120,19 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "long_new": (f"{BEST_ARM}_floor0.5", "laplace", f"{BEST_ARM}_release0.5", f"{BEST_ARM}_floor0.5_minsnr", "edm",
                  "logit_normal", "p2", "speed"),
     "headline": ("baseline", BEST_ARM, f"{BEST_ARM}_mdlrc"),  # 3 seeds
+    # the first GPU's one-command study (--scale gpu_short): the baseline, sigma 0.1 CLTS and GPU_SHORT_ARM
+    "gpu_short": ("baseline", BEST_ARM, "clts_s0.1_floor0.5"),
+}
+# what each of the long horizon's new arms claims, from its source (the claims table's rows, once measured)
+ARM_CLAIMS: Dict[str, str] = {
+    f"{BEST_ARM}_floor0.5": "this repository's proposal: CLTS's early gain without starving t > 0.6T (no paper)",
+    f"{BEST_ARM}_release0.5": "this repository's proposal: back to uniform over the second half (no paper)",
+    f"{BEST_ARM}_floor0.5_minsnr": "this repository's proposal: the floored curriculum with Min-SNR's weight",
+    "laplace": "Hang et al. 2024: -26.6% FID vs cosine at equal budget, ahead of Min-SNR (ImageNet-256, DiT-B)",
+    "edm": "Karras et al. 2022: EDM's training distribution and weight (state of the art on CIFAR-10 at 32px)",
+    "logit_normal": "Esser et al. 2024: rf/lognorm(0, 1) ranks first of their timestep samplers (SD3)",
+    "p2": "Choi et al. 2022: better FID at the same iterations (perceptually rich levels weighted up)",
+    "speed": "Wang et al. 2024: about 3x faster training (asymmetric + dual sampling, change-aware weight)",
 }
 # the headline arms: 3 seeds, and a second sampler at the final checkpoint
 HEADLINE = GROUPS["headline"]
@@ -195,6 +208,13 @@ SCALES: Dict[str, Scale] = {
                  attention_resolutions="16,8", total_steps=40000, batch_size=128, lr=1e-4, ema_rate="0.9999",
                  eval_every=4000, num_samples=10000, ref_images=50000, sampling="ddim50", seeds=(1, 2, 3),
                  jobs=1, threads=0),
+    # the first GPU's one command (issue 32, item 8): the gpu preset's model (the mini_* configs' U-Net at 32x32,
+    # 9.75 GFLOP per image forward + backward), 3 arms x 1 seed at once on one GPU, FID of 5,000 samples at every
+    # 1,000 steps; sized from its FLOPs to train and evaluate within 9 minutes on one H100 (not yet run on one)
+    "gpu_short": Scale("gpu_short", image_size=32, num_channels=64, channel_mult="1,2,2,2", num_res_blocks=2,
+                       attention_resolutions="16,8", total_steps=4000, batch_size=128, lr=2e-4, ema_rate="0.999",
+                       eval_every=1000, num_samples=5000, ref_images=10000, sampling="ddim50", seeds=(1,),
+                       jobs=3, threads=4, ablation_figures=False, extra={"precision": "auto"}),
     # seconds, for tests
     "test": Scale("test", image_size=8, num_channels=32, channel_mult="1,2", num_res_blocks=1,
                   attention_resolutions="", total_steps=4, batch_size=4, lr=1e-4, ema_rate="0.9",

@@ -1,6 +1,6 @@
 """
 The study's figures: the FID/KID curves (``curves.png``, ``curves_<group>.png``), the held-out probe
-(``probe.png``) and the ablation panels (``ablation.png``), drawn from what ``report.summarize`` read.
+(``probe.png``), the ablation panels (``ablation.png``) and the speed-up at every horizon (``speedup.png``), drawn from what ``report.summarize`` read.
 matplotlib is optional: without it no figure is drawn and the tables go on.
 """
 from __future__ import annotations
@@ -137,3 +137,36 @@ def plot_ablations(out: str, scale: Scale, per_arm: Dict[str, Dict[str, Any]]) -
     fig.suptitle(f"CIFAR-10 {scale.image_size}px study ({scale.name}): final FID per arm; diamond = mean over seeds, "
                  f"dots = seeds, orange = {BEST_ARM} (the best σ, μ 0.3, target 1/5 of the run)", fontsize=9)
     return _save(fig, os.path.join(out, "ablation.png"))
+
+
+def plot_speedup(out: str, scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
+                 name: str = "speedup.png") -> Optional[str]:
+    """``out/<name>``: S(k) against k, one line per arm (the mean over its seeds; each seed a dot;
+    a censored mean drawn as a triangle, up for >=, down for < and then not joined into the line),
+    with the baseline's 1 and the paper's 2. None without matplotlib or without any S(k)."""
+    plt = pyplot(required=False)
+    if plt is None or not speedups:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (arm, per_k) in enumerate(speedups.items()):
+        style = _line_style(i)
+        ks = [k for k, v in per_k.items() if v["mean"] is not None]
+        # a "<" mean is only an upper bound: drawn as a marker, not joined into the line
+        joined = [k for k in ks if per_k[k]["mean"][1] != "<"]
+        line, = ax.plot(joined, [per_k[k]["mean"][0] for k in joined], marker="o", ms=4, label=arm, **style)
+        for k in ks:
+            bound = per_k[k]["mean"][1]
+            if bound:
+                ax.plot([k], [per_k[k]["mean"][0]], marker="^" if bound == ">=" else "v", ms=9,
+                        color=line.get_color(), ls="none")
+            for v in per_k[k]["seeds"].values():
+                if v is not None:
+                    ax.plot([k], [v[0]], marker=".", ms=3, color=line.get_color(), alpha=0.5, ls="none")
+    ax.axhline(1.0, color="k", lw=1, label="baseline (S = 1)")
+    ax.axhline(2.0, color="0.5", lw=1, ls=":", label="the paper's claim (S ≈ 2)")
+    ax.set_xlabel("training iteration k")
+    ax.set_ylabel("S(k) = k / iterations to the baseline's FID at k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Speed-up at every horizon, CIFAR-10 {scale.image_size}px ({scale.name} preset)", fontsize=10)
+    return _save(fig, os.path.join(out, name))

@@ -1,7 +1,8 @@
 """
 The study's page: ``summarize`` reads the runs (the ledger, checked first by ``ledger.check_ledger``,
 or a study folder) and writes the per-arm table (``summary.csv``, ``summary.md``), the claims table
-(``claims.md``, ``claims_table``) and the figures; ``write_doc_section`` puts the tables into
+(``claims.md``, ``claims_table``), the speed-up at every horizon (``speedup.md``, ``speedup.png``:
+S(k) per arm, and issue 32's decision at ``DECISION_SCALE``) and the figures; ``write_doc_section`` puts the tables into
 docs/study.md's generated sections (``DOC_PARTS``, ``PAGE_SCALES``).
 """
 from __future__ import annotations
@@ -13,19 +14,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from experiments.study.arms import ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, HEADLINE, Arm, Scale, \
-    ablation_value, run_name
+from experiments.study.arms import ARM_CLAIMS, ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, HEADLINE, Arm, \
+    Scale, ablation_value, run_name
 from experiments.study.errors import writing
 from experiments.study.evaluation import BOOTSTRAP_DRAWS
 from experiments.study.ledger import BOOTSTRAP_FILE, check_ledger, in_ledger, ledger_dir, probe_rows, read_curve
-from experiments.study.plots import plot_ablations, plot_curves, plot_probe
-from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, \
-    paired_differences, paired_lead, paired_noise, probe_relative, seed_diffs, verdict
+from experiments.study.plots import plot_ablations, plot_curves, plot_probe, plot_speedup
+from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, mean_speedup, \
+    paired_differences, paired_lead, paired_noise, probe_relative, seed_diffs, speedup, verdict
 from guided_diffusion.files import atomic_write_text
 
 
-# docs/study.md's generated parts, per scale: the per-arm table (``summary.md``) and the claims table
-DOC_PARTS = ("summary", "claims")
+# docs/study.md's generated parts, per scale: the per-arm table (``summary.md``), the claims table
+# (``claims.md``) and the speed-up at every horizon (``speedup.md``)
+DOC_PARTS = ("summary", "claims", "speedup")
+# the summary's text of each part
+_PART_KEYS = {"summary": "table", "claims": "claims", "speedup": "speedup"}
+# the decision of issue 32 (item 7): the long horizon, and what "fastest" must show there
+DECISION_SCALE = "cpu_long"
+DECISION_MIN_SPEEDUP = 1.5
+DECISION_FROM_STEP = 2000
 # the scales docs/study.md shows, each with the arms `make study` reprints for it
 PAGE_SCALES = (("cpu", "first"), ("cpu_long", "long"))
 
@@ -153,8 +161,107 @@ def summarize(out: str, scale: Scale, arms: Sequence[Arm] = ARMS, seeds: Optiona
         path = os.path.join(out, "claims.md")
         with writing(path), open(path, "w") as f:
             f.write(claims)
+    speedups = speedup_table(scale, arms, seeds, curves)
+    plot_speedup(out, scale, speedups)
+    fastest = decide_fastest(scale, speedups, per_arm)
+    speed_text = speedup_markdown(scale, speedups, fastest)
+    path = os.path.join(out, "speedup.md")
+    with writing(path), open(path, "w") as f:
+        f.write(speed_text)
     log(table)
-    return {"arms": per_arm, "table": table, "target_fid": target, "rows": rows, "claims": claims}
+    return {"arms": per_arm, "table": table, "target_fid": target, "rows": rows, "claims": claims,
+            "speedup": speed_text, "speedups": speedups, "fastest": fastest}
+
+
+def doc_sections(summary: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(part, text) of every generated part of docs/study.md that ``summary`` holds, in ``DOC_PARTS`` order."""
+    return [(part, summary[_PART_KEYS[part]]) for part in DOC_PARTS if summary.get(_PART_KEYS[part])]
+
+
+def speedup_table(scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
+                  curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]]
+                  ) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """
+    S(k) of every arm but the baseline at each evaluated step k: per seed against the baseline of
+    the same seed (``stats.speedup``), and their mean (``stats.mean_speedup``).
+
+    :return: ``{arm: {k: {"seeds": {seed: (S, bound) or None}, "mean": (S, bound) or None}}}``.
+    """
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for a in arms:
+        if a.name == "baseline":
+            continue
+        per_k: Dict[int, Dict[str, Any]] = {}
+        for k in scale.eval_steps():
+            per_seed = {s: speedup([(st, f) for st, f, _ in curves.get((a.name, s), [])],
+                                   [(st, f) for st, f, _ in curves.get(("baseline", s), [])], k)
+                        for s in seeds if curves.get((a.name, s))}
+            per_k[k] = {"seeds": per_seed, "mean": mean_speedup(per_seed)}
+        if any(v["mean"] is not None for v in per_k.values()):
+            out[a.name] = per_k
+    return out
+
+
+def _speedup_cell(value: Optional[Tuple[float, str]]) -> str:
+    if value is None:
+        return "n/a"
+    return {"": "", ">=": "≥", "<": "<"}[value[1]] + f"{value[0]:.2f}"
+
+
+def decide_fastest(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
+                   per_arm: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """
+    Issue 32's rule, at ``DECISION_SCALE`` only (None elsewhere): an arm is "fastest" when its mean
+    S(k) >= ``DECISION_MIN_SPEEDUP`` at every evaluated k >= ``DECISION_FROM_STEP`` (a "<" bound
+    fails; a ">=" bound counts as its value) and it ends ahead of the baseline and of Min-SNR (mean
+    paired final-FID difference below 0, over the seeds both have).
+
+    :return: ``{"qualified": [arms], "checked": {arm: reason}}``.
+    """
+    if scale.name != DECISION_SCALE:
+        return None
+    checked: Dict[str, str] = {}
+    qualified: List[str] = []
+    for arm, per_k in speedups.items():
+        late = {k: v["mean"] for k, v in per_k.items() if k >= DECISION_FROM_STEP}
+        slow = [k for k, m in late.items() if m is None or m[1] == "<" or m[0] < DECISION_MIN_SPEEDUP]
+        reasons = []
+        if slow:
+            reasons.append(f"S < {DECISION_MIN_SPEEDUP:g} from step {min(slow)}")
+        for other in ("baseline", "min_snr"):
+            d = seed_diffs(per_arm, arm, other) if arm != other else []
+            if arm != other and (not d or float(np.mean(d)) >= 0):
+                reasons.append(f"does not end ahead of {other}" + ("" if d else " (no paired run)"))
+        checked[arm] = "; ".join(reasons) or "meets the rule"
+        if not reasons:
+            qualified.append(arm)
+    return {"qualified": qualified, "checked": checked}
+
+
+def speedup_markdown(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
+                     fastest: Optional[Dict[str, Any]]) -> str:
+    """The S(k) table (mean over seeds, then each seed's) and, at ``DECISION_SCALE``, the decision."""
+    steps = scale.eval_steps()
+    lines = [f"S(k) = k / (iterations the arm needs to reach the FID the baseline of the same seed has at step k), "
+             f"interpolated between checkpoints every {scale.eval_every} steps; 1 = as fast as the baseline, "
+             "2 = the paper's claim for CLTS + MDLRC. ≥: already below the target at the first checkpoint; "
+             f"<: never reached within the {scale.total_steps} steps. Mean over seeds (each seed's in brackets).",
+             "", "| arm | seeds | " + " | ".join(f"S({k})" for k in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for arm, per_k in speedups.items():
+        seeds = sorted({s for v in per_k.values() for s in v["seeds"]})
+        cells = []
+        for k in steps:
+            v = per_k[k]
+            each = [_speedup_cell(v["seeds"].get(s)) for s in seeds]
+            cells.append(_speedup_cell(v["mean"]) + (f" [{', '.join(each)}]" if len(seeds) > 1 else ""))
+        lines.append(f"| {arm} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    if fastest is not None:
+        lines += ["", f"Decision rule (issue 32): mean S(k) ≥ {DECISION_MIN_SPEEDUP:g} at every k ≥ "
+                  f"{DECISION_FROM_STEP}, and the final FID ahead of the baseline and of Min-SNR (paired by seed)."]
+        lines.append("Arms that meet it: " + (", ".join(fastest["qualified"]) or "none") + ".")
+        lines += [f"- {arm}: {reason}" for arm, reason in fastest["checked"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def _markdown_table(rows: List[Dict[str, Any]], scale: Scale, target: Optional[float]) -> str:
@@ -291,6 +398,13 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
     add(f"{BEST_ARM}'s gain holds with the ancestral sampler (100 steps, many at high noise)",
         "(the paper evaluates with its own samplers)", _diff_text(d2),
         verdict(d2, noise=paired_noise(per_arm, "second_fid")))
+    for arm, paper in ARM_CLAIMS.items():  # the long horizon's new arms, once measured
+        if arm not in per_arm:
+            continue
+        for other in ("baseline", "min_snr"):
+            m, v = vs(arm, other)
+            add(f"{arm} ends ahead of {other} at step {scale.total_steps}", paper,
+                m + (speedup(arm) if other == "baseline" else ""), v)
     if lead:
         add(f"{BEST_ARM}'s paired ΔFID vs the baseline at every evaluated checkpoint (mean over "
             f"{_seeds(max(n for _, n in lead.values()))})", "Fig. 5: the gap to the baseline along training",

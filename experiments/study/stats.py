@@ -177,3 +177,34 @@ def paired_lead(curves: Dict[Tuple[str, int], List[Tuple[int, float, float]]], a
             if a[st] is not None and b[st] is not None:
                 per_step.setdefault(st, []).append(a[st] - b[st])
     return {st: (float(np.mean(d)), len(d)) for st, d in sorted(per_step.items())}
+
+
+def speedup(arm_curve: Sequence[Tuple[int, float]], base_curve: Sequence[Tuple[int, float]],
+            k: int) -> Optional[Tuple[float, str]]:
+    """
+    S(k) = k / (the iterations the arm needs to reach the baseline's FID at step k), from one
+    seed's curves ((step, FID), as measured; ``iterations_to_reach`` interpolates between points).
+
+    :return: ``(S, bound)``; ``bound`` is "" for a measured S, ">=" when the arm is already below
+        the target at its first point (S is at least k / that step), "<" when it never gets there
+        within its curve (S is below k / its last step); None when the baseline has no point at k
+        or the arm has no curve.
+    """
+    target = next((f for st, f in base_curve if st == k), None)
+    if target is None or not arm_curve:
+        return None
+    it = iterations_to_reach(arm_curve, target)
+    if it is None:
+        return k / arm_curve[-1][0], "<"
+    if it == arm_curve[0][0] and arm_curve[0][1] <= target:
+        return k / it, ">="
+    return k / it, ""
+
+
+def mean_speedup(per_seed: Dict[int, Optional[Tuple[float, str]]]) -> Optional[Tuple[float, str]]:
+    """The mean S over the seeds that have one, with the bound of any censored seed ("<" wins)."""
+    got = [v for v in per_seed.values() if v is not None]
+    if not got:
+        return None
+    bounds = {b for _, b in got if b}
+    return float(np.mean([v for v, _ in got])), ("<" if "<" in bounds else ">=" if bounds else "")
