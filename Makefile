@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(DATA),--data_dir $(DATA),)
 
 # The small-scale CPU study (docs/study.md). `make study` trains nothing: it reprints every table
-# and redraws every figure of both scales (experiments/study.py: PAGE_SCALES) from the committed
+# and redraws every figure of both scales (experiments/study/report.py: PAGE_SCALES) from the committed
 # results in docs/study/ledger, and rewrites docs/study.md's generated sections. `make study-run
 # ARMS=sigma SEEDS=1,2` trains what is not committed yet (resumable; finished runs land in the
 # ledger at once). SOURCE=cifar-10-python.tar.gz (default: ../shared's CIFAR-10 JPEG zip).

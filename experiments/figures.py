@@ -75,7 +75,7 @@ __all__ = ["BASELINE", "DEEP", "X0_PRED", "RUNS", "GROUPS", "SETTINGS", "Setting
 # Models
 # ---------------------------------------------------------------------------------------------
 
-# the CPU study's baseline arm, flag for flag (experiments/study.py: ARMS[0])
+# the CPU study's baseline arm, flag for flag (experiments/study/arms.py: ARMS[0])
 BASELINE = Arm("baseline", {"schedule_sampler": "uniform", "momentum_decay": False},
                "epsilon-prediction, uniform timesteps, AdamW beta1 = 0.9 (the CPU study's baseline)")
 DEEP = Arm("deep", {**BASELINE.flags, "num_res_blocks": 2},

@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         help="'synthetic' (default) or CIFAR-10: a packed .npz, an image folder or a zip")
     parser.add_argument("--log_dir", default="", help="run folder (default runs/demo-<timestamp>)")
     parser.add_argument("--num_samples", type=int, default=64, help="samples in the final grid and metric")
-    parser.add_argument("--metric_images", type=int, default=500,
+    parser.add_argument("--metric_images", type=int, default=200,
                         help="training images the KID of the samples (and of pure noise) is measured against")
     args, extra = parser.parse_known_args(argv)
     print(f"demo: training a small diffusion model with CLTS + MDLRC on "

@@ -56,3 +56,12 @@ def test_effort_files_written(tmp_path):
     assert len(Path(paths["csv"]).read_text().splitlines()) == scale.diffusion_steps + 1
     assert Path(paths["png"]).stat().st_size > 1000
     assert "| laplace |" in Path(paths["md"]).read_text()
+
+
+def test_readme_quotes_the_committed_effort_table():
+    """The README's sentence on CLTS's draws at t > 0.6T quotes docs/study/effort/effort.md."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"draws ([\d.]+)% of its steps at t > 0\.6T \(uniform: ([\d.]+)%\)", readme)
+    assert m, "README.md lost its sentence on the effort table"
+    rows = _parse((DOCS / "effort.md").read_text())
+    assert float(m.group(1)) == rows["clts_s0.1"][0] and float(m.group(2)) == rows["baseline"][0]

@@ -1,9 +1,11 @@
 """
-The CPU study (experiments/study.py): its arms produce the intended sampler and optimizer
+The CPU study (experiments/study/): its arms produce the intended sampler and optimizer
 settings, an interrupted study resumes without redoing finished runs, and the committed
 ledger reprints every table on a fresh machine.
 """
 import csv
+import io
+import zipfile
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -644,3 +647,46 @@ def test_the_fastest_rule_needs_the_speedup_at_every_late_horizon_and_the_lead(t
     assert study.decide_fastest(study.SCALES["cpu"], table, per_arm) is None
     text = study.speedup_markdown(scale, table, decision)
     assert "Arms that meet it: laplace." in text and "| laplace | 1 2 | ≥1.00 [≥1.00, ≥1.00] | ≥2.00 [≥2.00, ≥2.00] |" in text
+
+
+def _tiny_cifar_zip(path, split, per_class):
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+            for i in range(per_class):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+                z.writestr(f"{split}/{c}/{i:04d}.jpg", buf.getvalue())
+
+
+def test_gpu_short_command_runs_at_the_test_scale(tmp_path):
+    """scripts/launch/gpu_short.sh: prepare (what travels to the GPU) then run, at the test scale on CPU
+    (one arm, to keep the suite short: the runner's arms are the same code at every scale)."""
+    src = tmp_path / "cifar"
+    src.mkdir()
+    _tiny_cifar_zip(src / "train.zip", "train", 4)
+    _tiny_cifar_zip(src / "test.zip", "test", 30)
+    script = REPO / "scripts" / "launch" / "gpu_short.sh"
+    env = {**os.environ, "SOURCE_DIR": str(src), "DATA": str(tmp_path / "travels"), "PYTHON": sys.executable,
+           "SCALE": "test", "ARMS": "baseline", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    missing = subprocess.run(["bash", str(script), "run", str(out)], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "run 'scripts/launch/gpu_short.sh prepare' first" in missing.stderr
+    subprocess.run(["bash", str(script), "prepare"], check=True, env=env, capture_output=True, text=True)
+    with zipfile.ZipFile(tmp_path / "travels" / "test.zip") as z:  # only the probe's images travel
+        assert len(z.namelist()) == study.PROBE_IMAGES
+    done = subprocess.run(["bash", str(script), "run", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [p.name for p in (out / "ledger" / "test").iterdir() if p.is_dir()] == ["baseline-s1"]
+    assert study.in_ledger(str(out / "ledger"), study.SCALES["test"], "baseline-s1")
+    assert "ledger in" in (out / "study.log").read_text()
+    # on the GPU it runs the preset's group
+    assert '--scale "${SCALE:-gpu_short}"' in script.read_text() and '--arms "${ARMS:-gpu_short}"' in script.read_text()
+
+
+def test_gpu_short_preset_fits_its_budget_by_arithmetic():
+    """The preset's size, as the comment in arms.py states it: 3 arms at once, FID of >= 5,000 samples."""
+    s = study.SCALES["gpu_short"]
+    assert s.image_size == 32 and s.num_samples >= 5000 and s.jobs == len(study.GROUPS["gpu_short"])
+    assert s.eval_steps() == [1000, 2000, 3000, 4000] and s.extra.get("precision") == "auto"
+    assert study.GROUPS["gpu_short"][:2] == ("baseline", study.BEST_ARM)

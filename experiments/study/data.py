@@ -1,11 +1,14 @@
 """
 The study's data: CIFAR-10 at the study's resolution (``prepare_data``: the training images and the
-FID/KID reference subset) and the held-out probe images (``prepare_heldout``: CIFAR-10's test split).
+FID/KID reference subset), the held-out probe images (``prepare_heldout``: CIFAR-10's test split) and
+what a GPU machine needs of it (``device_data``).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import zipfile
 from typing import Callable, Tuple
 
 import numpy as np
@@ -127,3 +130,32 @@ def prepare_heldout(out: str, scale: Scale, source: str = "", log: Callable[[str
     with writing(path):
         write_npz(path, _resize_all(np.asarray(images), scale.image_size))
     return path
+
+
+def device_data(source_dir: str, dest: str, test_images: int = PROBE_IMAGES) -> Tuple[str, str]:
+    """
+    What a GPU machine needs of CIFAR-10 for a study, small enough to travel (a device call carries
+    64 MB): ``dest/train.zip``, a copy of ``source_dir/train.zip`` (CIFAR-10's JPEG zip), and
+    ``dest/test.zip`` with only the first ``test_images`` test images (by name, as the packer reads
+    them), for the held-out probe.
+
+    :return: (train zip, test zip).
+    :raises FileNotFoundError: naming the missing zip.
+    """
+    train_src, test_src = (os.path.join(source_dir, f"{split}.zip") for split in ("train", "test"))
+    for path in (train_src, test_src):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"gpu_short.sh prepare: {path} is missing (CIFAR-10's JPEG zips; SOURCE_DIR)")
+    os.makedirs(dest, exist_ok=True)
+    train, test = os.path.join(dest, "train.zip"), os.path.join(dest, "test.zip")
+    with writing(train):
+        shutil.copyfile(train_src, train + ".tmp")
+        os.replace(train + ".tmp", train)
+    with zipfile.ZipFile(test_src) as zin:
+        # the packer reads a zip in sorted name order: its first ``test_images`` are the probe's
+        keep = sorted((i for i in zin.infolist() if not i.is_dir()), key=lambda i: i.filename)[:test_images]
+        with writing(test), zipfile.ZipFile(test + ".tmp", "w", zipfile.ZIP_STORED) as zout:
+            for info in keep:
+                zout.writestr(info, zin.read(info))
+    os.replace(test + ".tmp", test)
+    return train, test

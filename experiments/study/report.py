@@ -362,7 +362,7 @@ def claims_table(scale: Scale, per_arm: Dict[str, Dict[str, Any]], rows: Sequenc
              "else a paired "
              f"t-test at {100 * VERDICT_ALPHA:g}% (two-sided) with the seed noise pooled over the scale's arms"
              + (f" (sd {noise[0]:.2f} FID, {noise[1]} degrees of freedom)" if noise else "")
-             + "; rules: `experiments/study.py: verdict`.", "",
+             + "; rules: `experiments/study/stats.py: verdict`.", "",
              "| claim | the paper | measured here | verdict |", "|---|---|---|---|"]
 
     def add(claim: str, paper: str, measured: str, v: str) -> None:
