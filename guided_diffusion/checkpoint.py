@@ -363,6 +363,8 @@ def load_state_file(path: str) -> Dict[str, Any]:
             state = dist_util.safe_torch_load(path, what="state file", map_location="cpu")
     except ValueError as e:  # the message names the file and why, without torch's advice to load it unsafely
         problem = str(e)
+    except OSError as e:  # unreadable (permissions, I/O): a state file that cannot be used, as before
+        problem = f"cannot read the state file {path}: {type(e).__name__}: {e}"
     if problem is not None:  # raised here, with no exception chained to it
         raise ResumeError(problem)
     if not isinstance(state, dict) or "step" not in state:

@@ -38,9 +38,13 @@ def level_boundaries(alphas_cumprod: np.ndarray) -> np.ndarray:
 
     :raises ValueError: lambda does not decrease along the chain (not a forward noising schedule).
     """
-    lam = log_snr(alphas_cumprod)
-    if lam.ndim != 1 or len(lam) == 0:
-        raise ValueError(f"alphas_cumprod must be a non-empty 1-D array, got shape {lam.shape}")
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    if ac.ndim != 1 or len(ac) == 0:
+        raise ValueError(f"alphas_cumprod must be a non-empty 1-D array, got shape {ac.shape}")
+    if not np.all((ac >= 0.0) & (ac <= 1.0)):  # NaN fails too
+        raise ValueError("a noise-level density needs alphas_cumprod in [0, 1] at every step "
+                         f"(got values from {np.nanmin(ac)!r} to {np.nanmax(ac)!r}, NaN: {bool(np.isnan(ac).any())})")
+    lam = log_snr(ac)
     with np.errstate(invalid="ignore"):
         if np.any(np.diff(lam) > 0):
             raise ValueError("a noise-level density needs a schedule whose log-SNR decreases with t "

@@ -354,10 +354,11 @@ def get_rank_without_mpi_import() -> int:
     """
     This process's MPI rank read from the launcher's environment (``PMI_RANK``, MPICH/Hydra;
     ``OMPI_COMM_WORLD_RANK``, Open MPI; and ``PMIX_RANK``), without importing mpi4py (which would
-    call ``MPI_Init()``); 0 when none is set (upstream's helper). ``configure`` uses it before a
-    process group exists, so that only rank 0 writes.
+    call ``MPI_Init()``), then torchrun's ``RANK`` (this project launches with torchrun too); 0 when
+    none is set (upstream's helper). ``configure`` uses it before a process group exists, so that
+    only rank 0 writes.
     """
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
         value = os.environ.get(name, "").strip()
         if value:
             try:

@@ -146,9 +146,19 @@ def samples_seen(state: Optional[Dict[str, Any]], step: int, global_batch: int) 
 
 
 def adopt_parameters(module: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
-    """Copy ``params`` into ``module``'s parameters, in order (nothing where they are the same tensors)."""
+    """
+    Copy ``params`` into ``module``'s parameters, in order (nothing where they are the same tensors).
+
+    :raises ValueError: ``params`` is not one tensor per parameter (e.g. an overridden
+        ``_load_ema_parameters`` that returned another model's list).
+    """
+    targets = list(module.parameters())
+    params = list(params)
+    if len(params) != len(targets):
+        raise ValueError(f"expected one tensor per model parameter ({len(targets)}), got {len(params)} "
+                         "(the list an _load_ema_parameters returned?)")
     with torch.no_grad():
-        for dst, src in zip(module.parameters(), params):
+        for dst, src in zip(targets, params):
             if dst is not src:
                 dst.copy_(src)
 

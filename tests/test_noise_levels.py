@@ -272,3 +272,9 @@ def test_clts_floor_composes_with_min_snr():
     table = loss_weighting("min_snr", d, min_snr_gamma=5.0)
     assert (t >= 600).float().mean() > 0.1  # the floor: uniform's 40% halved, not the Gaussian's ~0%
     assert np.all(table[t.numpy()] <= 1.0)
+
+
+@pytest.mark.parametrize("bad", [[0.9, 1.2, 0.5], [0.9, float("nan"), 0.1], [0.9, -0.1, 0.0]])
+def test_a_schedule_outside_0_1_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"alphas_cumprod in \[0, 1\]"):
+        level_boundaries(np.array(bad))

@@ -148,3 +148,14 @@ def test_sample_script_names_a_text_checkpoint(tmp_path, capsys):
     assert proc.returncode != 0
     assert f"{path} is not a valid checkpoint" in proc.stderr
     assert "weights_only" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_state_file_is_a_resume_error_naming_it(tmp_path):
+    """An OSError reading a state file (here: a folder in its place) is a ResumeError, so the resume
+    scans (checkpoint.saved_config) skip it instead of stopping."""
+    from guided_diffusion.checkpoint import ResumeError, load_state_file
+
+    bad = tmp_path / "state000004.pt"
+    bad.mkdir()
+    with pytest.raises(ResumeError, match="state000004.pt"):
+        load_state_file(str(bad))

@@ -5,6 +5,7 @@ ledger reprints every table on a fresh machine.
 """
 import csv
 import io
+import tarfile
 import zipfile
 import json
 import os
@@ -618,6 +619,7 @@ def test_speedup_is_k_over_the_iterations_to_the_baselines_fid_at_k():
     assert study.speedup(arm, base, 4000) == (1.0, "<")
     assert study.speedup(arm, base, 5000) is None and study.speedup([], base, 1000) is None
     assert study.mean_speedup({1: (1.5, ""), 2: (1.0, "<")}) == (1.25, "<")
+    assert study.mean_speedup({1: (1.5, ">="), 2: (1.0, "<")}) == (1.25, "mixed")  # no bound either way
     assert study.mean_speedup({1: (1.5, ""), 2: (2.0, ">=")}) == (1.75, ">=")
     assert study.mean_speedup({1: None}) is None
 
@@ -677,9 +679,15 @@ def test_gpu_short_command_runs_at_the_test_scale(tmp_path):
         assert len(z.namelist()) == study.PROBE_IMAGES
     done = subprocess.run(["bash", str(script), "run", str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert [p.name for p in (out / "ledger" / "test").iterdir() if p.is_dir()] == ["baseline-s1"]
-    assert study.in_ledger(str(out / "ledger"), study.SCALES["test"], "baseline-s1")
+    ledger = out / "work" / "ledger"
+    assert [p.name for p in (ledger / "test").iterdir() if p.is_dir()] == ["baseline-s1"]
+    assert study.in_ledger(str(ledger), study.SCALES["test"], "baseline-s1")
     assert "ledger in" in (out / "study.log").read_text()
+    # what comes back from a device call: the log and one archive of the ledger, without the samples
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["ledger.tgz", "study.log"]
+    with tarfile.open(out / "ledger.tgz") as tar:
+        names = tar.getnames()
+    assert "ledger/test/baseline-s1/done.json" in names and not any(n.endswith(".npz") for n in names)
     # on the GPU it runs the preset's group
     assert '--scale "${SCALE:-gpu_short}"' in script.read_text() and '--arms "${ARMS:-gpu_short}"' in script.read_text()
 

@@ -564,9 +564,11 @@ def test_dist_util_constants():
 def test_get_rank_without_mpi_import(monkeypatch, tmp_path):
     from guided_diffusion import logger
 
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
         monkeypatch.delenv(name, raising=False)
     assert logger.get_rank_without_mpi_import() == 0
+    monkeypatch.setenv("RANK", "5")  # torchrun's, after the MPI launchers'
+    assert logger.get_rank_without_mpi_import() == 5
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
     assert logger.get_rank_without_mpi_import() == 3
     monkeypatch.setenv("PMI_RANK", "2")
@@ -578,6 +580,7 @@ def test_get_rank_without_mpi_import(monkeypatch, tmp_path):
     assert not (tmp_path / "rank2").exists()
     monkeypatch.delenv("PMI_RANK")
     monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+    monkeypatch.delenv("RANK")
     logger.configure(dir=str(tmp_path / "rank0"), format_strs=["csv"])
     assert (tmp_path / "rank0").is_dir()
 
@@ -661,3 +664,13 @@ def test_mpi_weighted_mean():
     ranks = [{"a": (1.0, 1), "b": (2.0, 3)}, {"a": (4.0, 2)}]
     assert logger.mpi_weighted_mean(Comm(0, ranks), ranks[0]) == {"a": 3.0, "b": 2.0}
     assert logger.mpi_weighted_mean(Comm(1, ranks), ranks[1]) == {}
+
+
+def test_adopting_a_parameter_list_of_the_wrong_length_is_refused():
+    from guided_diffusion.train_state import adopt_parameters
+
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="one tensor per model parameter"):
+        adopt_parameters(module, [torch.zeros(2, 2)])
+    adopt_parameters(module, [torch.ones(2, 2), torch.ones(2)])
+    assert float(module.weight.sum()) == 4.0

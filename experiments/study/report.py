@@ -205,15 +205,15 @@ def speedup_table(scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
 def _speedup_cell(value: Optional[Tuple[float, str]]) -> str:
     if value is None:
         return "n/a"
-    return {"": "", ">=": "≥", "<": "<"}[value[1]] + f"{value[0]:.2f}"
+    return {"": "", ">=": "≥", "<": "<", "mixed": "~"}[value[1]] + f"{value[0]:.2f}"
 
 
 def decide_fastest(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
                    per_arm: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """
     Issue 32's rule, at ``DECISION_SCALE`` only (None elsewhere): an arm is "fastest" when its mean
-    S(k) >= ``DECISION_MIN_SPEEDUP`` at every evaluated k >= ``DECISION_FROM_STEP`` (a "<" bound
-    fails; a ">=" bound counts as its value) and it ends ahead of the baseline and of Min-SNR (mean
+    S(k) >= ``DECISION_MIN_SPEEDUP`` at every evaluated k >= ``DECISION_FROM_STEP`` (a "<" or
+    "mixed" mean fails; a ">=" bound counts as its value) and it ends ahead of the baseline and of Min-SNR (mean
     paired final-FID difference below 0, over the seeds both have).
 
     :return: ``{"qualified": [arms], "checked": {arm: reason}}``.
@@ -224,7 +224,8 @@ def decide_fastest(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
     qualified: List[str] = []
     for arm, per_k in speedups.items():
         late = {k: v["mean"] for k, v in per_k.items() if k >= DECISION_FROM_STEP}
-        slow = [k for k, m in late.items() if m is None or m[1] == "<" or m[0] < DECISION_MIN_SPEEDUP]
+        # a "<" or a "mixed" mean is no lower bound: it fails the rule whatever its value
+        slow = [k for k, m in late.items() if m is None or m[1] in ("<", "mixed") or m[0] < DECISION_MIN_SPEEDUP]
         reasons = []
         if slow:
             reasons.append(f"S < {DECISION_MIN_SPEEDUP:g} from step {min(slow)}")
@@ -245,7 +246,8 @@ def speedup_markdown(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]
     lines = [f"S(k) = k / (iterations the arm needs to reach the FID the baseline of the same seed has at step k), "
              f"interpolated between checkpoints every {scale.eval_every} steps; 1 = as fast as the baseline, "
              "2 = the paper's claim for CLTS + MDLRC. ≥: already below the target at the first checkpoint; "
-             f"<: never reached within the {scale.total_steps} steps. Mean over seeds (each seed's in brackets).",
+             "<: not reached by the last measured step; ~: seeds censored both ways (no bound). Mean over seeds "
+             "(each seed's in brackets).",
              "", "| arm | seeds | " + " | ".join(f"S({k})" for k in steps) + " |",
              "|---|---|" + "---|" * len(steps)]
     for arm, per_k in speedups.items():

@@ -186,8 +186,8 @@ def speedup(arm_curve: Sequence[Tuple[int, float]], base_curve: Sequence[Tuple[i
     seed's curves ((step, FID), as measured; ``iterations_to_reach`` interpolates between points).
 
     :return: ``(S, bound)``; ``bound`` is "" for a measured S, ">=" when the arm is already below
-        the target at its first point (S is at least k / that step), "<" when it never gets there
-        within its curve (S is below k / its last step); None when the baseline has no point at k
+        the target at its first point (S is at least k / that step), "<" when it has not got there
+        by its last measured step (S is below k / that step); None when the baseline has no point at k
         or the arm has no curve.
     """
     target = next((f for st, f in base_curve if st == k), None)
@@ -202,9 +202,13 @@ def speedup(arm_curve: Sequence[Tuple[int, float]], base_curve: Sequence[Tuple[i
 
 
 def mean_speedup(per_seed: Dict[int, Optional[Tuple[float, str]]]) -> Optional[Tuple[float, str]]:
-    """The mean S over the seeds that have one, with the bound of any censored seed ("<" wins)."""
+    """
+    The mean S over the seeds that have one, with the bound its censored seeds give it: "<" or
+    ">=" when they are all censored the same way, "mixed" when some are "<" and others ">=" (the
+    mean is then no bound at all).
+    """
     got = [v for v in per_seed.values() if v is not None]
     if not got:
         return None
     bounds = {b for _, b in got if b}
-    return float(np.mean([v for v, _ in got])), ("<" if "<" in bounds else ">=" if bounds else "")
+    return float(np.mean([v for v, _ in got])), ("mixed" if len(bounds) > 1 else bounds.pop() if bounds else "")
