@@ -12,6 +12,9 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$here/runs/study-cpu}"
 ledger="${2:-$here/docs/study/ledger}"
 py="${PYTHON:-python}"
+# the code of this checkout (a worktree's), not the editable install's: `pip install -e .` points the
+# interpreter at the main checkout, whose later edits would otherwise change the code under a running study
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 step() { "$py" "$here/scripts/study.py" --ledger "$ledger" --jobs 2 "$@"; }
 step --out "$out" --arms sigma --seeds 1,2
 step --out "$out" --arms headline --seeds 1,2,3
@@ -19,3 +22,5 @@ step --out "$out" --arms modules,mu,target --seeds 1,2
 step --out "$out" --arms comparisons --seeds 1,2
 # the long horizon in a folder of its own (its run folders have the same names as the cpu runs)
 step --out "$out-long" --scale cpu_long --arms long --seeds 1,2
+# issue 32's second round of the long horizon: seed 1 of every new arm (seed 2 of the best follows by hand)
+step --out "$out-long" --scale cpu_long --arms long_new --seeds 1
