@@ -3,6 +3,7 @@ Run (or continue) the small-scale CLTS/MDLRC study on CIFAR-10 and print its sum
 
     python scripts/study.py                           # the "first" arms x 2 seeds, 2 CPU cores, -> runs/study-cpu
     python scripts/study.py --arms comparisons        # a group (or comma-separated arms); ledger runs are skipped
+    python scripts/study.py --scale cpu_long --arms long_new_seed2 --seeds 2   # seed 2 of the best long_new arms
     python scripts/study.py --scale gpu --out runs/study-gpu   # one GPU, larger model, more steps
     python scripts/study.py --summary_only True       # reprint the tables from the ledger (make study: both scales)
 
@@ -18,8 +19,8 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 
-from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, arms_named, export_results, preset, \
-    doc_sections, run_bootstrap, run_study, summarize, write_doc_section  # noqa: E402
+from experiments.study import ARM_NAMES, DEFAULT_LEDGER, GROUPS, SCALES, SECOND_SEED_SUFFIX, export_results, preset, \
+    doc_sections, resolve_arms, run_bootstrap, run_study, summarize, write_doc_section  # noqa: E402
 from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
@@ -31,7 +32,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                 "packed .npz (default: .data/cifar10_train.npz, then "
                                                 "../shared/data/cifar10-jpeg/train.zip)")
     p.add_argument("--arms", default="first", help=f"comma-separated arms and/or groups ({', '.join(GROUPS)}); "
-                                                   f"arms: {', '.join(ARM_NAMES)}")
+                                                   f"arms: {', '.join(ARM_NAMES)}; or <group>{SECOND_SEED_SUFFIX} "
+                                                   "(e.g. long_new_seed2): the group's arms that earn a second seed, "
+                                                   "chosen from the ledger's seed-1 runs")
     p.add_argument("--ledger", default=None,
                    help="the committed results (default docs/study/ledger; with --scale test <out>/ledger): runs "
                         "found there are not run again, finished runs are copied there, tables and figures are "
@@ -61,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     scale = preset(args.scale)
     out = args.out or os.path.join("runs", f"study-{args.scale}")
     args.ledger = resolve_ledger(args.ledger, scale.name, out)
-    arms = arms_named(args.arms)
+    arms = resolve_arms(args.arms, scale, args.ledger)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or list(scale.seeds)
     except ValueError:

@@ -22,5 +22,7 @@ step --out "$out" --arms modules,mu,target --seeds 1,2
 step --out "$out" --arms comparisons --seeds 1,2
 # the long horizon in a folder of its own (its run folders have the same names as the cpu runs)
 step --out "$out-long" --scale cpu_long --arms long --seeds 1,2
-# issue 32's second round of the long horizon: seed 1 of every new arm (seed 2 of the best follows by hand)
+# issue 32's second round of the long horizon: seed 1 of every new arm, then seed 2 of the three best at step
+# 10,000 and of every arm ahead of the baseline there (chosen from the committed seed-1 runs)
 step --out "$out-long" --scale cpu_long --arms long_new --seeds 1
+step --out "$out-long" --scale cpu_long --arms long_new_seed2 --seeds 2

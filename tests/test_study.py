@@ -698,3 +698,40 @@ def test_gpu_short_preset_fits_its_budget_by_arithmetic():
     assert s.image_size == 32 and s.num_samples >= 5000 and s.jobs == len(study.GROUPS["gpu_short"])
     assert s.eval_steps() == [1000, 2000, 3000, 4000] and s.extra.get("precision") == "auto"
     assert study.GROUPS["gpu_short"][:2] == ("baseline", study.BEST_ARM)
+
+
+def _ledger_run(ledger, scale, run, final):
+    """A committed run whose only curve point is ``final`` at the scale's last step (DDIM, the scale's sampler)."""
+    d = ledger / scale.name / run
+    d.mkdir(parents=True)
+    (d / "fid_curve.csv").write_text(
+        "step,fid,kid,sampler,sampling_steps,num_samples\n"
+        f"{scale.total_steps},{final},0.1,ddim,{int(scale.sampling.replace('ddim', ''))},{scale.num_samples}\n")
+    (d / study.DONE_FILE).write_text("{}")
+
+
+def test_second_seed_goes_to_the_three_best_and_every_arm_ahead_of_the_baseline(tmp_path):
+    """``--arms long_new_seed2``: chosen from the committed seed-1 runs at the final step; refused, naming the
+    missing runs, before seed 1 of every arm (and the baseline) is committed."""
+    scale = study.SCALES["cpu_long"]
+    finals = dict(zip(study.GROUPS["long_new"], (40.0, 35.0, 50.0, 38.0, 60.0, 55.0, 45.0, 39.0)))
+    _ledger_run(tmp_path, scale, "baseline-s1", 39.5)
+    for arm in list(finals)[:-1]:
+        _ledger_run(tmp_path, scale, study.run_name(arm, 1), finals[arm])
+    last = study.run_name(list(finals)[-1], 1)
+    with pytest.raises(ValueError, match=f"--arms long_new_seed2: .*missing: {last}$"):
+        study.resolve_arms("long_new_seed2", scale, str(tmp_path), log=lambda _: None)
+    _ledger_run(tmp_path, scale, last, finals[list(finals)[-1]])
+    lines = []
+    chosen = [a.name for a in study.resolve_arms("long_new_seed2", scale, str(tmp_path), log=lines.append)]
+    # 35 (laplace), 38 (floor + Min-SNR), 39 (speed): the best three, all ahead of 39.5; 40 is not
+    assert chosen == ["laplace", "clts_s0.1_floor0.5_minsnr", "speed"]
+    assert "study: edm: final FID 60.00 (baseline 39.50): no second seed" in lines
+    # one arm ahead of the baseline beyond the best three also gets its seed
+    base = tmp_path / scale.name / "baseline-s1" / "fid_curve.csv"
+    base.write_text(base.read_text().replace(",39.5,", ",41.0,"))
+    chosen = [a.name for a in study.resolve_arms("long_new_seed2", scale, str(tmp_path), log=lines.append)]
+    assert chosen == ["laplace", "clts_s0.1_floor0.5_minsnr", "speed", "clts_s0.1_floor0.5"]
+    assert [a.name for a in study.resolve_arms("laplace,edm", scale, str(tmp_path))] == ["laplace", "edm"]
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        study.resolve_arms("nope_seed2", scale, str(tmp_path))

@@ -51,8 +51,9 @@ from experiments.study.ledger import BOOTSTRAP_FILE, DEFAULT_LEDGER, DONE_FILE, 
 from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, mean_speedup, \
     speedup, paired_differences, paired_lead, paired_noise, probe_relative, seed_band, seed_diffs, verdict
 from experiments.study.plots import ABLATION_PANELS, plot_ablations, plot_curves, plot_probe, plot_speedup
-from experiments.study.report import DECISION_SCALE, DOC_PARTS, PAGE_SCALES, claims_table, decide_fastest, doc_markers, \
-    doc_sections, speedup_markdown, speedup_table, summarize, write_doc_section
+from experiments.study.report import DECISION_SCALE, DOC_PARTS, PAGE_SCALES, SECOND_SEED_SUFFIX, SECOND_SEED_TOP, \
+    claims_table, decide_fastest, doc_markers, doc_sections, resolve_arms, second_seed_arms, speedup_markdown, \
+    speedup_table, summarize, write_doc_section
 from experiments.study.runner import LOCK_FILE, StudyLock, backfill_samples, backfill_second_sampler, \
     bootstrap_arms, bootstrap_study, export_results, run_bootstrap, run_study, train_and_evaluate
 

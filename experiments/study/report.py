@@ -15,10 +15,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.study.arms import ARM_CLAIMS, ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, HEADLINE, Arm, \
-    Scale, ablation_value, run_name
+    Scale, ablation_value, arms_named, run_name
 from experiments.study.errors import writing
 from experiments.study.evaluation import BOOTSTRAP_DRAWS
-from experiments.study.ledger import BOOTSTRAP_FILE, check_ledger, in_ledger, ledger_dir, probe_rows, read_curve
+from experiments.study.ledger import BOOTSTRAP_FILE, check_ledger, final_fid, in_ledger, ledger_dir, probe_rows, \
+    read_curve
 from experiments.study.plots import plot_ablations, plot_curves, plot_probe, plot_speedup
 from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, mean_speedup, \
     paired_differences, paired_lead, paired_noise, probe_relative, seed_diffs, speedup, verdict
@@ -36,6 +37,49 @@ DECISION_MIN_SPEEDUP = 1.5
 DECISION_FROM_STEP = 2000
 # the scales docs/study.md shows, each with the arms `make study` reprints for it
 PAGE_SCALES = (("cpu", "first"), ("cpu_long", "long"))
+# ``--arms <group>_seed2``: the arms of ``<group>`` that get a second seed once seed 1 of every one is
+# committed (issue 32, item 5): the SECOND_SEED_TOP best at the final step, and every arm ahead of the baseline there
+SECOND_SEED_SUFFIX = "_seed2"
+SECOND_SEED_TOP = 3
+
+
+def second_seed_arms(group: str, scale: Scale, ledger: str,
+                     log: Callable[[str], None] = print) -> List[Arm]:
+    """
+    The arms of ``GROUPS[group]`` that earn a second seed, chosen from the committed seed-1 runs: the
+    ``SECOND_SEED_TOP`` lowest final FIDs, plus every arm whose final FID is below the baseline's
+    (seed 1, paired), best first. ``ValueError`` naming what is missing when seed 1 of an arm or of the
+    baseline is not in ``ledger`` yet (the choice needs all of them).
+    """
+    if group not in GROUPS:
+        raise ValueError(f"--arms {group}{SECOND_SEED_SUFFIX}: unknown group {group!r}; groups: {', '.join(GROUPS)}")
+    if not ledger:
+        raise ValueError(f"--arms {group}{SECOND_SEED_SUFFIX} chooses from the ledger's seed-1 runs: give --ledger")
+    finals: Dict[str, Optional[float]] = {}
+    for name in ("baseline",) + tuple(n for n in GROUPS[group] if n != "baseline"):
+        run = run_name(name, 1)
+        finals[name] = final_fid(ledger_dir(ledger, scale, run), scale) if in_ledger(ledger, scale, run) else None
+    missing = [run_name(n, 1) for n, f in finals.items() if f is None]
+    if missing:
+        raise ValueError(f"--arms {group}{SECOND_SEED_SUFFIX}: the choice needs seed 1 of every arm at step "
+                         f"{scale.total_steps} in {os.path.join(ledger, scale.name)}; missing: {', '.join(missing)}")
+    base = finals.pop("baseline")
+    ranked = sorted(finals, key=lambda n: (finals[n], n))
+    chosen = []
+    for i, n in enumerate(ranked):
+        why = [f"among the best {SECOND_SEED_TOP}"] * (i < SECOND_SEED_TOP) + ["ahead of the baseline"] * (finals[n] < base)
+        if why:
+            chosen.append(n)
+        log(f"study: {n}: final FID {finals[n]:.2f} (baseline {base:.2f}): "
+            + (f"seed 2 ({', '.join(why)})" if why else "no second seed"))
+    return [next(a for a in ARMS if a.name == n) for n in chosen]
+
+
+def resolve_arms(spec: str, scale: Scale, ledger: str, log: Callable[[str], None] = print) -> List[Arm]:
+    """``--arms``: ``arms_named``'s names and groups, or ``<group>_seed2`` (``second_seed_arms``)."""
+    if spec.strip().endswith(SECOND_SEED_SUFFIX) and "," not in spec:
+        return second_seed_arms(spec.strip()[:-len(SECOND_SEED_SUFFIX)], scale, ledger, log)
+    return arms_named(spec)
 
 
 def doc_markers(scale: str, part: str = "claims") -> Tuple[str, str]:
