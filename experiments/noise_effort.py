@@ -4,7 +4,8 @@ What each training method spends where across noise levels (issue 32, item 4).
 Every method of the study is a pair (timestep density p(t), loss weight w(t)); in epsilon-MSE units
 the objective it optimises is sum_t p(t) w(t) L_t, so the normalised p(t) w(t) says where its
 training effort goes. EDM and SD3 draw few high-noise steps but weight them heavily; CLTS draws them
-rarely and does not weight them.
+rarely and does not weight them. The same objective can be trained with the weight folded into the
+sampler (``--fold_weighting``: the ``*_folded`` arms), which keeps p w and gives every draw weight 1.
 
 The methods are the study's arms (``experiments.study``: one declaration of each arm's flags), built
 with the library's own samplers and weightings for the scale's diffusion. A method whose p(t)
@@ -15,22 +16,23 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from experiments.plotting import pyplot
-from experiments.study import Scale, arm_flags, arms_named
+from experiments.study import DEFAULT_LEDGER, Scale, arm_flags, arms_named, ledger_dir, probe_rows, run_name
 from guided_diffusion.files import atomic_write, atomic_write_text
+from guided_diffusion.folded import effective_batch_fraction
 from guided_diffusion.method_registry import known_method_options
 from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
 from guided_diffusion.script_util import create_gaussian_diffusion
 
-__all__ = ["EFFORT_ARMS", "HIGH_NOISE", "arm_effort", "effort_table", "write_effort"]
+__all__ = ["EFFORT_ARMS", "HIGH_NOISE", "arm_effort", "effort_table", "probe_loss", "write_effort"]
 
 #: the arms drawn, in the figure's order: the long horizon's committed arms, then issue 32's
 EFFORT_ARMS = ("baseline", "clts_s0.1", "min_snr", "p2", "speed", "clts_s0.1_floor0.5", "clts_s0.1_release0.5",
-               "clts_s0.1_floor0.5_minsnr", "laplace", "edm", "logit_normal")
+               "clts_s0.1_floor0.5_minsnr", "laplace", "edm", "logit_normal", "edm_folded", "logit_normal_folded")
 #: the high-noise regions whose shares are reported, as fractions of T
 HIGH_NOISE = (0.6, 0.8)
 _STEP_STRIDE = 10  # the run average of a changing p(t): every 10th training step (p is piecewise linear in i)
@@ -64,11 +66,32 @@ def arm_effort(arm: str, scale: Scale) -> Dict[str, np.ndarray]:
     else:
         w = loss_weighting(name, diffusion, **options)
     pw = p * w
+    if flags.get("fold_weighting"):
+        # the weight folded into the sampler: it draws p w, and every draw weighs 1
+        p, w = pw, np.ones_like(p)
     return {"p": p / p.sum(), "w": w, "pw": pw / pw.sum()}
 
 
-def effort_table(scale: Scale, arms: Sequence[str] = EFFORT_ARMS) -> List[Dict[str, Any]]:
-    """Per arm: the share of draws and of the objective p w at t > f T for each f of ``HIGH_NOISE``."""
+def probe_loss(scale: Scale, ledger: str = DEFAULT_LEDGER) -> Optional[np.ndarray]:
+    """
+    L(t) for every t: the committed baseline's (seed 1) held-out epsilon-MSE at its final step, the
+    probe's points joined log-linearly (held flat beyond its first and last t). None without that
+    probe in ``ledger``.
+    """
+    rows = probe_rows(ledger_dir(ledger, scale, run_name("baseline", 1)), scale.total_steps)
+    if not rows:
+        return None
+    ts = np.array(sorted(rows), dtype=np.float64)
+    return np.exp(np.interp(np.arange(scale.diffusion_steps), ts, np.log([rows[int(t)] for t in ts])))
+
+
+def effort_table(scale: Scale, arms: Sequence[str] = EFFORT_ARMS,
+                 loss: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+    """
+    Per arm: the share of draws and of the objective p w at t > f T for each f of ``HIGH_NOISE``, and
+    the effective batch as a fraction of the batch (``folded.effective_batch_fraction``): of the
+    weights alone, and, given ``loss`` (``probe_loss``), of what each draw contributes, w(t) L(t).
+    """
     rows = []
     for arm in arms:
         e = arm_effort(arm, scale)
@@ -78,26 +101,34 @@ def effort_table(scale: Scale, arms: Sequence[str] = EFFORT_ARMS) -> List[Dict[s
             cut = int(np.floor(f * T)) + 1  # t > f T
             row[f"draws_t>{f:g}T"] = float(e["p"][cut:].sum())
             row[f"effort_t>{f:g}T"] = float(e["pw"][cut:].sum())
+        row["effective batch, w"] = effective_batch_fraction(e["p"], e["w"])
+        if loss is not None:
+            row["effective batch, w·L"] = effective_batch_fraction(e["p"], e["w"], loss)
         rows.append(row)
     return rows
 
 
-def _markdown(rows: List[Dict[str, Any]], scale: Scale) -> str:
+def _markdown(rows: List[Dict[str, Any]], scale: Scale, with_loss: bool) -> str:
     cols = [k for k in rows[0] if k != "arm"]
     head = ("| arm | " + " | ".join(c.replace("draws_", "share of draws, ").replace("effort_", "share of p·w, ")
                                   for c in cols) + " |")
     lines = [f"Schedule: {scale.noise_schedule}, T = {scale.diffusion_steps}; p(t) averaged over a "
              f"{scale.total_steps}-step run (CLTS target {scale.clts_target_steps}). "
-             "Shares in percent.", "", head, "|---" * (len(cols) + 1) + "|"]
+             "Shares in percent. Effective batch (Kish, percent of the batch): E[c]² / E[c²] under p of what "
+             "one draw contributes, c = w (the weights alone)"
+             + (" or c = w·L with L the committed baseline's held-out ε-MSE at its final step (seed 1)"
+                if with_loss else "") + ".", "", head, "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r['arm']} | " + " | ".join(f"{100 * r[c]:.1f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_effort(out: str, scale: Scale, arms: Sequence[str] = EFFORT_ARMS) -> Dict[str, str]:
+def write_effort(out: str, scale: Scale, arms: Sequence[str] = EFFORT_ARMS,
+                 ledger: str = DEFAULT_LEDGER) -> Dict[str, str]:
     """
     Write ``effort.csv`` (t, then p, w and normalised p w of every arm), ``effort.md`` (the shares
-    table) and ``effort.png`` (three panels: p, w, p w) into ``out``.
+    table, with the effective batch of w·L where ``ledger`` holds the baseline's probe) and
+    ``effort.png`` (three panels: p, w, p w) into ``out``.
 
     :return: ``{"csv", "md", "png", "table"}``: the paths and the table's text.
     """
@@ -114,7 +145,8 @@ def write_effort(out: str, scale: Scale, arms: Sequence[str] = EFFORT_ARMS) -> D
             w.writerow([t] + [f"{curves[a][k][t]:.4e}" for a in arms for k in ("p", "w", "pw")])
 
     atomic_write(paths["csv"], write_csv, text=True, newline="")
-    table = _markdown(effort_table(scale, arms), scale)
+    loss = probe_loss(scale, ledger) if ledger else None
+    table = _markdown(effort_table(scale, arms, loss), scale, loss is not None)
     atomic_write_text(paths["md"], table)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))

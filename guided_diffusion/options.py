@@ -14,6 +14,7 @@ import torch
 
 from . import fdm as _fdm
 from .checks import check_integer, check_number, whole_number
+from .folded import check_foldable
 from .method_registry import method_option_defaults
 from .optim import MomentumDecay
 from .resample import create_named_schedule_sampler
@@ -78,8 +79,11 @@ _FLAGS_BEFORE_METHODS: Dict[str, Any] = dict(
     fp16_scale_growth=1e-3,
 )
 _FLAGS_AFTER_METHODS: Dict[str, Any] = dict(
-    # loss weighting: none | min_snr | p2 | speed
+    # loss weighting: none | min_snr | p2 | speed | edm | flow
     loss_weighting="none",
+    # True: draw t in proportion to p(t) w(t) (--schedule_sampler's p, --loss_weighting's w) with weights of 1:
+    # the same objective up to a constant, without the weights' spread (folded.py; fixed samplers only)
+    fold_weighting=False,
     # FDM's loss-weight warm-up (with --fdm True; the FDM model flags are script_util.fdm_defaults()):
     # VP's 1/sigma^2 clamped at 5 -> 500 over this many steps (0: off)
     fdm_warmup_steps=_fdm.DEFAULT_WARMUP_STEPS,
@@ -401,8 +405,10 @@ def _check_methods(args: Dict[str, Any]) -> None:
         # --total_steps is a TrainLoop setting, checked with the loop's (LoopSettings); where it is not
         # among ``args`` a stand-in length lets the sampler check its own options, and
         # training.create_schedule builds it with the real one before anything is written
-        create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0,
-                                      total_steps=args.get("total_steps", 1), **options)
+        sampler = create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0,
+                                                total_steps=args.get("total_steps", 1), **options)
+        if args.get("fold_weighting"):
+            check_foldable(sampler, args.get("loss_weighting", "none"))
     if "loss_weighting" in args:
         create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
 

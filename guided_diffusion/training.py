@@ -31,6 +31,7 @@ from .options import (
     training_defaults,
     validate_training_args,
 )
+from .folded import FoldedSampler, check_foldable
 from .resample import create_named_schedule_sampler, loss_weighting
 from .run_folder import claim_run_folder, prepare_resume
 from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, parse_args_with_config
@@ -148,7 +149,8 @@ def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Opti
     """
     The timestep sampler of ``--schedule_sampler`` and the per-timestep weights of
     ``--loss_weighting`` (None for "none"), built before anything is written so that bad options
-    fail early.
+    fail early. With ``--fold_weighting True`` the weights are folded into the sampler
+    (``folded.FoldedSampler``: t drawn in proportion to p(t) w(t)) and None is returned for them.
 
     One sampler stream is shared by all ranks: TrainLoop draws the global batch's timesteps and
     slices it, so every rank (and a resumed run) agrees.
@@ -161,6 +163,9 @@ def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Opti
     weights = None
     if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
         weights = loss_weighting(args.loss_weighting, diffusion, predict_xstart=args.predict_xstart, **options)
+    if getattr(args, "fold_weighting", False):
+        check_foldable(sampler, args.loss_weighting)
+        return FoldedSampler(sampler, weights, args.loss_weighting, seed=args.seed, rank=0), None
     return sampler, weights
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.noise_effort import write_effort
-from experiments.study import SCALES
+from experiments.study import DEFAULT_LEDGER, SCALES
 
 
 def main() -> None:
@@ -19,8 +19,10 @@ def main() -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu_long", help="the study preset whose schedule "
                    "and run length are used (default cpu_long)")
     p.add_argument("--out", default="docs/study/effort", help="folder for effort.png, effort.csv, effort.md")
+    p.add_argument("--ledger", default=DEFAULT_LEDGER, help="the committed study results whose baseline probe "
+                   "gives the epsilon-MSE of the w·L effective batch (default docs/study/ledger; '' = none)")
     args = p.parse_args()
-    paths = write_effort(args.out, SCALES[args.scale])
+    paths = write_effort(args.out, SCALES[args.scale], ledger=args.ledger)
     print(paths["table"])
     print("wrote " + ", ".join(paths[k] for k in ("png", "csv", "md")))
 

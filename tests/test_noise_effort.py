@@ -22,7 +22,7 @@ def _parse(md: str):
 
 def test_committed_effort_table_is_recomputed():
     committed = _parse((DOCS / "effort.md").read_text())
-    fresh = E.effort_table(SCALES["cpu_long"])
+    fresh = E.effort_table(SCALES["cpu_long"], loss=E.probe_loss(SCALES["cpu_long"]))
     assert list(committed) == [r["arm"] for r in fresh] == list(E.EFFORT_ARMS)
     for r in fresh:
         want = [100 * v for k, v in r.items() if k != "arm"]
@@ -65,3 +65,39 @@ def test_readme_quotes_the_committed_effort_table():
     assert m, "README.md lost its sentence on the effort table"
     rows = _parse((DOCS / "effort.md").read_text())
     assert float(m.group(1)) == rows["clts_s0.1"][0] and float(m.group(2)) == rows["baseline"][0]
+
+
+def test_a_folded_arm_spends_as_its_weighted_form_with_weights_of_one():
+    scale = SCALES["cpu_long"]
+    rows = {r["arm"]: r for r in E.effort_table(scale, ("baseline", "edm", "edm_folded"))}
+    for anchor in ("edm", "logit_normal"):
+        weighted, folded = E.arm_effort(anchor, scale), E.arm_effort(f"{anchor}_folded", scale)
+        np.testing.assert_allclose(folded["pw"], weighted["pw"], rtol=1e-12)
+        np.testing.assert_allclose(folded["p"], weighted["pw"], rtol=1e-12)
+        assert np.all(folded["w"] == 1.0)
+    assert rows["baseline"]["effective batch, w"] == pytest.approx(1.0)
+    assert rows["edm_folded"]["effective batch, w"] == pytest.approx(1.0)
+    assert rows["edm"]["effective batch, w"] < 0.01  # by its weights alone, a batch of 128 weighs like one draw
+
+
+def test_folded_docstring_quotes_the_committed_effective_batches():
+    """guided_diffusion/folded.py's numbers are the committed table's (w alone; w times the baseline's epsilon-MSE)."""
+    from guided_diffusion import folded
+
+    rows = _parse((DOCS / "effort.md").read_text())
+    doc = " ".join(folded.__doc__.split())
+    assert f"weighs like {rows['edm'][4]:.1f}% of its size, SD3's like {rows['logit_normal'][4]:.0f}%" in doc
+    assert (f"weighted EDM form keeps {rows['edm'][5]:.0f}% (baseline: {rows['baseline'][5]:.0f}%) and the folded "
+            f"one {rows['edm_folded'][5]:.0f}%; SD3's {rows['logit_normal'][5]:.0f}% and "
+            f"{rows['logit_normal_folded'][5]:.0f}%") in doc
+
+
+def test_readme_and_study_page_quote_edms_effective_batch():
+    """The README and docs/study.md quote the committed table's effective batch of EDM's weights alone."""
+    rows = _parse((DOCS / "effort.md").read_text())
+    root = Path(__file__).resolve().parents[1]
+    for page in (root / "README.md", root / "docs" / "study.md"):
+        text = " ".join(page.read_text().split())
+        m = re.search(r"EDM's (?:batch|draws) weighs like ([\d.]+)%", text)
+        assert m, f"{page.name} lost its sentence on EDM's effective batch"
+        assert float(m.group(1)) == rows["edm"][4]

@@ -103,6 +103,15 @@ ARMS: Tuple[Arm, ...] = (
     Arm("logit_normal", {"schedule_sampler": "logit_normal", "logit_normal_m": 0.0, "logit_normal_s": 1.0,
                          "loss_weighting": "flow"},
         "SD3: logit-normal(0, 1) timesteps and the flow-matching loss weight"),
+    # the same two anchors with the weight folded into the sampler (--fold_weighting: t drawn in proportion to
+    # p(t) w(t), weights 1): the same objective; the fallback should the weighted form prove unstable, not queued
+    # (guided_diffusion/folded.py: with a trained model's epsilon-MSE the folded form spreads its draws' losses more)
+    Arm("edm_folded", {"schedule_sampler": "edm_lognormal", "edm_p_mean": -1.2, "edm_p_std": 1.2,
+                       "loss_weighting": "edm", "edm_sigma_data": 0.5, "fold_weighting": True},
+        "EDM's density times its weight as the sampler (folded), unit loss weights"),
+    Arm("logit_normal_folded", {"schedule_sampler": "logit_normal", "logit_normal_m": 0.0, "logit_normal_s": 1.0,
+                                "loss_weighting": "flow", "fold_weighting": True},
+        "SD3's logit-normal density times the flow weight as the sampler (folded), unit loss weights"),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 # the CLTS arm at BEST_SIGMA (mu 0.3, the scale's target): the headline's and the ablations' centre
@@ -133,6 +142,8 @@ ARM_CLAIMS: Dict[str, str] = {
     "logit_normal": "Esser et al. 2024: rf/lognorm(0, 1) ranks first of their timestep samplers (SD3)",
     "p2": "Choi et al. 2022: better FID at the same iterations (perceptually rich levels weighted up)",
     "speed": "Wang et al. 2024: about 3x faster training (asymmetric + dual sampling, change-aware weight)",
+    "edm_folded": "issue 32's fallback: EDM's objective drawn as p w with weights of 1",
+    "logit_normal_folded": "issue 32's fallback: SD3's objective drawn as p w with weights of 1",
 }
 # the headline arms: 3 seeds, and a second sampler at the final checkpoint
 HEADLINE = GROUPS["headline"]
