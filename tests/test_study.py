@@ -719,7 +719,7 @@ def test_second_seed_goes_to_the_three_best_and_every_arm_ahead_of_the_baseline(
     for arm in list(finals)[:-1]:
         _ledger_run(tmp_path, scale, study.run_name(arm, 1), finals[arm])
     last = study.run_name(list(finals)[-1], 1)
-    with pytest.raises(ValueError, match=f"--arms long_new_seed2: .*missing: {last}$"):
+    with pytest.raises(ValueError, match=rf"--arms long_new_seed2: .*missing \(or without that FID\): {last}$"):
         study.resolve_arms("long_new_seed2", scale, str(tmp_path), log=lambda _: None)
     _ledger_run(tmp_path, scale, last, finals[list(finals)[-1]])
     lines = []

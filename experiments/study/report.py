@@ -62,7 +62,8 @@ def second_seed_arms(group: str, scale: Scale, ledger: str,
     missing = [run_name(n, 1) for n, f in finals.items() if f is None]
     if missing:
         raise ValueError(f"--arms {group}{SECOND_SEED_SUFFIX}: the choice needs seed 1 of every arm at step "
-                         f"{scale.total_steps} in {os.path.join(ledger, scale.name)}; missing: {', '.join(missing)}")
+                         f"{scale.total_steps} in {os.path.join(ledger, scale.name)}; missing (or without that FID): "
+                         f"{', '.join(missing)}")
     base = finals.pop("baseline")
     ranked = sorted(finals, key=lambda n: (finals[n], n))
     chosen = []
