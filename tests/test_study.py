@@ -429,6 +429,16 @@ def test_best_sigma_is_the_best_of_the_committed_sigma_grid(tmp_path):
     assert grid and min(grid, key=grid.get) == f"clts_s{study.BEST_SIGMA:g}", grid
 
 
+def test_gpu_short_arm_is_the_best_committed_new_arm_of_the_long_horizon():
+    """GPU_SHORT_ARM (the first GPU study's third arm) follows the evidence: of the long horizon's new arms
+    committed with seed 1, it has the lowest final FID."""
+    scale = study.SCALES["cpu_long"]
+    finals = {a: study.final_fid(study.ledger_dir(str(LEDGER), scale, study.run_name(a, 1)), scale)
+              for a in study.GROUPS["long_new"] if study.in_ledger(str(LEDGER), scale, study.run_name(a, 1))}
+    finals = {a: f for a, f in finals.items() if f is not None}
+    assert finals and min(finals, key=finals.get) == study.GPU_SHORT_ARM == study.GROUPS["gpu_short"][2], finals
+
+
 def claims_sections() -> str:
     """docs/study.md's generated sections (claims and per-arm tables), both scales."""
     text = (REPO / "docs" / "study.md").read_text()

@@ -35,9 +35,9 @@ The package, one concern per module (each imports only the ones listed after it)
 
 This module re-exports their public names: ``from experiments import study; study.ARMS``.
 """
-from experiments.study.arms import ARM_CLAIMS, ARM_NAMES, ARMS, BEST_ARM, BEST_SIGMA, GROUP_FIGURES, GROUPS, \
-    HEADLINE, ROOT, SCALES, SCRIPTS, Arm, Scale, ablation_value, arm_flags, arms_named, clts_arm, flags_to_argv, \
-    keeps_samples, preset, run_name
+from experiments.study.arms import ARM_CLAIMS, ARM_NAMES, ARMS, BEST_ARM, BEST_SIGMA, GPU_SHORT_ARM, GROUP_FIGURES, \
+    GROUPS, HEADLINE, ROOT, SCALES, SCRIPTS, Arm, Scale, ablation_value, arm_flags, arms_named, clts_arm, \
+    flags_to_argv, keeps_samples, preset, run_name
 from experiments.study.data import DEFAULT_SOURCES, PROBE_IMAGES, heldout_source, prepare_data, prepare_heldout
 from experiments.study.errors import SPACE_ERRNOS, LedgerError, StudyError, StudyLocked, StudyStepFailed, \
     StudyWriteError, run_step, writing

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The study's first GPU command (issue 32, item 8): --scale gpu_short trains the baseline, sigma 0.1 CLTS
-# and the best new arm (the study's "gpu_short" group), seed 1, three runs at once on one GPU, and
+# and the best new arm of the long horizon so far (GPU_SHORT_ARM in experiments/study/arms.py, checked against
+# the committed ledger by a test; the study's "gpu_short" group), seed 1, three runs at once on one GPU, and
 # measures FID of 5,000 samples every 1,000 steps; finished runs land in OUT/ledger like any run.
 #
 #   scripts/launch/gpu_short.sh prepare           # here, on CPU: .data/gpu_short/{train,test}.zip (54 MB)
