@@ -160,11 +160,13 @@ def test_run_defining_flags_are_derived_from_the_declarations():
     # the only deliberate difference from the hand-typed list: the three sampler options it missed
     # (history_per_term, uniform_prob, speed_dual), which run_defining_flags already added from
     # options.method_options(); the resulting set of run-defining flags is the same as before
-    # and the options the noise-level methods added later (issue 32), each declared once by its class
+    # and the options the noise-level methods added later (issue 32), each declared once by its class, and
+    # --fold_weighting (issue 32's fallback form of a weighting), a training flag
     issue32 = {"clts_floor", "clts_release_start", "laplace_mu", "laplace_b", "edm_p_mean", "edm_p_std",
                "logit_normal_m", "logit_normal_s", "edm_sigma_data"}
-    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | {"history_per_term", "uniform_prob", "speed_dual"} | issue32
-    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | set(options.method_options())
+    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | {"history_per_term", "uniform_prob", "speed_dual"} | \
+        issue32 | {"fold_weighting"}
+    assert set(derived) == HAND_TYPED_RUN_DEFINING_FLAGS | set(options.method_options()) | {"fold_weighting"}
     # every option a sampler or weighting declares is run-defining, none may be declared free
     assert set(options.method_options()) <= set(derived)
     assert not set(options.method_options()) & set(options.RESUME_FREE_FLAGS)

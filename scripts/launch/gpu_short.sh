@@ -27,6 +27,8 @@ if [[ -z ${PYTHON:-} ]]; then
     if [[ -x $here/.venv/bin/python ]]; then PYTHON=$here/.venv/bin/python; else PYTHON=python3; fi
 fi
 data="${DATA:-$here/.data/gpu_short}"
+# this checkout's code, not the one an editable install points to (as scripts/study_queue.sh)
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 case "$mode" in
 prepare)
     src="${SOURCE_DIR:-$(dirname "$here")/shared/data/cifar10-jpeg}"
