@@ -27,6 +27,7 @@ from guided_diffusion.folded import effective_batch_fraction
 from guided_diffusion.method_registry import known_method_options
 from guided_diffusion.resample import create_named_schedule_sampler, loss_weighting
 from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.weighting import is_unweighted
 
 __all__ = ["EFFORT_ARMS", "HIGH_NOISE", "arm_effort", "effort_table", "probe_loss", "write_effort"]
 
@@ -60,11 +61,8 @@ def arm_effort(arm: str, scale: Scale) -> Dict[str, np.ndarray]:
         # half the batch is drawn from p, the other half is each draw's partner
         partner = np.bincount(sampler.pair(np.arange(len(p))), weights=p, minlength=len(p))
         p = 0.5 * p + 0.5 * partner
-    name = str(flags.get("loss_weighting") or "none")
-    if name in ("none", "uniform"):
-        w = np.ones_like(p)
-    else:
-        w = loss_weighting(name, diffusion, **options)
+    name = flags.get("loss_weighting")
+    w = np.ones_like(p) if is_unweighted(name) else loss_weighting(name, diffusion, **options)
     pw = p * w
     if flags.get("fold_weighting"):
         # the weight folded into the sampler: it draws p w, and every draw weighs 1

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from .resample import LogSNRDensitySampler, ScheduleSampler, UniformSampler
+from .weighting import is_unweighted
 
 __all__ = ["FoldedSampler", "FOLDABLE_SAMPLERS", "effective_batch_fraction", "check_foldable"]
 
@@ -35,7 +36,7 @@ def check_foldable(sampler: ScheduleSampler, loss_weighting: str) -> None:
 
     :raises ValueError: naming the flags, for a sampler that is not fixed or for no loss weighting.
     """
-    if str(loss_weighting).strip().lower() in ("", "none", "uniform"):
+    if is_unweighted(loss_weighting):
         raise ValueError("--fold_weighting True folds --loss_weighting into the sampler, but --loss_weighting is "
                          f"{loss_weighting!r}: name a weighting (e.g. edm, flow, min_snr) or set --fold_weighting False")
     if not isinstance(sampler, FOLDABLE_SAMPLERS):
@@ -76,7 +77,6 @@ class FoldedSampler(ScheduleSampler):
             raise ValueError(f"--fold_weighting: --loss_weighting {loss_weighting} is 0 wherever "
                              f"--schedule_sampler {inner.name} draws")
         self.name = f"folded:{inner.name}"
-        self.inner = inner
         self._q = q / q.sum()
         self._init_rng(seed, rank)
 

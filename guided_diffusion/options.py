@@ -82,7 +82,7 @@ _FLAGS_AFTER_METHODS: Dict[str, Any] = dict(
     # loss weighting: none | min_snr | p2 | speed | edm | flow
     loss_weighting="none",
     # True: draw t in proportion to p(t) w(t) (--schedule_sampler's p, --loss_weighting's w) with weights of 1:
-    # the same objective up to a constant, without the weights' spread (folded.py; fixed samplers only)
+    # the same objective up to a constant (folded.py, which measures when it helps; fixed samplers only)
     fold_weighting=False,
     # FDM's loss-weight warm-up (with --fdm True; the FDM model flags are script_util.fdm_defaults()):
     # VP's 1/sigma^2 clamped at 5 -> 500 over this many steps (0: off)

@@ -31,8 +31,9 @@ from .options import (
     training_defaults,
     validate_training_args,
 )
-from .folded import FoldedSampler, check_foldable
+from .folded import FoldedSampler
 from .resample import create_named_schedule_sampler, loss_weighting
+from .weighting import is_unweighted
 from .run_folder import claim_run_folder, prepare_resume
 from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, parse_args_with_config
 from .train_util import TrainLoop
@@ -161,10 +162,9 @@ def create_schedule(args: argparse.Namespace, diffusion: Any) -> Tuple[Any, Opti
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, seed=args.seed, rank=0,
                                             total_steps=getattr(args, "total_steps", None), **options)
     weights = None
-    if str(args.loss_weighting).strip().lower() not in ("", "none", "uniform"):
+    if not is_unweighted(args.loss_weighting):
         weights = loss_weighting(args.loss_weighting, diffusion, predict_xstart=args.predict_xstart, **options)
-    if getattr(args, "fold_weighting", False):
-        check_foldable(sampler, args.loss_weighting)
+    if getattr(args, "fold_weighting", False):  # the constructor refuses what cannot be folded
         return FoldedSampler(sampler, weights, args.loss_weighting, seed=args.seed, rank=0), None
     return sampler, weights
 

@@ -35,6 +35,7 @@ __all__ = [
     "create_loss_weighting",
     "loss_weighting",
     "loss_weight_table",
+    "is_unweighted",
     "WEIGHTINGS",
     "snr",
     "canonical_name",
@@ -296,6 +297,11 @@ def check_weight_table(weights: Any, num_timesteps: int) -> np.ndarray:
     return arr
 
 
+def is_unweighted(name: Optional[str]) -> bool:
+    """True for the ``--loss_weighting`` values that mean no weighting: None, "", "none", "uniform"."""
+    return name is None or canonical_name(name) in ("", "none", "uniform")
+
+
 def loss_weight_table(weighting: Union[str, "LossWeighting", Sequence[float], np.ndarray, None], diffusion: Any,
                       options: Optional[Dict[str, Any]] = None) -> Optional[np.ndarray]:
     """
@@ -310,7 +316,7 @@ def loss_weight_table(weighting: Union[str, "LossWeighting", Sequence[float], np
     :return: float64 weights, one per timestep of ``diffusion``, or None.
     :raises ValueError: naming --loss_weighting (or the option) and what was expected.
     """
-    if weighting is None or (isinstance(weighting, str) and canonical_name(weighting) in ("", "none", "uniform")):
+    if weighting is None or (isinstance(weighting, str) and is_unweighted(weighting)):
         return None
     loss_type = getattr(getattr(diffusion, "loss_type", None), "name", "MSE")
     if loss_type in ("KL", "RESCALED_KL"):

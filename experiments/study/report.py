@@ -73,7 +73,7 @@ def second_seed_arms(group: str, scale: Scale, ledger: str,
             chosen.append(n)
         log(f"study: {n}: final FID {finals[n]:.2f} (baseline {base:.2f}): "
             + (f"seed 2 ({', '.join(why)})" if why else "no second seed"))
-    return [next(a for a in ARMS if a.name == n) for n in chosen]
+    return arms_named(",".join(chosen))
 
 
 def resolve_arms(spec: str, scale: Scale, ledger: str, log: Callable[[str], None] = print) -> List[Arm]:
