@@ -97,7 +97,9 @@ def heldout_source(source: str) -> Tuple[str, str]:
 def prepare_heldout(out: str, scale: Scale, source: str = "", log: Callable[[str], None] = print) -> str:
     """
     Write ``out/data/heldout_<px>_<n>.npz``: the first ``PROBE_IMAGES`` CIFAR-10 test images at the
-    study's resolution. Without a test split beside ``source`` the probe falls back to the last
+    study's resolution, in the packer's sorted-name order (with the JPEG zip's ``test/<class>/`` layout
+    they are all of the first class, airplane: the committed probes were measured so, and stay
+    comparable only while the selection does not change). Without a test split beside ``source`` the probe falls back to the last
     ``PROBE_IMAGES`` training images (the file name then says ``trainheldout``; logged).
     """
     data = os.path.join(out, "data")
