@@ -23,19 +23,32 @@ import numpy as np
 from .resample import LogSNRDensitySampler, ScheduleSampler, UniformSampler
 from .weighting import is_unweighted
 
-__all__ = ["FoldedSampler", "FOLDABLE_SAMPLERS", "effective_batch_fraction", "check_foldable"]
+__all__ = ["FoldedSampler", "FOLDABLE_SAMPLERS", "effective_batch_fraction", "check_foldable", "learns_variance"]
 
 #: the samplers whose distribution does not change during the run (a fold of one that does would
 #: be a fold of one step's distribution)
 FOLDABLE_SAMPLERS = (UniformSampler, LogSNRDensitySampler)
 
 
-def check_foldable(sampler: ScheduleSampler, loss_weighting: str) -> None:
+def learns_variance(diffusion: object) -> bool:
+    """True for a diffusion whose model learns its variance (``--learn_sigma True``): its loss adds a vb term."""
+    return getattr(getattr(diffusion, "model_var_type", None), "name", "") in ("LEARNED", "LEARNED_RANGE")
+
+
+def check_foldable(sampler: ScheduleSampler, loss_weighting: str, learn_sigma: bool = False) -> None:
     """
     Refuse ``--fold_weighting True`` where there is nothing to fold or the fold is not defined.
 
-    :raises ValueError: naming the flags, for a sampler that is not fixed or for no loss weighting.
+    :param learn_sigma: the model learns its variance. The weighted form multiplies only the MSE term
+                        and leaves the variational-bound term as it is; a fold would weight both, a
+                        different objective, so it is refused.
+    :raises ValueError: naming the flags, for a sampler that is not fixed, for no loss weighting or
+                        for a learned variance.
     """
+    if learn_sigma:
+        raise ValueError("--fold_weighting True with --learn_sigma True would weight the variational-bound term "
+                         "too (a weighting multiplies only the MSE term): set --learn_sigma False or "
+                         "--fold_weighting False")
     if is_unweighted(loss_weighting):
         raise ValueError("--fold_weighting True folds --loss_weighting into the sampler, but --loss_weighting is "
                          f"{loss_weighting!r}: name a weighting (e.g. edm, flow, min_snr) or set --fold_weighting False")
@@ -64,7 +77,7 @@ class FoldedSampler(ScheduleSampler):
         :param seed: base seed of the random stream.
         :param rank: process rank (selects an independent stream).
         """
-        check_foldable(inner, loss_weighting or "the weights")
+        check_foldable(inner, loss_weighting or "the weights", learns_variance(getattr(inner, "diffusion", None)))
         w = np.asarray(loss_weights, dtype=np.float64)
         p = inner.probabilities()
         if w.shape != p.shape:

@@ -397,6 +397,11 @@ class _StandInDiffusion:
     alphas_cumprod = np.cumprod(1.0 - np.linspace(1e-4, 0.2, 10))
 
 
+# longer than any target iteration, so that without --total_steps only the run's real length (given to
+# training.create_schedule) can refuse a CLTS release that starts before the target
+_STAND_IN_TOTAL_STEPS = 10 ** 12
+
+
 def _check_methods(args: Dict[str, Any]) -> None:
     # The classes validate their own options (one check per option, messages name the flags):
     # building the chosen sampler and weighting here runs those checks early.
@@ -406,9 +411,9 @@ def _check_methods(args: Dict[str, Any]) -> None:
         # among ``args`` a stand-in length lets the sampler check its own options, and
         # training.create_schedule builds it with the real one before anything is written
         sampler = create_named_schedule_sampler(args["schedule_sampler"], _StandInDiffusion(), seed=0,
-                                                total_steps=args.get("total_steps", 1), **options)
+                                                total_steps=args.get("total_steps", _STAND_IN_TOTAL_STEPS), **options)
         if args.get("fold_weighting"):
-            check_foldable(sampler, args.get("loss_weighting", "none"))
+            check_foldable(sampler, args.get("loss_weighting", "none"), bool(args.get("learn_sigma", False)))
     if "loss_weighting" in args:
         create_loss_weighting(args["loss_weighting"], _StandInDiffusion(), **options)
 

@@ -433,8 +433,9 @@ class CLTSSampler(ScheduleSampler):
         :param clts_floor: f in [0, 1): the share of uniform sampling that is never mixed away
                            (0: the paper's CLTS).
         :param clts_release_start: s in (0, 1], a fraction of the run: from step s * total_steps
-                                   the mixing weight falls linearly back to uniform at the run's
-                                   end (1: no release, the paper's CLTS).
+                                   (not before ``clts_target_steps``) the mixing weight falls
+                                   linearly back to uniform at the run's end (1: no release, the
+                                   paper's CLTS).
         :param total_steps: the run's length N (``--total_steps``); required by a release.
         :param seed: base seed of the sampler's random stream (None: from ``np.random``).
         :param rank: process rank (selects an independent stream).
@@ -454,6 +455,15 @@ class CLTSSampler(ScheduleSampler):
                                  "the end of the run, so it needs the run's length: set --total_steps (got "
                                  f"{total_steps!r})")
             self.total_steps = _integer(total_steps, "total_steps", lo=1)
+            start = self.clts_release_start * self.total_steps
+            if start < self.clts_target_steps:
+                # the release undoes the curriculum after it is complete; one that starts on the ramp
+                # would make a different schedule (up and down before reaching the Gaussian)
+                raise ValueError(f"--clts_release_start {self.clts_release_start:g} starts the release at step "
+                                 f"{start:g} of --total_steps {self.total_steps}, before --clts_target_steps "
+                                 f"{self.clts_target_steps}: the release begins after the curriculum's target "
+                                 f"iteration; use --clts_release_start >= "
+                                 f"{self.clts_target_steps / self.total_steps:g} or a smaller --clts_target_steps")
         T = _num_timesteps(diffusion)
         t = np.arange(T, dtype=np.float64)
         g = np.exp(-((t - self.clts_mean * T) ** 2) / (2.0 * (self.clts_std * T) ** 2))

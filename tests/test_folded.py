@@ -61,6 +61,8 @@ def test_folded_state_resumes_the_same_draws_and_refuses_the_unfolded_state():
 @pytest.mark.parametrize("flags, match", [
     ({"schedule_sampler": "clts", "loss_weighting": "min_snr"}, "--fold_weighting True needs a fixed .*clts"),
     ({"schedule_sampler": "edm_lognormal", "loss_weighting": "none"}, "--loss_weighting is 'none'"),
+    ({"schedule_sampler": "edm_lognormal", "loss_weighting": "edm", "learn_sigma": True},
+     "--fold_weighting True with --learn_sigma True would weight the variational-bound term"),
 ])
 def test_fold_is_refused_where_it_is_not_defined(flags, match):
     with pytest.raises(ValueError, match=match):
@@ -86,3 +88,13 @@ def test_a_folded_run_trains_resumes_and_records_its_sampler(tmp_path, repo_root
     a = torch.load(tmp_path / "straight" / "model000003.pt", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "model000003.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fold_of_a_learned_variance_diffusion_is_refused_by_the_sampler_too():
+    """Built directly (not through the flags), the fold still sees the diffusion's vb term and refuses."""
+    learned = gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("cosine", 1000),
+                                   model_mean_type=gd.ModelMeanType.EPSILON,
+                                   model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE)
+    with pytest.raises(ValueError, match="--learn_sigma True"):
+        FoldedSampler(create_named_schedule_sampler("edm_lognormal", learned, seed=0),
+                      loss_weighting("edm", learned), "edm")

@@ -251,7 +251,19 @@ def test_clts_release_needs_the_runs_length():
         create_named_schedule_sampler("clts", CHAINS["cosine1000"], seed=0, clts_release_start=0.5)
     with pytest.raises(ValueError, match="--total_steps"):
         validate_training_args({"schedule_sampler": "clts", "clts_release_start": 0.5, "total_steps": 0})
-    validate_training_args({"schedule_sampler": "clts", "clts_release_start": 0.5, "total_steps": 100})
+    validate_training_args({"schedule_sampler": "clts", "clts_release_start": 0.5, "total_steps": 100,
+                            "clts_target_steps": 20})
+
+
+def test_clts_release_that_starts_before_the_target_is_refused():
+    """The release undoes a completed curriculum: a start on the ramp is refused, naming both flags."""
+    flags = {"schedule_sampler": "clts", "clts_release_start": 0.1, "total_steps": 10_000, "clts_target_steps": 2000}
+    with pytest.raises(ValueError, match=r"--clts_release_start 0.1 starts the release at step 1000 .*"
+                                         r"--clts_target_steps 2000.*--clts_release_start >= 0.2"):
+        validate_training_args(flags)
+    validate_training_args({**flags, "clts_release_start": 0.2})  # at the target itself: fine
+    # without --total_steps among the flags the check waits for the run's length
+    validate_training_args({k: v for k, v in flags.items() if k != "total_steps"})
 
 
 @pytest.mark.parametrize("flag, value", [("clts_floor", 1.0), ("clts_floor", -0.1), ("clts_release_start", 0.0),
