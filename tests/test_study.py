@@ -506,6 +506,15 @@ def _half_cut_row(run):
     return "fid_curve.csv, line 4: a damaged row (4 of 16 fields)"
 
 
+def _two_fids_at_one_step(run):
+    path = run / "fid_curve.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[2].split(",")
+    fields[3] = str(float(fields[3]) + 1.0)  # the same step, samples and sampler, another FID
+    path.write_text("".join(lines) + ",".join(fields))
+    return f"fid_curve.csv, line {len(lines) + 1}: a second FID at step 800 ("
+
+
 def _no_done_json(run):
     (run / "done.json").unlink()
     return "baseline-s1: no done.json: an incomplete run folder"
@@ -518,7 +527,8 @@ def _probe_cut(run):
 
 
 @pytest.mark.skipif(not (LEDGER / "cpu" / "summary.md").is_file(), reason="no committed CPU study results yet")
-@pytest.mark.parametrize("damage", [_cut_to_two_lines, _half_cut_row, _no_done_json, _probe_cut])
+@pytest.mark.parametrize("damage", [_cut_to_two_lines, _half_cut_row, _two_fids_at_one_step, _no_done_json,
+                                    _probe_cut])
 def test_a_damaged_or_incomplete_ledger_stops_the_reprint_and_rewrites_nothing(tmp_path, capsys, damage):
     """The ledger is checked before anything is computed from it: one line naming the file (and the line of
     a damaged row) and what is missing, exit status 1, and nothing in docs/ touched (tables, claims,

@@ -127,7 +127,7 @@ def read_curve(run_dir: str, scale: Scale, second: bool = False) -> List[Tuple[i
     DDIM sampler, or with ``second`` the ancestral ``SECOND_SAMPLER``, at the scale's evaluation
     steps (the FDM pair's ledger also holds a point at the step its first try was stopped at,
     measured before ``fid_flags`` named the steps). [] without the file; ``LedgerError`` for a
-    damaged one.
+    damaged one, or for two different FIDs at one step with the same settings.
     """
     steps = set(scale.eval_steps())
     path = os.path.join(run_dir, "fid_curve.csv")
@@ -136,14 +136,18 @@ def read_curve(run_dir: str, scale: Scale, second: bool = False) -> List[Tuple[i
     second_flags = second_sampler(scale)
     want = (sampler_key(second_flags["use_ddim"], second_flags["timestep_respacing"]) if second
             else sampler_key(True, scale.sampling))
-    rows = []
-    for _, step, num_samples, fid, kid, sampler in curve_records(path):
+    rows: Dict[int, Tuple[int, float, float]] = {}
+    for line, step, num_samples, fid, kid, sampler in curve_records(path):
         if num_samples != scale.num_samples or fid is None or step not in steps:
             continue
         if sampler is not None and sampler != want:
             continue
-        rows.append((step, fid, kid))
-    return sorted(set(rows))
+        if step in rows and rows[step][1] != fid:
+            # which of two measurements the tables used would depend on the file's order
+            raise LedgerError(f"{path}, line {line}: a second FID at step {step} ({fid:g}; the first: "
+                              f"{rows[step][1]:g}), measured with the same settings")
+        rows.setdefault(step, (step, fid, kid))
+    return sorted(rows.values())
 
 
 def missing_points(run_dir: str, scale: Scale) -> List[int]:
