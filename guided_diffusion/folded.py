@@ -12,7 +12,10 @@ the epsilon-MSE of a trained model falls about 200-fold from t = 25 to t = 975, 
 what turns it back into an O(1) loss per draw (its own F-space loss): with the committed baseline's
 held-out epsilon-MSE at step 10,000 as L, the weighted EDM form keeps 46% (baseline: 44%) and the
 folded one 22%; SD3's 81% and 28% (docs/study/effort). So the study's ``edm`` and ``logit_normal``
-arms run the weighted form, and this fold is there for a run whose weighted form proves unstable.
+arms ran the weighted form first. The loss per draw proved the wrong proxy: a draw's gradient grows
+like w(t) ||eps_hat - eps||, not w(t) L_t, and the weighted runs trained with gradient norms about ten
+times the baseline's and far more spread (docs/study.md), so the study runs the folded form too
+(arms ``edm_folded`` and ``logit_normal_folded``).
 """
 from __future__ import annotations
 

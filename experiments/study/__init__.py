@@ -46,8 +46,8 @@ from experiments.study.evaluation import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, PROBE_
     sample_features, sampler_key, second_sampler, warm_reference
 from experiments.study.ledger import BOOTSTRAP_FILE, DEFAULT_LEDGER, DONE_FILE, LEDGER_FILES, SAMPLES_FILE, \
     check_ledger, commit_to_ledger, committed_seeds, csv_records, curve_records, final_fid, final_samples, in_ledger, \
-    ledger_dir, ledger_problems, missing_points, probe_rows, read_bootstrap, read_curve, run_finished, \
-    run_folder_problems, training_clock_s
+    gradient_norm_spread, ledger_dir, ledger_problems, missing_points, probe_rows, read_bootstrap, read_curve, \
+    run_finished, run_folder_problems, training_clock_s
 from experiments.study.stats import VERDICT_ALPHA, bootstrap_interval, iterations_to_reach, mean_sd, mean_speedup, \
     speedup, paired_differences, paired_lead, paired_noise, probe_relative, seed_band, seed_diffs, verdict
 from experiments.study.plots import ABLATION_PANELS, plot_ablations, plot_curves, plot_probe, plot_speedup

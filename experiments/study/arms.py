@@ -104,8 +104,8 @@ ARMS: Tuple[Arm, ...] = (
                          "loss_weighting": "flow"},
         "SD3: logit-normal(0, 1) timesteps and the flow-matching loss weight"),
     # the same two anchors with the weight folded into the sampler (--fold_weighting: t drawn in proportion to
-    # p(t) w(t), weights 1): the same objective; the fallback should the weighted form prove unstable, not queued
-    # (guided_diffusion/folded.py: with a trained model's epsilon-MSE the folded form spreads its draws' losses more)
+    # p(t) w(t), weights 1): the same objective. Queued after the weighted runs trained with gradient norms ~10x the
+    # baseline's and far more spread (docs/study.md, "the long horizon's second round"; guided_diffusion/folded.py)
     Arm("edm_folded", {"schedule_sampler": "edm_lognormal", "edm_p_mean": -1.2, "edm_p_std": 1.2,
                        "loss_weighting": "edm", "edm_sigma_data": 0.5, "fold_weighting": True},
         "EDM's density times its weight as the sampler (folded), unit loss weights"),
@@ -130,7 +130,7 @@ GROUPS: Dict[str, Tuple[str, ...]] = {
     "long": ("baseline", BEST_ARM, f"{BEST_ARM}_mdlrc", "min_snr"),  # with --scale cpu_long
     # issue 32's new long-horizon arms, in the order the queue runs them (with --scale cpu_long)
     "long_new": (f"{BEST_ARM}_floor0.5", "laplace", f"{BEST_ARM}_release0.5", f"{BEST_ARM}_floor0.5_minsnr", "edm",
-                 "logit_normal", "p2", "speed"),
+                 "logit_normal", "p2", "speed", "edm_folded", "logit_normal_folded"),
     "headline": ("baseline", BEST_ARM, f"{BEST_ARM}_mdlrc"),  # 3 seeds
     # the first GPU's one-command study (--scale gpu_short): the baseline, sigma 0.1 CLTS and GPU_SHORT_ARM
     "gpu_short": ("baseline", BEST_ARM, GPU_SHORT_ARM),

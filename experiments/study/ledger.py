@@ -114,6 +114,24 @@ def training_clock_s(run_dir: str) -> float:
     return float(last) * 3600.0 if last else 0.0
 
 
+def gradient_norm_spread(run_dir: str, after_step: int) -> Tuple[float, float, float]:
+    """
+    (mean, coefficient of variation, max) of the ``grad_norm`` column of the run's ``progress.csv``
+    over the log rows after ``after_step``: how evenly a batch's draws pull (a weighting that lets a
+    few rare draws dominate shows as a large, spread gradient norm).
+
+    :raises LedgerError: naming the file when it has no such rows.
+    """
+    path = os.path.join(run_dir, "progress.csv")
+    norms = [_value(path, line, r, "grad_norm", float) for line, r in csv_records(path, ("step", "grad_norm"))
+             if _value(path, line, r, "step", int) > after_step]
+    if not norms:
+        raise LedgerError(f"{path}: no grad_norm rows after step {after_step}")
+    mean = sum(norms) / len(norms)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in norms) / len(norms))
+    return mean, sd / mean, max(norms)
+
+
 def final_samples(run_dir: str, scale: Scale) -> Optional[str]:
     """The final checkpoint's DDIM samples that ``fid_curve.py --keep_samples True`` kept, or None."""
     folder = os.path.join(run_dir, "fid_curve_samples", f"step{scale.total_steps:06d}")
