@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from .gaussian_diffusion import ModelVarType
 from .resample import LogSNRDensitySampler, ScheduleSampler, UniformSampler
 from .weighting import is_unweighted
 
@@ -35,7 +36,8 @@ FOLDABLE_SAMPLERS = (UniformSampler, LogSNRDensitySampler)
 
 def learns_variance(diffusion: object) -> bool:
     """True for a diffusion whose model learns its variance (``--learn_sigma True``): its loss adds a vb term."""
-    return getattr(getattr(diffusion, "model_var_type", None), "name", "") in ("LEARNED", "LEARNED_RANGE")
+    var_type = getattr(diffusion, "model_var_type", None)
+    return isinstance(var_type, ModelVarType) and var_type.is_learned
 
 
 def check_foldable(sampler: ScheduleSampler, loss_weighting: str, learn_sigma: bool = False) -> None:

@@ -111,6 +111,12 @@ class ModelVarType(enum.Enum):
     FIXED_LARGE = enum.auto()
     LEARNED_RANGE = enum.auto()
 
+    @property
+    def is_learned(self) -> bool:
+        """The model predicts its variance (``--learn_sigma True``): it outputs twice the channels and
+        its loss adds the variational-bound term."""
+        return self in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
 
 class LossType(enum.Enum):
     """
@@ -393,7 +399,7 @@ class GaussianDiffusion:
             raise ValueError(f"p_mean_variance: t must have shape ({B},), got {tuple(t.shape)}")
         model_output = model(self._model_input(x, t), self._scale_timesteps(t), **model_kwargs)
 
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+        if self.model_var_type.is_learned:
             expected = (B, C * 2, *x.shape[2:])
             if model_output.shape != expected:
                 raise ValueError(
@@ -893,7 +899,7 @@ class GaussianDiffusion:
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
             model_output = model(self._model_input(x_t, t), self._scale_timesteps(t), **model_kwargs)
 
-            if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            if self.model_var_type.is_learned:
                 B, C = x_t.shape[:2]
                 expected = (B, C * 2, *x_t.shape[2:])
                 if model_output.shape != expected:

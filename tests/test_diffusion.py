@@ -380,6 +380,12 @@ def test_q_sample_statistics():
 # ------------------------------------------------------------------------ training losses
 
 
+def test_is_learned_names_the_variances_the_model_predicts():
+    # the one place the learned-variance branches (two channels of output, a vb term) and
+    # --fold_weighting's refusal ask
+    assert {v for v in ModelVarType if v.is_learned} == {ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE}
+
+
 @pytest.mark.parametrize("loss", list(LossType))
 @pytest.mark.parametrize("var", [ModelVarType.FIXED_SMALL, ModelVarType.FIXED_LARGE,
                                  ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE])
