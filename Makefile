@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` and `make test`.
+# The README's commands: `make test` and `make demo` (its first screen), `make study`, `make study-run`, `make figures`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,7 +1,7 @@
 """
 Optimizer factory and the MDLRC schedule (momentum decay with learning-rate compensation).
 
-MDLRC (DESIGN.md section 4): Adam's beta1 decays over the run's I total steps as in Demon
+MDLRC (Xu et al. 2024; README, "Flags this project adds"): Adam's beta1 decays over the run's I total steps as in Demon
 (Chen & Kyrillidis 2019), floored at beta1_min, and the learning rate is scaled so the current
 gradient's share of each update, lr * (1 - beta1), stays what it was at the start:
 

@@ -3,7 +3,7 @@ Timestep samplers and per-timestep loss weightings.
 
 Upstream (improved/guided-diffusion) API: ``ScheduleSampler.sample(batch_size, device) ->
 (t, weights)``, ``UniformSampler``, ``LossAwareSampler``, ``LossSecondMomentResampler`` and
-``create_named_schedule_sampler(name, diffusion)``.  Added here (DESIGN.md section 4):
+``create_named_schedule_sampler(name, diffusion)``.  Added here (README, "Flags this project adds"):
 
 - ``CLTSSampler``: the curriculum-learning timestep schedule of Xu et al. (2024);
 - ``SpeeDSampler``: SpeeD's asymmetric + dual timestep sampling;
@@ -397,7 +397,7 @@ class LossSecondMomentResampler(LossAwareSampler):
 
 class CLTSSampler(ScheduleSampler):
     """
-    Curriculum-learning timestep schedule (CLTS, Xu et al. 2024), DESIGN.md section 4:
+    Curriculum-learning timestep schedule (CLTS, Xu et al. 2024; README, "Readings we made"):
 
         g(t)   = exp(-(t - mu*T)^2 / (2 (sigma*T)^2)),  normalised over t = 0..T-1
         lambda = min(i / I_target, 1) * (1 - f) * r(i)
@@ -640,8 +640,8 @@ def speed_convergence_start(alphas_cumprod: np.ndarray, threshold: float = SPEED
     depend on T: with T = 4000 a per-step 1e-4 would move m from 0.642 T to 0.83 T. The
     derivative is the forward difference over one step of the given chain (0-based t), times T:
         D(t) = T (sqrt(1 - abar_{t+1}) - sqrt(1 - abar_t)),   t = 0..T-2.
-    For the linear schedule with T = 1000 the first such t is 641, so m = 642 as DESIGN.md and
-    the SpeeD paper state (a backward difference would give 643).  With a respaced diffusion the
+    For the linear schedule with T = 1000 the first such t is 641, so m = 642 as the project's design
+    notes and the SpeeD paper state (a backward difference would give 643).  With a respaced diffusion the
     derivative is per step of the respaced chain.  If D(t) never drops below the threshold, or
     T < 3, m = T - 1 (the whole chain is "acceleration area"); m is at most T - 1 so pairs stay
     in range.

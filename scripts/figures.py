@@ -10,7 +10,7 @@ Resumable: an analysis whose files are in the ledger (docs/figures/) is never ru
 model is trained only when a missing analysis needs it (finished runs are reused, interrupted
 diffusion runs resume), and the CPU study's finished baseline-s1/-s2 (--study_out) are used
 instead of training them again. On a clone with a complete ledger it trains nothing and
-reprints the tables. Models, analyses and ledger layout: experiments/figures.py and docs/figures.md.
+reprints the tables. Models, analyses and ledger layout: experiments/figures/ and docs/figures.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """
-Plot the timestep distributions and loss weightings of the training methods (DESIGN.md 4, 8).
+Plot the timestep distributions and loss weightings of CLTS, SpeeD, Min-SNR and P2
+(the noise-level densities and every study arm's p·w: scripts/noise_effort.py).
 
 What is drawn:
 

@@ -1,5 +1,5 @@
 """
-The figures harness (experiments/figures.py, issue #19): at the test scale it trains every model,
+The figures harness (experiments/figures/, issue #19): at the test scale it trains every model,
 writes a complete ledger and docs section, reuses the study's finished runs, trains and measures
 nothing on a rerun, reprints from the ledger alone; Table 1's numbers are Eq. 1 on the uint8
 samples; and the committed ledger (docs/figures/) is complete and reproduces its Table 1.
@@ -51,7 +51,7 @@ def harness(tmp_path_factory):
     train, _ = study.prepare_data(str(study_out), settings.diffusion, str(source))
     spec = figures.RUN_BY_NAME["baseline-s1"]
     flags = figures.diffusion_flags(spec, settings, train, str(study_out / "runs" / spec.name))
-    figures._run_script("image_train.py", figures._argv(flags), str(root / "study-train.log"), settings)
+    figures.call_script("image_train.py", figures.flags_to_argv(flags), str(root / "study-train.log"), settings)
     doc = root / "figures.md"
     shutil.copyfile(DOC, doc)
     out, ledger = root / "out", root / "ledger"
