@@ -45,7 +45,8 @@ This module re-exports their public names: ``from experiments import figures; fi
 """
 from experiments.figures.runner import RUNNERS, Context, call_script, load_script, locate_runs, run_fig2, run_fig3, \
     run_fig4, run_figures, run_table1, train_runs, training_data
-from experiments.figures.reporting import DERIVED, MARK_BEGIN, MARK_END, render_markdown, replace_section, report
+from experiments.figures.reporting import DERIVED, MARK_BEGIN, MARK_END, STABLE_DIGITS, render_markdown, \
+    replace_section, report, stable_floats
 from experiments.figures.plots import plot_fig1, plot_fig2, plot_fig3, plot_fig4
 from experiments.figures.summaries import CLEAR_DB, NOISE_DB, fig2_summary, fig3_summary, fig4_summary, \
     line_metrics, load_samples, read_csv, table1_rows, table1_summary

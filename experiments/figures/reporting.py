@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 from experiments import analysis as an
 from experiments.figures.plots import plot_fig1, plot_fig2, plot_fig3, plot_fig4
 from experiments.figures.settings import RUNS, Settings
@@ -36,6 +38,24 @@ def _f(x: Optional[float], digits: int = 2, unit: str = "") -> str:
     return f"{x:.{digits}f}{unit}"
 
 
+# significant digits of the floats written to table1.csv and summary.json: a PSNR is a mean over many
+# pixels, whose last bits depend on the CPU's vector width and the BLAS (summation order), so a reprint on
+# another machine would otherwise rewrite committed files in the 16th digit
+STABLE_DIGITS = 10
+
+
+def stable_floats(obj: Any, digits: int = STABLE_DIGITS) -> Any:
+    """``obj`` with every float (nested in dicts, lists and tuples) rounded to ``digits`` significant digits;
+    NaN and infinities stay as they are."""
+    if isinstance(obj, dict):
+        return {k: stable_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(stable_floats(v, digits) for v in obj)
+    if isinstance(obj, (float, np.floating)) and math.isfinite(obj):
+        return float(f"{float(obj):.{digits}g}")
+    return obj
+
+
 def report(ledger: str, settings: Settings, doc: str = "", log: Callable[[str], None] = print) -> Dict[str, Any]:
     """
     Rebuild everything shown from the ledger alone: table1.csv (recomputed from the samples),
@@ -47,7 +67,7 @@ def report(ledger: str, settings: Settings, doc: str = "", log: Callable[[str], 
     status = ledger_status(ledger, settings)
     rows = table1_rows(ledger, settings)
     if rows:
-        an.write_csv(os.path.join(ledger, "table1.csv"), rows)
+        an.write_csv(os.path.join(ledger, "table1.csv"), stable_floats(rows))
     t1 = table1_summary(rows, settings)
     s2, s3, s4 = fig2_summary(ledger, settings), fig3_summary(ledger), fig4_summary(ledger)
     if os.path.isdir(ledger):
@@ -57,7 +77,7 @@ def report(ledger: str, settings: Settings, doc: str = "", log: Callable[[str], 
         plot_fig4(ledger, s4)
         summary = {"status": status, "table1": t1, "fig2": s2, "fig3": s3, "fig4": s4}
         atomic_write(os.path.join(ledger, "summary.json"),
-                     lambda f: f.write(json.dumps(summary, indent=1, default=float) + "\n"), text=True)
+                     lambda f: f.write(json.dumps(stable_floats(summary), indent=1, default=float) + "\n"), text=True)
     md = render_markdown(ledger, settings, status, t1, s2, s3, s4, doc)
     if doc:
         replace_section(doc, md)
