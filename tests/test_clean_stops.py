@@ -20,7 +20,7 @@ TINY = REPO / "configs" / "smoke" / "tiny.yaml"
 sys.path.insert(0, str(REPO / "scripts"))
 
 import image_train  # noqa: E402
-from guided_diffusion import train_util  # noqa: E402
+from guided_diffusion import train_setup  # noqa: E402
 from guided_diffusion.train_util import CheckpointWriteError, list_complete_checkpoints, resolve_resume  # noqa: E402
 
 
@@ -59,14 +59,14 @@ def test_signal_stops_after_the_step_and_says_where_to_resume(tmp_path, sig, cod
 
 def test_disk_full_names_the_file_and_keeps_the_previous_set(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = train_util.atomic_torch_save
+    real = train_setup.atomic_torch_save
 
     def failing(obj, path):
         if os.path.basename(path) == "opt000004.pt":
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(obj, path)
 
-    monkeypatch.setattr(train_util, "atomic_torch_save", failing)
+    monkeypatch.setattr(train_setup, "atomic_torch_save", failing)  # write_checkpoint_set looks it up there
     with pytest.raises(CheckpointWriteError, match=r"cannot write .*opt000004.pt into .*No space left on device.*"
                                                    r"step 2, is intact"):
         image_train.main(["--config", str(TINY), "--log_dir", str(run), "--total_steps", "4", "--save_interval", "2",

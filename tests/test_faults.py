@@ -97,7 +97,7 @@ def _tiny_argv(run, *extra):
 def test_disk_full_inside_torch_save_gives_the_named_message(tmp_path, monkeypatch, capsys):
     import torch
 
-    from guided_diffusion import checkpoint, script_util, train_util
+    from guided_diffusion import checkpoint, script_util, train_setup
     from guided_diffusion.checkpoint import list_complete_checkpoints
     from guided_diffusion.train_util import NonFiniteLossError
 
@@ -105,14 +105,14 @@ def test_disk_full_inside_torch_save_gives_the_named_message(tmp_path, monkeypat
     import image_train
 
     run = tmp_path / "run"
-    real = train_util.atomic_torch_save
+    real = train_setup.atomic_torch_save
 
     def save(obj, path):  # torch's own zip writer meets the full disk (it raises RuntimeError)
         if os.path.basename(path) == "opt000004.pt":
             return checkpoint.atomic_write(path, lambda f: torch.save(obj, _FullDisk(f, 1000)))
         return real(obj, path)
 
-    monkeypatch.setattr(train_util, "atomic_torch_save", save)
+    monkeypatch.setattr(train_setup, "atomic_torch_save", save)  # write_checkpoint_set looks it up there
     monkeypatch.setattr(sys, "argv", ["scripts/image_train.py"])
     with pytest.raises(SystemExit) as info:
         script_util.run_script(lambda: image_train.main(_tiny_argv(run)), failures=(NonFiniteLossError,))
