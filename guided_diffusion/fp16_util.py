@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import logger
-from .unet import convert_module_to_f16, convert_module_to_f32  # noqa: F401  (upstream names)
+from .unet_blocks import convert_module_to_f16, convert_module_to_f32  # noqa: F401  (upstream names)
 
 __all__ = [
     "INITIAL_LOG_LOSS_SCALE",
