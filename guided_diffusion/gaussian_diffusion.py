@@ -1,91 +1,34 @@
 """
-Gaussian diffusion: beta schedules, the forward process q, the model's reverse process p,
-ancestral (DDPM) and DDIM samplers, training losses and the variational bound in bits/dim.
+Gaussian diffusion: the model's reverse process p on top of the forward process q
+(``forward_process``), ancestral (DDPM) and DDIM samplers, training losses and the variational
+bound in bits/dim.
 
 Follows the public API and numerics of OpenAI's improved-diffusion (Nichol & Dhariwal 2021)
 and guided-diffusion (Dhariwal & Nichol 2021) so that checkpoints, scripts and golden
 vectors carry over; the samplers take the superset of both codebases' arguments
-(guided-diffusion's order, with ``cond_fn`` before ``model_kwargs``).
+(guided-diffusion's order, with ``cond_fn`` before ``model_kwargs``). Upstream's schedule names
+(``get_named_beta_schedule``, ``betas_for_alpha_bar``) live in ``forward_process`` and are
+re-exported here, upstream's import path; the loop the samplers share lives in ``sampling_loops``.
 
 Schedules are held as float64 numpy arrays (as upstream); per-timestep values are read from
-float32 torch tables built once per device (see ``GaussianDiffusion._extract``).
+float32 torch tables built once per device (see ``ForwardProcess._extract``).
 """
 from __future__ import annotations
 
 import enum
-import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import fdm as _fdm
-from .checks import check_integer
+from .forward_process import BETA_SCHEDULES, LOG2, ForwardProcess, betas_for_alpha_bar, get_named_beta_schedule
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .sampling_loops import StepNoiseFn, check_cond_fn, final_sample, sampling_loop, step_noise
 
-# callable(step, shape, device) -> noise tensor of `shape` for sampling step `step`
-# (0 = the first denoising step, at timestep index num_timesteps - 1).
-StepNoiseFn = Callable[[int, Tuple[int, ...], torch.device], torch.Tensor]
-
-_LOG2 = math.log(2.0)  # nats -> bits
-
-BETA_SCHEDULES = ("linear", "cosine")
-
-
-def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """
-    Get a pre-defined beta schedule for the given name.
-
-    The beta schedule library consists of beta schedules which remain similar in the limit of
-    num_diffusion_timesteps. Beta schedules may be added, but should not be removed or changed
-    once they are committed to maintain backwards compatibility.
-
-    :param schedule_name: "linear" (Ho et al. 2020, 1e-4..0.02 at T=1000, scaled by 1000/T) or
-                          "cosine" (Nichol & Dhariwal 2021, s=0.008, betas capped at 0.999).
-    :param num_diffusion_timesteps: T, the number of diffusion steps (a positive integer).
-    :return: a float64 numpy array of T betas.
-    """
-    num_diffusion_timesteps = check_integer(num_diffusion_timesteps, "diffusion_steps", lo=1,
-                                            what="a positive integer", name="diffusion_steps")
-    if schedule_name == "linear":
-        # Ho et al.'s 1e-4..0.02 at T=1000; scaling by 1000/T keeps the total noise similar for other T.
-        scale = 1000 / num_diffusion_timesteps
-        if scale * 0.02 >= 1.0:
-            raise ValueError(
-                f"noise_schedule 'linear' needs diffusion_steps > 20 (its last beta is 20/T), got "
-                f"{num_diffusion_timesteps}; use 'cosine' for very short chains"
-            )
-        return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
-    if schedule_name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps,
-            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
-        )
-    raise ValueError(
-        f"unknown noise_schedule {schedule_name!r}; expected one of {', '.join(BETA_SCHEDULES)}"
-    )
-
-
-def betas_for_alpha_bar(
-    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> np.ndarray:
-    """
-    Create a beta schedule that discretizes the given alpha_t_bar function, which defines the
-    cumulative product of (1-beta) over time from t = [0,1].
-
-    :param num_diffusion_timesteps: the number of betas to produce.
-    :param alpha_bar: a lambda that takes an argument t from 0 to 1 and produces the cumulative
-                      product of (1-beta) up to that part of the diffusion process.
-    :param max_beta: the maximum beta to use; use values lower than 1 to prevent singularities.
-    :return: a float64 numpy array of betas.
-    """
-    betas = []
-    for i in range(num_diffusion_timesteps):
-        t1 = i / num_diffusion_timesteps
-        t2 = (i + 1) / num_diffusion_timesteps
-        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-    return np.array(betas, dtype=np.float64)
+__all__ = ["BETA_SCHEDULES", "get_named_beta_schedule", "betas_for_alpha_bar", "ModelMeanType", "ModelVarType",
+           "LossType", "GaussianDiffusion", "StepNoiseFn"]
 
 
 class ModelMeanType(enum.Enum):
@@ -139,7 +82,7 @@ def _check_enum(value: Any, enum_cls: type, name: str) -> None:
         raise TypeError(f"{name} must be one of {valid}; got {value!r}")
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(ForwardProcess):
     """
     Utilities for training and sampling diffusion models.
 
@@ -179,49 +122,9 @@ class GaussianDiffusion:
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
 
-        # Use float64 for accuracy.
-        betas = np.array(betas, dtype=np.float64)
-        if betas.ndim != 1 or betas.shape[0] < 1:
-            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError(
-                f"betas must lie in (0, 1]; got min {betas.min()!r}, max {betas.max()!r}"
-            )
-        self.betas = betas
-        self.num_timesteps = int(betas.shape[0])
+        super().__init__(betas=betas)
 
-        alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(alphas, axis=0)
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
-        assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
-
-        # calculations for diffusion q(x_t | x_{t-1}) and others
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
-
-        # calculations for posterior q(x_{t-1} | x_t, x_0)
-        self.posterior_variance = (
-            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
-        # The posterior variance is 0 at the start of the chain: clip its log there.
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
-            if self.num_timesteps > 1
-            else self.betas  # a 1-step chain has no later step to borrow from (its variance is 0)
-        )
-        self.posterior_mean_coef1 = (
-            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-        )
-
-        # Derived arrays upstream builds on every call; computed once here in float64.
-        self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        # The model's fixed variances, in float64 (upstream builds them on every call).
         self._log_betas = np.log(self.betas)
         fixed_large = (
             np.append(self.posterior_variance[1], self.betas[1:])
@@ -230,11 +133,6 @@ class GaussianDiffusion:
         )
         self._fixed_large_variance = fixed_large
         self._fixed_large_log_variance = np.log(fixed_large)
-        self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
-        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
-
-        # (name, device) -> float32 tensor; filled lazily by _extract.
-        self._tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
         # FDM: the factor s(sigma_t) / sqrt(abar_t) on the model's input x_t (float64, length T).
         self.fdm = bool(fdm)
@@ -246,42 +144,6 @@ class GaussianDiffusion:
                 self.alphas_cumprod, self.fdm_multiplier, self.fdm_sigma_range)
 
     # ------------------------------------------------------------------ helpers
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # Device tables are a cache: do not pickle tensors that may live on a GPU.
-        state = self.__dict__.copy()
-        state["_tables"] = {}
-        return state
-
-    def _table(self, name: str, device: torch.device) -> torch.Tensor:
-        """
-        The float32 torch copy of the float64 numpy schedule ``self.<name>`` on ``device``.
-
-        Casting float64 -> float32 elementwise before or after a gather gives the same bits,
-        so caching the cast table reproduces upstream's gather-then-``.float()`` exactly,
-        with no host-to-device copy per call (and it also works where float64 does not, e.g. MPS).
-        """
-        key = (name, device)
-        table = self._tables.get(key)
-        if table is None:
-            arr = getattr(self, name)
-            table = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).float().to(device)
-            self._tables[key] = table
-        return table
-
-    def _extract(self, name: str, t: torch.Tensor, broadcast_shape: Sequence[int]) -> torch.Tensor:
-        """
-        Read the schedule ``self.<name>`` at timesteps ``t`` as float32, broadcast to a shape.
-
-        :param name: attribute name of a float64 numpy array of length num_timesteps.
-        :param t: an integer tensor of timestep indices.
-        :param broadcast_shape: a shape with ``t.ndim`` leading dims matching ``t``.
-        :return: a float32 tensor of ``broadcast_shape`` (an expanded view).
-        """
-        res = self._table(name, t.device)[t]
-        while res.ndim < len(broadcast_shape):
-            res = res[..., None]
-        return res.expand(broadcast_shape)
 
     def _model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """
@@ -297,70 +159,6 @@ class GaussianDiffusion:
         if self.rescale_timesteps:
             return t.float() * (1000.0 / self.num_timesteps)
         return t
-
-    # ------------------------------------------------------------------ forward process q
-
-    def q_mean_variance(
-        self, x_start: torch.Tensor, t: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Get the distribution q(x_t | x_0).
-
-        :param x_start: the [N x C x ...] tensor of noiseless inputs.
-        :param t: the number of diffusion steps (minus 1). Here, 0 means one step.
-        :return: A tuple (mean, variance, log_variance), all of x_start's shape.
-        """
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-        variance = self._extract("_one_minus_alphas_cumprod", t, x_start.shape)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
-        return mean, variance, log_variance
-
-    def q_sample(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """
-        Diffuse the data for a given number of diffusion steps.
-
-        In other words, sample from q(x_t | x_0).
-
-        :param x_start: the initial data batch.
-        :param t: the number of diffusion steps (minus 1). Here, 0 means one step.
-        :param noise: if specified, the split-out normal noise.
-        :return: A noisy version of x_start.
-        """
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        if noise.shape != x_start.shape:
-            raise ValueError(
-                f"q_sample: noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}"
-            )
-        return (
-            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
-        )
-
-    def q_posterior_mean_variance(
-        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Compute the mean and variance of the diffusion posterior:
-
-            q(x_{t-1} | x_t, x_0)
-
-        :return: (posterior_mean, posterior_variance, posterior_log_variance_clipped).
-        """
-        if x_start.shape != x_t.shape:
-            raise ValueError(
-                f"q_posterior_mean_variance: x_start shape {tuple(x_start.shape)} != "
-                f"x_t shape {tuple(x_t.shape)}"
-            )
-        posterior_mean = (
-            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
-            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
-        )
-        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
-        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
-        return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     # ------------------------------------------------------------------ reverse process p
 
@@ -457,26 +255,6 @@ class GaussianDiffusion:
             "pred_xstart": pred_xstart,
         }
 
-    def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        assert x_t.shape == eps.shape
-        return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
-            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
-        )
-
-    def _predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
-        assert x_t.shape == xprev.shape
-        # (xprev - coef2 * x_t) / coef1, with the ratios taken in float64
-        return (
-            self._extract("_recip_posterior_mean_coef1", t, x_t.shape) * xprev
-            - self._extract("_posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
-        )
-
-    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
-
     # ------------------------------------------------------------------ classifier guidance
 
     def condition_mean(
@@ -559,11 +337,11 @@ class GaussianDiffusion:
                  - 'sample': a random sample from the model.
                  - 'pred_xstart': a prediction of x_0.
         """
-        _check_cond_fn(cond_fn)
+        check_cond_fn(cond_fn)
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = _step_noise(noise, x)
+        noise = step_noise(noise, x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise when t == 0
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -606,21 +384,10 @@ class GaussianDiffusion:
                               upstream.
         :return: a non-differentiable batch of samples.
         """
-        final = None
-        for sample in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            step_noise_fn=step_noise_fn,
-        ):
-            final = sample
-        return final["sample"]
+        return final_sample(self.p_sample_loop_progressive(
+            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, device=device, progress=progress, step_noise_fn=step_noise_fn,
+        ))
 
     def p_sample_loop_progressive(
         self,
@@ -642,24 +409,11 @@ class GaussianDiffusion:
         Arguments are the same as p_sample_loop(). Returns a generator over dicts, where each
         dict is the return value of p_sample().
         """
-        _check_cond_fn(cond_fn)
-        device, img = _loop_start(model, shape, noise, device)
-        for step, i in enumerate(_loop_indices(self.num_timesteps, progress)):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            step_noise = _call_step_noise(step_noise_fn, step, img)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    noise=step_noise,
-                )
-                yield out
-                img = out["sample"]
+        return sampling_loop(
+            self.p_sample, model, shape, self.num_timesteps, noise=noise, device=device, progress=progress,
+            step_noise_fn=step_noise_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
 
     # ------------------------------------------------------------------ DDIM
 
@@ -681,7 +435,7 @@ class GaussianDiffusion:
         Same usage as p_sample(); ``eta`` (>= 0) scales the per-step noise: 0 is the
         deterministic DDIM path, 1 matches the ancestral sampler's variance.
         """
-        _check_cond_fn(cond_fn)
+        check_cond_fn(cond_fn)
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
@@ -700,7 +454,7 @@ class GaussianDiffusion:
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
         # Drawn even when eta == 0, so the RNG stream matches upstream's.
-        noise = _step_noise(noise, x)
+        noise = step_noise(noise, x)
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
             + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -758,22 +512,10 @@ class GaussianDiffusion:
 
         Same usage as p_sample_loop(), plus ``eta`` (see ddim_sample()).
         """
-        final = None
-        for sample in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            step_noise_fn=step_noise_fn,
-        ):
-            final = sample
-        return final["sample"]
+        return final_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, step_noise_fn=step_noise_fn,
+        ))
 
     def ddim_sample_loop_progressive(
         self,
@@ -795,25 +537,11 @@ class GaussianDiffusion:
 
         Same usage as p_sample_loop_progressive().
         """
-        _check_cond_fn(cond_fn)
-        device, img = _loop_start(model, shape, noise, device)
-        for step, i in enumerate(_loop_indices(self.num_timesteps, progress)):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            step_noise = _call_step_noise(step_noise_fn, step, img)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    noise=step_noise,
-                )
-                yield out
-                img = out["sample"]
+        return sampling_loop(
+            self.ddim_sample, model, shape, self.num_timesteps, noise=noise, device=device, progress=progress,
+            step_noise_fn=step_noise_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, eta=eta,
+        )
 
     # ------------------------------------------------------------------ losses and bounds
 
@@ -843,12 +571,12 @@ class GaussianDiffusion:
             model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
         )
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
-        kl = mean_flat(kl) / _LOG2
+        kl = mean_flat(kl) / LOG2
 
         decoder_nll = -discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
         )
-        decoder_nll = mean_flat(decoder_nll) / _LOG2
+        decoder_nll = mean_flat(decoder_nll) / LOG2
 
         # At the first timestep return the decoder NLL, otherwise KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)).
         output = torch.where((t == 0), decoder_nll, kl)
@@ -944,21 +672,6 @@ class GaussianDiffusion:
 
         return terms
 
-    def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """
-        Get the prior KL term for the variational lower-bound, measured in bits-per-dim.
-
-        This term can't be optimized, as it only depends on the encoder.
-
-        :param x_start: the [N x C x ...] tensor of inputs.
-        :return: a batch of [N] KL values (in bits), one per batch element.
-        """
-        batch_size = x_start.shape[0]
-        t = torch.full((batch_size,), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
-        return mean_flat(kl_prior) / _LOG2
-
     def calc_bpd_loop(
         self,
         model: Callable[..., torch.Tensor],
@@ -1040,65 +753,3 @@ def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_sha
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
-
-
-def _check_cond_fn(cond_fn: Any) -> None:
-    # improved-diffusion's samplers had model_kwargs where guided-diffusion has cond_fn:
-    # catch a dict passed positionally there instead of failing deep inside.
-    if cond_fn is not None and not callable(cond_fn):
-        raise TypeError(
-            f"cond_fn must be callable (or None), got {type(cond_fn).__name__}; pass model_kwargs "
-            "by keyword (samplers follow guided-diffusion's argument order)"
-        )
-
-
-def _step_noise(noise: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    if noise is None:
-        return torch.randn_like(x)
-    if noise.shape != x.shape:
-        raise ValueError(f"step noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
-    return noise.to(device=x.device, dtype=x.dtype)
-
-
-def _call_step_noise(step_noise_fn: Optional[StepNoiseFn], step: int, img: torch.Tensor) -> Optional[torch.Tensor]:
-    if step_noise_fn is None:
-        return None
-    return step_noise_fn(step, tuple(img.shape), img.device)
-
-
-def _loop_start(
-    model: Any,
-    shape: Sequence[int],
-    noise: Optional[torch.Tensor],
-    device: Optional[Union[str, torch.device]],
-) -> Tuple[torch.device, torch.Tensor]:
-    """The device and the starting x_T of a sampling loop."""
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
-    if device is None:
-        params = getattr(model, "parameters", None)
-        first = next(iter(params()), None) if callable(params) else None
-        if first is not None:
-            device = first.device
-        elif noise is not None:
-            device = noise.device
-        else:
-            device = torch.device("cpu")
-    device = torch.device(device)
-    if noise is not None:
-        if tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected shape {tuple(shape)}")
-        img = noise
-    else:
-        img = torch.randn(*shape, device=device)
-    return device, img
-
-
-def _loop_indices(num_timesteps: int, progress: bool) -> Any:
-    indices = list(range(num_timesteps))[::-1]
-    if progress:
-        # Lazy import so that we don't depend on tqdm.
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices)
-    return indices
