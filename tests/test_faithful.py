@@ -227,6 +227,7 @@ METHOD_KEYS = {
     "p2": {"loss_weighting", "p2_k", "p2_gamma"},
     "speed": {"schedule_sampler", "loss_weighting", "speed_tau", "speed_k", "speed_lambda", "speed_threshold"},
     "x0_pred": {"predict_xstart"},
+    "edm_folded": {"schedule_sampler", "edm_p_mean", "edm_p_std", "loss_weighting", "edm_sigma_data", "fold_weighting"},
     "fdm": {"fdm", "fdm_multiplier", "fdm_sigma_range", "fdm_warmup_steps"},
 }
 

@@ -475,6 +475,12 @@ def test_the_quoted_gradient_norms_are_the_committed_runs():
             f"with a coefficient of variation of {ecv:.2f} and {scv:.2f} against {bcv:.2f} (max {emax:.2f} and "
             f"{smax:.2f} against {bmax:.2f};") in text
     assert em > 5 * bm and ecv > 3 * bcv  # the reading: an order of magnitude larger, and far more spread
+    if (LEDGER / "cpu_long" / "edm_folded-s1" / "progress.csv").is_file():
+        (fm, fcv, fmax), (gm, gcv, gmax) = (study.gradient_norm_spread(str(LEDGER / "cpu_long" / f"{arm}-s1"), 5000)
+                                            for arm in ("edm_folded", "logit_normal_folded"))
+        assert (f"drawn, their gradient norms over the same steps averaged {fm:.3f} (EDM) and {gm:.3f} (SD3), with a "
+                f"coefficient of variation of {fcv:.2f} and {gcv:.2f} (max {fmax:.3f} and {gmax:.3f})") in text
+        assert fm < 1.5 * bm and fcv < 2 * bcv  # the reading: folded, the baseline's kind of training
 
 
 def test_the_readmes_study_summary_quotes_only_the_claims_tables_numbers():
