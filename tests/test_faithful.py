@@ -227,7 +227,8 @@ METHOD_KEYS = {
     "p2": {"loss_weighting", "p2_k", "p2_gamma"},
     "speed": {"schedule_sampler", "loss_weighting", "speed_tau", "speed_k", "speed_lambda", "speed_threshold"},
     "x0_pred": {"predict_xstart"},
-    "edm_folded": {"schedule_sampler", "edm_p_mean", "edm_p_std", "loss_weighting", "edm_sigma_data", "fold_weighting"},
+    "edm_folded": {"schedule_sampler", "edm_p_mean", "edm_p_std", "loss_weighting", "edm_sigma_data", "fold_weighting",
+                   "learn_sigma"},
     "fdm": {"fdm", "fdm_multiplier", "fdm_sigma_range", "fdm_warmup_steps"},
 }
 
@@ -252,6 +253,15 @@ def test_method_config_differs_from_baseline_only_in_its_keys(path, baseline, me
     assert changed, f"{path.name} is identical to {baseline.name}"
     own = set(yaml.safe_load(path.read_text())) - {"base"}
     assert own <= METHOD_KEYS[method], f"{path.name} states {sorted(own - METHOD_KEYS[method])}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_passes_the_training_checks(path):
+    """Every shipped config gets past image_train.py's checks (the ones --print_config runs) as it is."""
+    from guided_diffusion import training
+
+    args = training.parse_args(["--config", str(path)])
+    training.check_flags(args)
 
 
 def test_paper_horizons_and_targets():
