@@ -478,7 +478,7 @@ def test_the_quoted_gradient_norms_are_the_committed_runs():
     if (LEDGER / "cpu_long" / "edm_folded-s1" / "progress.csv").is_file():
         (fm, fcv, fmax), (gm, gcv, gmax) = (study.gradient_norm_spread(str(LEDGER / "cpu_long" / f"{arm}-s1"), 5000)
                                             for arm in ("edm_folded", "logit_normal_folded"))
-        assert (f"drawn, their gradient norms over the same steps averaged {fm:.3f} (EDM) and {gm:.3f} (SD3), with a "
+        assert (f"Drawn, their gradient norms over the same steps averaged {fm:.3f} (EDM) and {gm:.3f} (SD3), with a "
                 f"coefficient of variation of {fcv:.2f} and {gcv:.2f} (max {fmax:.3f} and {gmax:.3f})") in text
         assert fm < 1.5 * bm and fcv < 2 * bcv  # the reading: folded, the baseline's kind of training
 
