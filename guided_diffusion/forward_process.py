@@ -20,7 +20,7 @@ from .checks import check_integer
 from .losses import normal_kl
 from .nn import mean_flat
 
-__all__ = ["BETA_SCHEDULES", "get_named_beta_schedule", "betas_for_alpha_bar", "ForwardProcess"]
+__all__ = ["BETA_SCHEDULES", "get_named_beta_schedule", "betas_for_alpha_bar", "ForwardProcess", "LOG2"]
 
 LOG2 = math.log(2.0)  # nats -> bits
 
@@ -91,7 +91,7 @@ class ForwardProcess:
                   starting at T and going to 1 (each in (0, 1]).
     """
 
-    def __init__(self, *, betas: Union[np.ndarray, Sequence[float]]):
+    def __init__(self, *, betas: Union[np.ndarray, Sequence[float]]) -> None:
         # Use float64 for accuracy.
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:

@@ -58,13 +58,17 @@ def sampling_loop(
     under ``torch.no_grad()``, feeding each output's 'sample' to the next step; yield each output.
 
     :param step_fn: one denoising step (``GaussianDiffusion.p_sample`` or ``ddim_sample``).
+    :param model: the model, passed to every step.
     :param shape: the samples' shape (N, C, H, W), a tuple or list.
+    :param num_timesteps: the chain's length T (the loop runs t = T-1, ..., 0).
     :param noise: x_T (of ``shape``); None: drawn with ``torch.randn`` on ``device``.
     :param device: where the samples live; None: the model's first parameter's device, else
                    ``noise``'s, else the CPU.
     :param progress: show a tqdm progress bar.
     :param step_noise_fn: supplies each step's noise (see ``StepNoiseFn``); None: the step draws it.
     :param step_kwargs: passed to every ``step_fn`` call (clip_denoised, cond_fn, model_kwargs, eta, ...).
+    :return: a generator over the steps' outputs (dicts with 'sample' and 'pred_xstart'); the
+             argument checks run at its first ``next()``.
     """
     check_cond_fn(step_kwargs.get("cond_fn"))
     device, img = _loop_start(model, shape, noise, device)
@@ -113,7 +117,8 @@ def _loop_start(
     return device, img
 
 
-def _loop_indices(num_timesteps: int, progress: bool) -> Any:
+def _loop_indices(num_timesteps: int, progress: bool) -> Iterable[int]:
+    """T-1, ..., 0, wrapped in a tqdm progress bar when ``progress``."""
     indices = list(range(num_timesteps))[::-1]
     if progress:
         # Lazy import so that we don't depend on tqdm.
