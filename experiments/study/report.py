@@ -247,10 +247,14 @@ def speedup_table(scale: Scale, arms: Sequence[Arm], seeds: Sequence[int],
     return out
 
 
-def _speedup_cell(value: Optional[Tuple[float, str]]) -> str:
+def _speedup_cell(value: Optional[Tuple[float, str]], truncate: bool = False) -> str:
+    """An S(k) cell; ``truncate`` cuts to 3 places instead of rounding to 2, so that a failing 1.4996 never
+    reads 1.50 (the decision rule's reasons); an upper bound ("<") is cut upwards, so it stays a bound."""
     if value is None:
         return "n/a"
-    return {"": "", ">=": "≥", "<": "<", "mixed": "~"}[value[1]] + f"{value[0]:.2f}"
+    cut = math.ceil if value[1] == "<" else math.floor
+    number = f"{cut(value[0] * 1000) / 1000:.3f}" if truncate else f"{value[0]:.2f}"
+    return {"": "", ">=": "≥", "<": "<", "mixed": "~"}[value[1]] + number
 
 
 def decide_fastest(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
@@ -273,7 +277,8 @@ def decide_fastest(scale: Scale, speedups: Dict[str, Dict[int, Dict[str, Any]]],
         slow = [k for k, m in late.items() if m is None or m[1] in ("<", "mixed") or m[0] < DECISION_MIN_SPEEDUP]
         reasons = []
         if slow:
-            reasons.append(f"S < {DECISION_MIN_SPEEDUP:g} from step {min(slow)}")
+            where = ", ".join(f"{k} ({_speedup_cell(late[k], truncate=True)})" for k in sorted(slow))
+            reasons.append(f"S < {DECISION_MIN_SPEEDUP:g} at step{'s' if len(slow) > 1 else ''} {where}")
         for other in ("baseline", "min_snr"):
             d = seed_diffs(per_arm, arm, other) if arm != other else []
             if arm != other and (not d or float(np.mean(d)) >= 0):
