@@ -252,6 +252,9 @@ def test_committed_summary_is_recomputed_from_the_committed_runs(tmp_path, scale
     assert (LEDGER / scale / "claims.md").read_text() == res["claims"]
     assert (LEDGER / scale / "speedup.md").read_text() == res["speedup"]
     assert (res["fastest"] is not None) == (scale == study.DECISION_SCALE)
+    if res["fastest"] is not None:  # issue 32: configs/cifar10/fastest.yaml ships exactly when an arm meets the rule
+        shipped = (REPO / "configs" / "cifar10" / "fastest.yaml").is_file()
+        assert shipped == bool(res["fastest"]["qualified"]), (shipped, res["fastest"]["qualified"])
     for r in res["rows"]:  # a seed the arm has no run of is "n/a" in the per-seed columns, not "never"
         fids = r["final_fid_per_seed"].split()
         for col in ("iters_per_seed",) + (("baseline_iters_to_arm_per_seed",) if r["arm"] != "baseline" else ()):
