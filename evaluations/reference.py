@@ -53,9 +53,10 @@ def default_cache_dir() -> str:
 
 
 def _fingerprint(path: str) -> str:
-    """(path, mtime, size); for a folder, of every image file in it."""
+    """(path, mtime, size); for a folder, of every image file in it. The path is resolved through
+    symlinks, so a study whose data folder links to another's finds that one's cached features."""
     st = os.stat(path)
-    parts = [os.path.abspath(path), str(st.st_mtime_ns), str(st.st_size)]
+    parts = [os.path.realpath(path), str(st.st_mtime_ns), str(st.st_size)]
     if os.path.isdir(path):
         for rel in list_image_files(path):
             s = os.stat(os.path.join(path, rel))

@@ -256,6 +256,11 @@ def test_reference_cache_hit_and_invalidation(tmp_path, fake_extractor):
     second = ev.evaluate(str(folder), samples, metrics="fid,prc", cache_dir=str(cache), batch_size=5)
     assert fake_extractor.calls == 6 + 3  # cache hit: only the samples again
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-12) and first["num_ref"] == 12
+    # the same folder through a symlink is the same key (a second --out linking the first's data)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "ref_images").symlink_to(folder, target_is_directory=True)
+    ev.evaluate(str(tmp_path / "elsewhere" / "ref_images"), samples, metrics="fid", cache_dir=str(cache), batch_size=5)
+    assert fake_extractor.calls == 9 + 3 and len(list(cache.glob("ref_images-*.npz"))) == 1
     pool, _ = _features(images)
     assert first["fid"] == pytest.approx(metrics._frechet_distance_low_rank(_features(samples)[0], *_stats(pool)),
                                          rel=1e-6)
@@ -263,7 +268,7 @@ def test_reference_cache_hit_and_invalidation(tmp_path, fake_extractor):
     Image.fromarray(images[0][::-1]).save(folder / "img_000.png")
     os.utime(folder / "img_000.png", ns=(1, 1))
     ev.evaluate(str(folder), samples, metrics="fid", cache_dir=str(cache), batch_size=5)
-    assert fake_extractor.calls == 9 + 6
+    assert fake_extractor.calls == 12 + 6
     assert len(list(cache.glob("ref_images-*.npz"))) == 2
 
 
